@@ -11,7 +11,8 @@ It writes crates/merge-core/tests/fixtures/merge/:
   models/base, models/expert_a, models/expert_b  tiny random Llama checkpoints (f32 safetensors)
   models/expert_a_sharded                        expert_a as sharded safetensors + index
   models/expert_b_bin, models/expert_b_bin_sharded  expert_b as pytorch_model.bin (single, sharded)
-  models/lora_a                                  a PEFT LoRA adapter over base (q_proj, v_proj)
+  models/lora_a, models/lora_a_bin               a PEFT LoRA adapter over base (q_proj, v_proj),
+                                                 as safetensors and as legacy adapter_model.bin
   models/lora_rs                                 an rsLoRA adapter with a rank_pattern override
   goldens/<case>/model.safetensors               mergekit's (or peft's) output for each case
   cases.json                                     each case: the merge config and the golden path
@@ -129,8 +130,17 @@ def make_adapters(base):
         with open(os.path.join(path, "adapter_config.json")) as f:
             ac = json.load(f)
         ac["base_model_name_or_path"] = "../base"
+        if isinstance(ac.get("target_modules"), list):  # a set in PEFT: fix the order
+            ac["target_modules"] = sorted(ac["target_modules"])
         with open(os.path.join(path, "adapter_config.json"), "w") as f:
             json.dump(ac, f, indent=2, sort_keys=True)
+        if name == "lora_a":
+            # The same adapter in PEFT's legacy .bin layout.
+            bin_path = os.path.join(MODELS, "lora_a_bin")
+            os.makedirs(bin_path, exist_ok=True)
+            shutil.copy(os.path.join(path, "adapter_config.json"), bin_path)
+            state = load_file(os.path.join(path, "adapter_model.safetensors"))
+            torch.save(state, os.path.join(bin_path, "adapter_model.bin"))
         merged = peft_model.merge_and_unload()
         out[name] = merged
     return out

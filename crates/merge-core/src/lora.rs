@@ -216,8 +216,8 @@ impl Adapter {
                 .find(|(k, _)| pattern_matches(k, &module))
                 .map(|(_, a)| *a)
                 .unwrap_or(config.lora_alpha);
-            let a_shape = &weights.info(&a_key).expect("listed").shape;
-            let stored_rank = if embedding { a_shape[0] } else { a_shape[0] };
+            // A is r × in (r × vocab for embeddings): its first dimension is the rank.
+            let stored_rank = weights.info(&a_key).expect("listed").shape[0];
             if stored_rank != rank {
                 return Err(Error::Adapter {
                     adapter: label,

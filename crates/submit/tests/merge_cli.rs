@@ -13,7 +13,10 @@ fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_llm-merging"));
     // Never touch a real hub or the user's cache from tests.
     c.env("HF_ENDPOINT", "http://127.0.0.1:9")
-        .env("HF_HOME", std::env::temp_dir().join("llm-merging-test-hf-home"))
+        .env(
+            "HF_HOME",
+            std::env::temp_dir().join("llm-merging-test-hf-home"),
+        )
         .env_remove("HF_TOKEN")
         .env_remove("HF_AUTH_TOKEN")
         .env_remove("HF_HUB_OFFLINE");
@@ -113,9 +116,18 @@ fn merge_core_reader(dir: &Path) -> Vec<(String, Tensor)> {
 fn linear_merge_writes_a_loadable_model() {
     let w = Workspace::new();
     let out = w.merge(LINEAR, &["--shard-size", "2KB"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let dir = w.path("out");
-    for f in ["config.json", "merge-config.toml", "README.md", "model.safetensors.index.json"] {
+    for f in [
+        "config.json",
+        "merge-config.toml",
+        "README.md",
+        "model.safetensors.index.json",
+    ] {
         assert!(dir.join(f).is_file(), "{f} missing");
     }
     let config: serde_json::Value =
@@ -156,7 +168,15 @@ fn dry_run_prints_the_plan_and_writes_nothing() {
     let out = w.merge(LINEAR, &["--dry-run"]);
     assert!(out.status.success());
     let stdout = String::from_utf8_lossy(&out.stdout);
-    for needle in ["merge method: linear", "model 1:", "model 2:", "tensors: 21", "read:", "write:", "bfloat16"] {
+    for needle in [
+        "merge method: linear",
+        "model 1:",
+        "model 2:",
+        "tensors: 21",
+        "read:",
+        "write:",
+        "bfloat16",
+    ] {
         assert!(stdout.contains(needle), "`{needle}` not in:\n{stdout}");
     }
     assert!(!w.path("out").exists());
@@ -192,7 +212,10 @@ fn corrupt_safetensors_header() {
     let mut bytes = std::fs::read(&p).unwrap();
     bytes[8..16].copy_from_slice(b"{garbage");
     std::fs::write(&p, bytes).unwrap();
-    w.expect_error(LINEAR, &["a/model.safetensors", "not a valid safetensors file"]);
+    w.expect_error(
+        LINEAR,
+        &["a/model.safetensors", "not a valid safetensors file"],
+    );
 }
 
 #[test]
@@ -204,7 +227,10 @@ fn shape_mismatch_names_tensor_and_shapes() {
     };
     std::fs::remove_dir_all(w.path("b")).unwrap();
     wide.write(&w.path("b"), 2, 1);
-    w.expect_error(LINEAR, &["model.layers.0.mlp.down_proj.weight", "[8, 16]", "[8, 24]"]);
+    w.expect_error(
+        LINEAR,
+        &["model.layers.0.mlp.down_proj.weight", "[8, 16]", "[8, 24]"],
+    );
 }
 
 #[test]
@@ -220,7 +246,14 @@ fn tensor_missing_in_one_model() {
 #[test]
 fn adapter_targeting_a_module_the_base_lacks() {
     let w = Workspace::new();
-    models::write_lora(&w.path("lora"), &TinyLlama::default(), &["q_proj"], 2, 4.0, 3);
+    models::write_lora(
+        &w.path("lora"),
+        &TinyLlama::default(),
+        &["q_proj"],
+        2,
+        4.0,
+        3,
+    );
     // Rename one module so it points at a layer the base does not have.
     let p = w.path("lora/adapter_model.safetensors");
     let renamed: Vec<(String, Tensor)> = candle_core::safetensors::load(&p, &Device::Cpu)
@@ -240,7 +273,13 @@ parameters = { weight = 0.5 }
 model = "b"
 parameters = { weight = 0.5 }
 "#;
-    w.expect_error(cfg, &["model.layers.9.self_attn.q_proj", "does not exist in the base"]);
+    w.expect_error(
+        cfg,
+        &[
+            "model.layers.9.self_attn.q_proj",
+            "does not exist in the base",
+        ],
+    );
 }
 
 #[test]
@@ -294,14 +333,26 @@ fn merges_hub_models_by_id_and_revision() {
         if let Some(t) = token {
             c.env("HF_TOKEN", t);
         }
-        c.arg("merge").arg(&cfg).arg("--out").arg(w.path("out")).output().unwrap()
+        c.arg("merge")
+            .arg(&cfg)
+            .arg("--out")
+            .arg(w.path("out"))
+            .output()
+            .unwrap()
     };
     let denied = run(None);
     assert!(!denied.status.success());
     let stderr = String::from_utf8_lossy(&denied.stderr);
-    assert!(stderr.contains("org/a") && stderr.contains("needs a token"), "{stderr}");
+    assert!(
+        stderr.contains("org/a") && stderr.contains("needs a token"),
+        "{stderr}"
+    );
     let ok = run(Some("hf_test_secret"));
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
     let card = std::fs::read_to_string(w.path("out/README.md")).unwrap();
     assert!(card.contains(&format!("org/a@{SHA_A}")), "{card}");
     assert!(card.contains(&format!("org/b@{SHA_B}")), "{card}");
