@@ -197,7 +197,7 @@ mod tests {
             scores: [("accuracy".to_string(), 0.5)].into_iter().collect(),
             seconds: 1.0,
         };
-        write_eval_outputs(&out, &[r.clone()]).unwrap();
+        write_eval_outputs(&out, std::slice::from_ref(&r)).unwrap();
         let csv = std::fs::read_to_string(out.join("predictions/cosmos_qa.csv")).unwrap();
         assert_eq!(csv, "id,prediction,dummy_field\n0,1,0\n1,0,0\n");
         let s: serde_json::Value =

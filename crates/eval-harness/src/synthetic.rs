@@ -125,6 +125,29 @@ pub fn decoder_weights(cfg: &DecoderConfig, eos: u32) -> Result<HashMap<String, 
     Ok(m)
 }
 
+/// Writes a loadable model directory: `config.json` (the given JSON), `model.safetensors` with
+/// [`decoder_weights`], and the tokenizer files copied from `tokenizer_dir`.
+pub fn write_model_dir(
+    dir: &std::path::Path,
+    config: &serde_json::Value,
+    tokenizer_dir: &std::path::Path,
+) -> Result<()> {
+    use crate::error::Error;
+    let cfg = DecoderConfig::from_json(config).map_err(Error::Msg)?;
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        let src = tokenizer_dir.join(f);
+        std::fs::copy(&src, dir.join(f)).map_err(|e| Error::io(&src, e))?;
+    }
+    let tok = crate::tokenize::EvalTokenizer::from_dir(dir, None)?;
+    let w = decoder_weights(&cfg, tok.eos_id())?;
+    candle_core::safetensors::save(&w, dir.join("model.safetensors"))?;
+    let text = serde_json::to_string_pretty(config).map_err(|e| Error::Msg(e.to_string()))?;
+    let p = dir.join("config.json");
+    std::fs::write(&p, text).map_err(|e| Error::io(&p, e))?;
+    Ok(())
+}
+
 fn put_raw(
     m: &mut HashMap<String, Tensor>,
     name: &str,

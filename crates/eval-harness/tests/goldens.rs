@@ -78,7 +78,11 @@ fn check_logits(f: &Fixture) {
         let mut cache = f.model.new_cache();
         let h = f
             .model
-            .forward(&[input.clone()], &[vec![true; input.len()]], &mut cache)
+            .forward(
+                std::slice::from_ref(&input),
+                &[vec![true; input.len()]],
+                &mut cache,
+            )
             .unwrap();
         let logits = f.model.logits(&h.i(0).unwrap()).unwrap();
         let lse: Vec<f32> = logits.log_sum_exp(1).unwrap().to_vec1().unwrap();
