@@ -1,1 +1,21 @@
-pub mod x {}
+//! merge-core: checkpoints in, merged checkpoint out. Runs no model.
+//!
+//! - [`source`]: where a model comes from (local directory or hub repo at a revision);
+//! - [`checkpoint`]: reading safetensors / PyTorch `.bin` tensor by tensor, writing sharded
+//!   safetensors atomically;
+//! - [`lora`]: PEFT LoRA adapters as dense deltas, and adapter output;
+//! - [`config`]: the merge config schema;
+//! - [`methods`]: merge methods behind one trait and a registry;
+//! - [`merge`]: planning and streaming execution.
+
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod lora;
+pub mod merge;
+pub mod methods;
+pub mod model;
+pub mod source;
+
+pub use config::MergeConfig;
+pub use error::{Error, Result};

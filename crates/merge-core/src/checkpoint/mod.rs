@@ -1,0 +1,381 @@
+//! Checkpoints: reading tensor by tensor without loading whole models, and writing merged
+//! models atomically.
+//!
+//! Reading covers every layout the hub holds: `model.safetensors`, sharded safetensors with
+//! `model.safetensors.index.json` (memory-mapped), `pytorch_model.bin` and sharded `.bin` with
+//! `pytorch_model.bin.index.json` (PyTorch's zip pickle format). Tied embeddings
+//! (`tie_word_embeddings`) read `lm_head.weight` as the input embedding.
+
+mod pth;
+mod safetensors_file;
+pub mod writer;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{Error, Result};
+use crate::source::{ModelFiles, ModelRef};
+
+pub use writer::{CheckpointWriter, OutputTensor, DEFAULT_SHARD_SIZE};
+
+/// Shape and storage dtype of a tensor, known without reading its data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorInfo {
+    /// Dimensions.
+    pub shape: Vec<usize>,
+    /// Storage dtype.
+    pub dtype: DType,
+}
+
+impl TensorInfo {
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Bytes in storage.
+    pub fn bytes(&self) -> usize {
+        self.numel() * self.dtype.size_in_bytes()
+    }
+}
+
+/// One file of a checkpoint.
+enum Shard {
+    Safetensors(safetensors_file::SafetensorsFile),
+    Pth(pth::PthFile),
+}
+
+impl Shard {
+    fn open(path: &Path) -> Result<Self> {
+        let is_safetensors = path.extension().is_some_and(|e| e == "safetensors");
+        Ok(if is_safetensors {
+            Shard::Safetensors(safetensors_file::SafetensorsFile::open(path)?)
+        } else {
+            Shard::Pth(pth::PthFile::open(path)?)
+        })
+    }
+
+    fn infos(&self) -> Vec<(String, TensorInfo)> {
+        match self {
+            Shard::Safetensors(s) => s.infos(),
+            Shard::Pth(p) => p.infos(),
+        }
+    }
+
+    fn load(&self, name: &str) -> Result<Tensor> {
+        match self {
+            Shard::Safetensors(s) => s.load(name),
+            Shard::Pth(p) => p.load(name),
+        }
+    }
+
+    fn path(&self) -> &Path {
+        match self {
+            Shard::Safetensors(s) => s.path(),
+            Shard::Pth(p) => p.path(),
+        }
+    }
+}
+
+/// The weight file layouts a checkpoint can have, in the order they are looked for.
+/// (index file, single file)
+const LAYOUTS: [(&str, &str); 2] = [
+    ("model.safetensors.index.json", "model.safetensors"),
+    ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+];
+
+/// A model checkpoint, opened for tensor-by-tensor reading.
+pub struct Checkpoint {
+    /// Where it came from, for messages (`org/name@sha` or a directory).
+    pub label: String,
+    files: ModelFiles,
+    config: Option<serde_json::Value>,
+    shards: Vec<Shard>,
+    /// tensor name → (shard index, info)
+    entries: BTreeMap<String, (usize, TensorInfo)>,
+    tied: bool,
+}
+
+impl std::fmt::Debug for Checkpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Checkpoint({}, {} tensors)",
+            self.label,
+            self.entries.len()
+        )
+    }
+}
+
+/// Name of the output embedding that tied models omit.
+pub const LM_HEAD: &str = "lm_head.weight";
+/// Name of the input embedding that tied models share with the head.
+const TIED_SOURCES: [&str; 3] = [
+    "model.embed_tokens.weight",
+    "shared.weight",
+    "transformer.wte.weight",
+];
+
+impl Checkpoint {
+    /// Open a local directory.
+    pub fn open_dir(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref();
+        if !dir.is_dir() {
+            return Err(Error::MissingFile {
+                path: dir.to_path_buf(),
+                hint: Some("model directory".into()),
+            });
+        }
+        Self::open(&ModelFiles::local(
+            ModelRef::new(dir.display().to_string()),
+            dir.to_path_buf(),
+        ))
+    }
+
+    /// Open the weights of a resolved model, fetching only the files the layout needs.
+    pub fn open(files: &ModelFiles) -> Result<Self> {
+        let label = files.describe();
+        let config = files.json("config.json")?;
+        let mut shard_paths: Option<Vec<PathBuf>> = None;
+        for (index, single) in LAYOUTS {
+            if let Some(index_path) = files.get(index)? {
+                let names = index_shards(&index_path)?;
+                let mut paths = Vec::new();
+                for name in names {
+                    paths.push(files.get(&name)?.ok_or_else(|| Error::MissingFile {
+                        path: index_path.with_file_name(&name),
+                        hint: Some(format!("listed in {index}")),
+                    })?);
+                }
+                shard_paths = Some(paths);
+                break;
+            }
+            if let Some(path) = files.get(single)? {
+                shard_paths = Some(vec![path]);
+                break;
+            }
+        }
+        let shard_paths = shard_paths.ok_or_else(|| Error::MissingFile {
+            path: PathBuf::from(&label).join("model.safetensors"),
+            hint: Some(
+                "no model.safetensors, model.safetensors.index.json, pytorch_model.bin or \
+                 pytorch_model.bin.index.json"
+                    .into(),
+            ),
+        })?;
+        let shards = shard_paths
+            .iter()
+            .map(|p| Shard::open(p))
+            .collect::<Result<Vec<_>>>()?;
+        Self::from_shards(label, files.clone(), config, shards)
+    }
+
+    /// Open one weights file (a `.safetensors` or a `.bin`) as a checkpoint of its own.
+    pub fn open_file(path: &Path, files: &ModelFiles) -> Result<Self> {
+        let shard = Shard::open(path)?;
+        Self::from_shards(path.display().to_string(), files.clone(), None, vec![shard])
+    }
+
+    fn from_shards(
+        label: String,
+        files: ModelFiles,
+        config: Option<serde_json::Value>,
+        shards: Vec<Shard>,
+    ) -> Result<Self> {
+        let mut entries = BTreeMap::new();
+        for (i, shard) in shards.iter().enumerate() {
+            for (name, info) in shard.infos() {
+                if let Some((j, _)) = entries.insert(name.clone(), (i, info)) {
+                    return Err(Error::Corrupt {
+                        path: shard.path().to_path_buf(),
+                        message: format!(
+                            "tensor `{name}` is also in {}",
+                            shards[j].path().display()
+                        ),
+                    });
+                }
+            }
+        }
+        // transformers ties unless the config says otherwise (Llama sets it false by default,
+        // and writes it when true); the head is only aliased when it is absent.
+        let tied = config
+            .as_ref()
+            .and_then(|c| c.get("tie_word_embeddings"))
+            .and_then(|v| v.as_bool())
+            .unwrap_or(true);
+        Ok(Checkpoint {
+            label,
+            files,
+            config,
+            shards,
+            entries,
+            tied,
+        })
+    }
+
+    /// The parsed `config.json`, if the model has one.
+    pub fn config(&self) -> Option<&serde_json::Value> {
+        self.config.as_ref()
+    }
+
+    /// The files this checkpoint was opened from.
+    pub fn files(&self) -> &ModelFiles {
+        &self.files
+    }
+
+    /// Whether the output embedding is the input embedding.
+    pub fn tie_word_embeddings(&self) -> bool {
+        self.tied && !self.entries.contains_key(LM_HEAD)
+    }
+
+    /// Tensor names stored in the checkpoint, sorted.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.keys().map(String::as_str)
+    }
+
+    /// Number of stored tensors.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether the checkpoint stores no tensor.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The stored name a requested name reads from (the embedding for a tied head).
+    fn resolve<'a>(&'a self, name: &'a str) -> Option<&'a str> {
+        if self.entries.contains_key(name) {
+            return Some(name);
+        }
+        if name == LM_HEAD && self.tie_word_embeddings() {
+            return TIED_SOURCES
+                .into_iter()
+                .find(|s| self.entries.contains_key(*s));
+        }
+        None
+    }
+
+    /// Whether `name` can be read (stored, or the tied head).
+    pub fn contains(&self, name: &str) -> bool {
+        self.resolve(name).is_some()
+    }
+
+    /// Shape and dtype of `name`.
+    pub fn info(&self, name: &str) -> Option<&TensorInfo> {
+        self.resolve(name).map(|n| &self.entries[n].1)
+    }
+
+    /// Read `name` in its storage dtype, on the CPU.
+    pub fn load(&self, name: &str) -> Result<Tensor> {
+        let stored = self.resolve(name).ok_or_else(|| Error::MissingTensor {
+            tensor: name.to_string(),
+            model: self.label.clone(),
+        })?;
+        let (shard, _) = &self.entries[stored];
+        self.shards[*shard].load(stored)
+    }
+
+    /// Read `name` as f32 on `device` (merges always compute in f32).
+    pub fn load_f32(&self, name: &str, device: &Device) -> Result<Tensor> {
+        self.load(name)?
+            .to_dtype(DType::F32)
+            .and_then(|t| t.to_device(device))
+            .map_err(|e| Error::tensor(name, e))
+    }
+
+    /// The most common floating dtype of the stored tensors (the model's storage dtype).
+    pub fn storage_dtype(&self) -> DType {
+        let mut counts: BTreeMap<&'static str, (usize, DType)> = BTreeMap::new();
+        for (_, info) in self.entries.values() {
+            if info.dtype.is_float() {
+                counts
+                    .entry(info.dtype.as_str())
+                    .or_insert((0, info.dtype))
+                    .0 += info.numel();
+            }
+        }
+        counts
+            .into_values()
+            .max_by_key(|(n, _)| *n)
+            .map(|(_, d)| d)
+            .unwrap_or(DType::F32)
+    }
+
+    /// Total bytes of stored tensor data.
+    pub fn total_bytes(&self) -> usize {
+        self.entries.values().map(|(_, i)| i.bytes()).sum()
+    }
+
+    /// The weight files, for hashing and plans.
+    pub fn weight_files(&self) -> Vec<&Path> {
+        self.shards.iter().map(Shard::path).collect()
+    }
+}
+
+/// The shard file names of an index file, in first-appearance order.
+fn index_shards(index: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+    let corrupt = |message: String| Error::Corrupt {
+        path: index.to_path_buf(),
+        message,
+    };
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| corrupt(format!("invalid JSON: {e}")))?;
+    let map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| corrupt("no `weight_map` object".into()))?;
+    let mut shards: Vec<String> = Vec::new();
+    for (tensor, file) in map {
+        let file = file
+            .as_str()
+            .ok_or_else(|| corrupt(format!("`weight_map.{tensor}` is not a file name")))?;
+        if file.contains("..") || file.starts_with('/') {
+            return Err(corrupt(format!(
+                "shard name `{file}` leaves the model directory"
+            )));
+        }
+        if !shards.iter().any(|s| s == file) {
+            shards.push(file.to_string());
+        }
+    }
+    shards.sort();
+    Ok(shards)
+}
+
+/// Map a safetensors dtype to candle's.
+pub(crate) fn dtype_from_safetensors(d: safetensors::Dtype) -> Option<DType> {
+    use safetensors::Dtype as S;
+    Some(match d {
+        S::F32 => DType::F32,
+        S::F16 => DType::F16,
+        S::BF16 => DType::BF16,
+        S::F64 => DType::F64,
+        S::I64 => DType::I64,
+        S::I32 => DType::I32,
+        S::I16 => DType::I16,
+        S::U32 => DType::U32,
+        S::U8 => DType::U8,
+        _ => return None,
+    })
+}
+
+/// Map a candle dtype to safetensors'.
+pub(crate) fn dtype_to_safetensors(d: DType) -> Option<safetensors::Dtype> {
+    use safetensors::Dtype as S;
+    Some(match d {
+        DType::F32 => S::F32,
+        DType::F16 => S::F16,
+        DType::BF16 => S::BF16,
+        DType::F64 => S::F64,
+        DType::I64 => S::I64,
+        DType::I32 => S::I32,
+        DType::I16 => S::I16,
+        DType::U32 => S::U32,
+        DType::U8 => S::U8,
+        _ => return None,
+    })
+}

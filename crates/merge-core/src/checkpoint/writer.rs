@@ -1,0 +1,305 @@
+//! Writing a merged checkpoint: sharded safetensors with an index, streamed tensor by tensor.
+//!
+//! The shapes and dtypes of every output tensor are known before any data is computed, so the
+//! writer lays out each shard (header and offsets) up front and tensors are written at their
+//! offsets as they are finished, in any order and from any thread. Everything goes to a
+//! temporary directory beside the target, renamed into place by [`CheckpointWriter::finish`];
+//! dropping the writer without finishing removes it, so a failure never leaves a half-written
+//! model.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use candle_core::{DType, Tensor};
+
+use super::dtype_to_safetensors;
+use crate::error::{Error, Result};
+
+/// transformers' default `max_shard_size` ("5GB").
+pub const DEFAULT_SHARD_SIZE: u64 = 5_000_000_000;
+
+/// An output tensor as planned: name, shape and storage dtype.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutputTensor {
+    /// Tensor name in the output checkpoint.
+    pub name: String,
+    /// Dimensions.
+    pub shape: Vec<usize>,
+    /// Output storage dtype.
+    pub dtype: DType,
+}
+
+impl OutputTensor {
+    /// Bytes in storage.
+    pub fn bytes(&self) -> u64 {
+        (self.shape.iter().product::<usize>() * self.dtype.size_in_bytes()) as u64
+    }
+}
+
+struct Slot {
+    shard: usize,
+    offset: u64,
+    len: u64,
+    dtype: DType,
+    shape: Vec<usize>,
+}
+
+/// Streams tensors into a sharded safetensors checkpoint in a temporary directory.
+pub struct CheckpointWriter {
+    target: PathBuf,
+    tmp: tempfile::TempDir,
+    shard_names: Vec<String>,
+    files: Vec<File>,
+    slots: HashMap<String, Slot>,
+    written: Mutex<Vec<bool>>,
+    order: Vec<String>,
+    total_size: u64,
+}
+
+impl CheckpointWriter {
+    /// Lay out `tensors` in shards of at most `max_shard_size` bytes (a tensor larger than
+    /// that gets a shard of its own) and create the files in a temporary directory beside
+    /// `target`. Fails if `target` exists, unless `overwrite`.
+    pub fn create(
+        target: &Path,
+        tensors: &[OutputTensor],
+        max_shard_size: u64,
+        overwrite: bool,
+    ) -> Result<Self> {
+        if target.exists() && !overwrite {
+            return Err(Error::Write {
+                path: target.to_path_buf(),
+                message: "already exists (use --force to replace it)".into(),
+            });
+        }
+        let parent = match target.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+        let stem = target
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "merged".into());
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!(".{stem}.partial-"))
+            .tempdir_in(&parent)
+            .map_err(|e| Error::io(&parent, e))?;
+
+        // Group tensors into shards in order, like transformers' shard_checkpoint.
+        let mut groups: Vec<Vec<&OutputTensor>> = vec![Vec::new()];
+        let mut current = 0u64;
+        for t in tensors {
+            let last = groups.last_mut().expect("one group");
+            if !last.is_empty() && current + t.bytes() > max_shard_size {
+                groups.push(Vec::new());
+                current = 0;
+            }
+            groups.last_mut().expect("one group").push(t);
+            current += t.bytes();
+        }
+        let n = groups.len();
+        let shard_names: Vec<String> = if n == 1 {
+            vec!["model.safetensors".into()]
+        } else {
+            (1..=n)
+                .map(|i| format!("model-{i:05}-of-{n:05}.safetensors"))
+                .collect()
+        };
+
+        let mut slots = HashMap::new();
+        let mut files = Vec::new();
+        for (shard, (group, name)) in groups.iter().zip(&shard_names).enumerate() {
+            let (header, data_len, offsets) = header_for(group)?;
+            let path = tmp.path().join(name);
+            let file = File::create(&path).map_err(|e| Error::io(&path, e))?;
+            let data_start = 8 + header.len() as u64;
+            file.set_len(data_start + data_len)
+                .map_err(|e| Error::io(&path, e))?;
+            let mut prefix = (header.len() as u64).to_le_bytes().to_vec();
+            prefix.extend_from_slice(header.as_bytes());
+            file.write_all_at(&prefix, 0)
+                .map_err(|e| Error::io(&path, e))?;
+            for (t, (start, end)) in group.iter().zip(offsets) {
+                let prev = slots.insert(
+                    t.name.clone(),
+                    Slot {
+                        shard,
+                        offset: data_start + start,
+                        len: end - start,
+                        dtype: t.dtype,
+                        shape: t.shape.clone(),
+                    },
+                );
+                if prev.is_some() {
+                    return Err(Error::Write {
+                        path: target.to_path_buf(),
+                        message: format!("tensor `{}` planned twice", t.name),
+                    });
+                }
+            }
+            files.push(file);
+        }
+        Ok(CheckpointWriter {
+            target: target.to_path_buf(),
+            tmp,
+            shard_names,
+            files,
+            written: Mutex::new(vec![false; tensors.len()]),
+            order: tensors.iter().map(|t| t.name.clone()).collect(),
+            slots,
+            total_size: tensors.iter().map(OutputTensor::bytes).sum(),
+        })
+    }
+
+    /// The temporary directory, for extra files written before [`CheckpointWriter::finish`].
+    pub fn dir(&self) -> &Path {
+        self.tmp.path()
+    }
+
+    /// Write a small extra file (config, model card) into the output.
+    pub fn add_file(&self, name: &str, contents: &[u8]) -> Result<()> {
+        let path = self.tmp.path().join(name);
+        std::fs::write(&path, contents).map_err(|e| Error::io(&path, e))
+    }
+
+    /// Copy a file into the output under `name`.
+    pub fn copy_file(&self, from: &Path, name: &str) -> Result<()> {
+        let path = self.tmp.path().join(name);
+        std::fs::copy(from, &path).map_err(|e| Error::io(from, e))?;
+        Ok(())
+    }
+
+    /// Write one planned tensor (converted to the planned dtype). Safe to call from many
+    /// threads at once, for different tensors.
+    pub fn write(&self, name: &str, tensor: &Tensor) -> Result<()> {
+        let slot = self.slots.get(name).ok_or_else(|| Error::Write {
+            path: self.target.clone(),
+            message: format!("tensor `{name}` was not planned"),
+        })?;
+        if tensor.dims() != slot.shape.as_slice() {
+            return Err(Error::Write {
+                path: self.target.clone(),
+                message: format!(
+                    "tensor `{name}` has shape {:?}, planned {:?}",
+                    tensor.dims(),
+                    slot.shape
+                ),
+            });
+        }
+        let bytes = tensor_bytes(tensor, slot.dtype).map_err(|e| Error::tensor(name, e))?;
+        debug_assert_eq!(bytes.len() as u64, slot.len);
+        let path = self.tmp.path().join(&self.shard_names[slot.shard]);
+        self.files[slot.shard]
+            .write_all_at(&bytes, slot.offset)
+            .map_err(|e| Error::io(&path, e))?;
+        let idx = self.order.iter().position(|n| n == name).expect("planned");
+        self.written.lock().expect("not poisoned")[idx] = true;
+        Ok(())
+    }
+
+    /// Check every tensor was written, write the index, and move the directory into place.
+    pub fn finish(self) -> Result<PathBuf> {
+        let written = self.written.lock().expect("not poisoned").clone();
+        if let Some(i) = written.iter().position(|w| !w) {
+            return Err(Error::Write {
+                path: self.target.clone(),
+                message: format!("tensor `{}` was never written", self.order[i]),
+            });
+        }
+        for (file, name) in self.files.iter().zip(&self.shard_names) {
+            file.sync_all()
+                .map_err(|e| Error::io(self.tmp.path().join(name), e))?;
+        }
+        if self.shard_names.len() > 1 {
+            let weight_map: BTreeMap<&str, &str> = self
+                .order
+                .iter()
+                .map(|n| (n.as_str(), self.shard_names[self.slots[n].shard].as_str()))
+                .collect();
+            let index = serde_json::json!({
+                "metadata": { "total_size": self.total_size },
+                "weight_map": weight_map,
+            });
+            self.add_file(
+                "model.safetensors.index.json",
+                serde_json::to_string_pretty(&index)
+                    .expect("serialisable")
+                    .as_bytes(),
+            )?;
+        }
+        let tmp_path = self.tmp.keep();
+        if self.target.exists() {
+            let old = tmp_path.with_extension("old");
+            std::fs::rename(&self.target, &old).map_err(|e| Error::io(&self.target, e))?;
+            std::fs::rename(&tmp_path, &self.target).map_err(|e| Error::io(&self.target, e))?;
+            let _ = std::fs::remove_dir_all(&old);
+        } else if let Err(e) = std::fs::rename(&tmp_path, &self.target) {
+            let _ = std::fs::remove_dir_all(&tmp_path);
+            return Err(Error::io(&self.target, e));
+        }
+        Ok(self.target)
+    }
+}
+
+/// The safetensors header for a group of tensors, the data length, and each tensor's
+/// (start, end) offsets in the data section.
+fn header_for(group: &[&OutputTensor]) -> Result<(String, u64, Vec<(u64, u64)>)> {
+    let mut entries = serde_json::Map::new();
+    entries.insert("__metadata__".into(), serde_json::json!({ "format": "pt" }));
+    let mut offset = 0u64;
+    let mut offsets = Vec::new();
+    for t in group {
+        let dtype = dtype_to_safetensors(t.dtype).ok_or_else(|| Error::Write {
+            path: PathBuf::from(&t.name),
+            message: format!("dtype {:?} cannot be written", t.dtype),
+        })?;
+        let end = offset + t.bytes();
+        entries.insert(
+            t.name.clone(),
+            serde_json::json!({
+                "dtype": format!("{dtype:?}"),
+                "shape": t.shape,
+                "data_offsets": [offset, end],
+            }),
+        );
+        offsets.push((offset, end));
+        offset = end;
+    }
+    let mut header = serde_json::to_string(&entries).expect("serialisable");
+    // The data section must start 8-byte aligned.
+    while (8 + header.len()) % 8 != 0 {
+        header.push(' ');
+    }
+    Ok((header, offset, offsets))
+}
+
+/// Little-endian bytes of `tensor` converted to `dtype`.
+pub fn tensor_bytes(tensor: &Tensor, dtype: DType) -> candle_core::Result<Vec<u8>> {
+    let t = tensor
+        .to_device(&candle_core::Device::Cpu)?
+        .to_dtype(dtype)?
+        .flatten_all()?;
+    fn bytes_of<T: Copy>(v: Vec<T>) -> Vec<u8> {
+        let n = v.len() * std::mem::size_of::<T>();
+        let mut out = Vec::with_capacity(n);
+        // SAFETY: T is a plain numeric type without padding; reading its bytes is sound.
+        out.extend_from_slice(unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, n) });
+        out
+    }
+    #[cfg(not(target_endian = "little"))]
+    compile_error!("safetensors is little-endian; this writer assumes a little-endian host");
+    Ok(match dtype {
+        DType::F32 => bytes_of(t.to_vec1::<f32>()?),
+        DType::F16 => bytes_of(t.to_vec1::<half::f16>()?),
+        DType::BF16 => bytes_of(t.to_vec1::<half::bf16>()?),
+        DType::F64 => bytes_of(t.to_vec1::<f64>()?),
+        DType::I64 => bytes_of(t.to_vec1::<i64>()?),
+        DType::U32 => bytes_of(t.to_vec1::<u32>()?),
+        DType::U8 => bytes_of(t.to_vec1::<u8>()?),
+        other => candle_core::bail!("cannot write dtype {other:?}"),
+    })
+}

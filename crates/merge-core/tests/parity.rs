@@ -1,0 +1,126 @@
+//! Parity with the Python references: mergekit's `linear` and peft's `merge_and_unload`, on
+//! the tiny fixtures that `scripts/goldens/merge_goldens.py` made (inputs in every checkpoint
+//! layout: safetensors, sharded safetensors, .bin, sharded .bin, PEFT adapters).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::Device;
+use merge_core::checkpoint::Checkpoint;
+use merge_core::lora::Adapter;
+use merge_core::merge::{self, MergeOptions};
+use merge_core::model::InputModel;
+use merge_core::source::{HubSettings, Resolver};
+use merge_core::MergeConfig;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/merge")
+}
+
+fn offline_resolver() -> Resolver {
+    Resolver::new(HubSettings {
+        endpoint: "http://127.0.0.1:9".into(),
+        token: None,
+        cache_dir: std::env::temp_dir().join("merge-core-parity-no-cache"),
+        offline: true,
+        progress: false,
+    })
+    .with_base_dir(fixtures())
+}
+
+/// max |a − b| over every tensor of `golden`; also checks both have the same names.
+fn max_diff(ours: &Checkpoint, golden: &Checkpoint) -> f32 {
+    let ours_names: Vec<&str> = ours.names().collect();
+    let golden_names: Vec<&str> = golden.names().collect();
+    assert_eq!(ours_names, golden_names, "tensor names differ");
+    let mut worst = 0f32;
+    for name in golden.names() {
+        let a = ours.load_f32(name, &Device::Cpu).unwrap();
+        let b = golden.load_f32(name, &Device::Cpu).unwrap();
+        assert_eq!(a.dims(), b.dims(), "{name}");
+        let d = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        worst = worst.max(d);
+    }
+    worst
+}
+
+#[test]
+fn linear_matches_mergekit_on_every_layout() {
+    let cases: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("cases.json")).unwrap())
+            .unwrap();
+    let cases = cases.as_array().unwrap();
+    assert!(cases.len() >= 7, "expected the full set of cases");
+    let tmp = tempfile::tempdir().unwrap();
+    for case in cases {
+        let name = case["name"].as_str().unwrap();
+        let cfg: MergeConfig = serde_json::from_value(case["config"].clone()).unwrap();
+        let out = tmp.path().join(name);
+        merge::run(&cfg, &offline_resolver(), &MergeOptions::new(&out)).unwrap();
+        let ours = Checkpoint::open_dir(&out).unwrap();
+        let golden_path = fixtures().join(case["golden"].as_str().unwrap());
+        let golden = Checkpoint::open_dir(golden_path.parent().unwrap()).unwrap();
+        let d = max_diff(&ours, &golden);
+        println!("{name}: max |diff| = {d:e}");
+        assert!(d <= 1e-6, "{name}: max |diff| {d} > 1e-6");
+        // The output carries what transformers needs.
+        let config = ours.config().expect("config.json written");
+        assert_eq!(config["torch_dtype"], "float32");
+        assert!(out.join("merge-config.toml").is_file());
+        assert!(out.join("README.md").is_file());
+    }
+}
+
+#[test]
+fn adapters_fold_in_like_peft_merge_and_unload() {
+    let base = Arc::new(Checkpoint::open_dir(fixtures().join("models/base")).unwrap());
+    for name in ["lora_a", "lora_rs"] {
+        let adapter = Arc::new(Adapter::open_dir(fixtures().join("models").join(name)).unwrap());
+        let model = InputModel::adapted(base.clone(), adapter).unwrap();
+        let golden =
+            Checkpoint::open_dir(fixtures().join("goldens").join(format!("peft_{name}"))).unwrap();
+        let mut worst = 0f32;
+        for t in golden.names() {
+            let a = model.load_f32(t, &Device::Cpu).unwrap();
+            let b = golden.load_f32(t, &Device::Cpu).unwrap();
+            let d = (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            worst = worst.max(d);
+        }
+        println!("{name}: max |diff| vs peft = {worst:e}");
+        assert!(worst <= 1e-6, "{name}: {worst}");
+    }
+}
+
+#[test]
+fn bin_and_safetensors_layouts_read_the_same_tensors() {
+    let st = Checkpoint::open_dir(fixtures().join("models/expert_b")).unwrap();
+    for layout in ["expert_b_bin", "expert_b_bin_sharded"] {
+        let bin = Checkpoint::open_dir(fixtures().join("models").join(layout)).unwrap();
+        assert_eq!(max_diff(&bin, &st), 0.0, "{layout}");
+    }
+    let sharded = Checkpoint::open_dir(fixtures().join("models/expert_a_sharded")).unwrap();
+    assert!(
+        sharded.weight_files().len() > 1,
+        "fixture should be sharded"
+    );
+    let single = Checkpoint::open_dir(fixtures().join("models/expert_a")).unwrap();
+    assert_eq!(max_diff(&sharded, &single), 0.0);
+}

@@ -1,0 +1,92 @@
+//! `llm-merging merge CONFIG --out DIR`.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+use merge_core::merge::{self, MergeOptions};
+use merge_core::source::Resolver;
+use merge_core::MergeConfig;
+
+/// Arguments of `llm-merging merge`.
+#[derive(Args, Debug)]
+pub struct MergeArgs {
+    /// Merge config (TOML with a `[merge]` table).
+    pub config: PathBuf,
+    /// Output directory for the merged model.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Print the plan (models, files, tensors, bytes) and stop.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Largest output shard, e.g. `5GB`, `500MB` or a number of bytes.
+    #[arg(long, default_value = "5GB", value_parser = parse_size)]
+    pub shard_size: u64,
+    /// Memory budget for tensors in flight, e.g. `8GB` (default: a quarter of RAM).
+    #[arg(long, value_parser = parse_size)]
+    pub max_memory: Option<u64>,
+    /// Replace the output directory if it exists.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// Parse `5GB`, `500MB`, `64KiB` or a plain byte count.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size (e.g. 5GB, 500MB, 1048576)"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "tb" => 1e12,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        other => return Err(format!("unknown size unit `{other}` in `{s}`")),
+    };
+    Ok((value * mult) as u64)
+}
+
+/// Run `llm-merging merge`.
+pub fn run(args: MergeArgs) -> Result<()> {
+    let cfg = MergeConfig::from_toml_file(&args.config)?;
+    let config_dir = args
+        .config
+        .parent()
+        .map(|p| p.to_path_buf())
+        .unwrap_or_default();
+    let resolver = Resolver::from_env().with_base_dir(config_dir);
+    let opts = MergeOptions {
+        out: args.out.clone(),
+        shard_size: args.shard_size,
+        max_memory: args.max_memory,
+        device: candle_core_device(),
+        overwrite: args.force,
+    };
+    let inputs = merge::open_inputs(&cfg, &resolver)?;
+    let plan = merge::plan(&cfg, &inputs)?;
+    if args.dry_run {
+        print!("{}", plan.describe(&opts));
+        return Ok(());
+    }
+    let report = merge::execute(&cfg, &plan, &inputs, &opts)?;
+    println!(
+        "merged {} tensors ({:.2} GB) into {} in {:.1}s",
+        report.tensors,
+        report.bytes_written as f64 / 1e9,
+        report.out.display(),
+        report.seconds
+    );
+    Ok(())
+}
+
+fn candle_core_device() -> merge_core::merge::Device {
+    merge_core::merge::Device::Cpu
+}
