@@ -17,7 +17,7 @@ use crate::models::{Decoder, DecoderConfig};
 use crate::report::{DatasetOutcome, ExampleOutcome};
 use crate::score::{score_choices, Scoring};
 use crate::tokenize::EvalTokenizer;
-use crate::weights::{SafetensorsDir, WeightSource};
+use crate::weights::{CheckpointSource, WeightSource};
 
 /// Settings of an evaluation run.
 #[derive(Debug, Clone)]
@@ -106,9 +106,10 @@ impl LoadedModel {
         Ok(LoadedModel { model, tok })
     }
 
-    /// Loads a model directory whose weights are safetensors files.
-    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        let src = SafetensorsDir::open(dir)?;
+    /// Loads a model directory (any checkpoint layout merge-core reads), optionally folding a
+    /// PEFT LoRA adapter into the weights.
+    pub fn load(dir: &Path, adapter: Option<&Path>, dtype: DType, device: &Device) -> Result<Self> {
+        let src = CheckpointSource::open(dir, adapter)?;
         Self::load_with(dir, &src, dtype, device)
     }
 }

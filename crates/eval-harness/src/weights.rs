@@ -82,3 +82,52 @@ impl WeightSource for std::collections::HashMap<String, Tensor> {
         self.contains_key(name)
     }
 }
+
+/// Any checkpoint merge-core reads (safetensors single/sharded, PyTorch `.bin`), optionally
+/// with a PEFT LoRA adapter folded in: W + scale·B·A for adapted modules, full replacements
+/// for `modules_to_save`.
+pub struct CheckpointSource {
+    ckpt: merge_core::checkpoint::Checkpoint,
+    adapter: Option<merge_core::lora::Adapter>,
+}
+
+impl CheckpointSource {
+    /// Opens the checkpoint in `dir` and, if given, the adapter in `adapter_dir`, checking that
+    /// the adapter fits the base.
+    pub fn open(dir: &Path, adapter_dir: Option<&Path>) -> Result<Self> {
+        let ckpt = merge_core::checkpoint::Checkpoint::open_dir(dir)
+            .map_err(|e| Error::Weights(e.to_string()))?;
+        let adapter = match adapter_dir {
+            None => None,
+            Some(a) => {
+                let adapter = merge_core::lora::Adapter::open_dir(a)
+                    .map_err(|e| Error::Weights(e.to_string()))?;
+                adapter
+                    .check_against(&ckpt)
+                    .map_err(|e| Error::Weights(e.to_string()))?;
+                Some(adapter)
+            }
+        };
+        Ok(CheckpointSource { ckpt, adapter })
+    }
+}
+
+impl WeightSource for CheckpointSource {
+    fn get(&self, name: &str) -> Result<Tensor> {
+        let werr = |e: merge_core::Error| Error::Weights(e.to_string());
+        if let Some(a) = &self.adapter {
+            if let Some(r) = a.replacement(name, &Device::Cpu).map_err(werr)? {
+                return Ok(r);
+            }
+            if let Some(d) = a.delta(name, &Device::Cpu).map_err(werr)? {
+                let base = self.ckpt.load_f32(name, &Device::Cpu).map_err(werr)?;
+                return Ok((base + d)?);
+            }
+        }
+        self.ckpt.load(name).map_err(werr)
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.ckpt.contains(name)
+    }
+}

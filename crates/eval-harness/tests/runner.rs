@@ -49,7 +49,7 @@ fn batch_size_does_not_change_predictions() {
     let ds = dataset::load(&goldens().join("rows.csv")).unwrap();
     for name in ["llama", "mistral", "qwen2", "gemma", "llama3"] {
         let (dir, g) = model_dir(name, tmp.path());
-        let m = LoadedModel::load(&dir, DType::F32, &Device::Cpu).unwrap();
+        let m = LoadedModel::load(&dir, None, DType::F32, &Device::Cpu).unwrap();
         // The long row is longer than max_position_embeddings (64).
         let longest = ds
             .examples
@@ -106,7 +106,7 @@ fn batch_size_does_not_change_predictions() {
 fn writes_outputs_and_honours_limit_and_full_scoring() {
     let tmp = tempfile::tempdir().unwrap();
     let (dir, _) = model_dir("llama", tmp.path());
-    let m = LoadedModel::load(&dir, DType::F32, &Device::Cpu).unwrap();
+    let m = LoadedModel::load(&dir, None, DType::F32, &Device::Cpu).unwrap();
     let ds = dataset::load(&goldens().join("rows.csv")).unwrap();
     let opts = EvalOptions {
         batch_size: 4,
@@ -137,7 +137,7 @@ fn writes_outputs_and_honours_limit_and_full_scoring() {
 fn bf16_runs() {
     let tmp = tempfile::tempdir().unwrap();
     let (dir, _) = model_dir("qwen2", tmp.path());
-    let m = LoadedModel::load(&dir, DType::BF16, &Device::Cpu).unwrap();
+    let m = LoadedModel::load(&dir, None, DType::BF16, &Device::Cpu).unwrap();
     let ds = dataset::load(&goldens().join("rows.csv")).unwrap();
     let opts = EvalOptions {
         batch_size: 8,
@@ -153,4 +153,99 @@ fn bf16_runs() {
         .iter()
         .flat_map(|e| e.choice_scores.iter().flatten())
         .all(|s| s.is_finite()));
+}
+
+#[test]
+fn adapter_is_folded_into_the_weights() {
+    use candle_core::{IndexOp, Tensor};
+    use eval_harness::models::{Decoder, DecoderConfig};
+    use eval_harness::synthetic::{decoder_weights, values};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, g) = model_dir("llama", tmp.path());
+    // A rank-2 PEFT adapter on layer 0's q_proj and v_proj.
+    let cfg = DecoderConfig::from_json(&g["config"]).unwrap();
+    let (h, r, alpha) = (cfg.hidden_size, 2usize, 8.0f64);
+    let adapter = tmp.path().join("adapter");
+    std::fs::create_dir_all(&adapter).unwrap();
+    std::fs::write(
+        adapter.join("adapter_config.json"),
+        serde_json::json!({"peft_type": "LORA", "r": r, "lora_alpha": alpha,
+                           "target_modules": ["q_proj", "v_proj"]})
+        .to_string(),
+    )
+    .unwrap();
+    let mut factors = std::collections::HashMap::new();
+    let mut folded = decoder_weights(&cfg, 2).unwrap();
+    for (m, out) in [
+        ("q_proj", cfg.num_heads * cfg.head_dim),
+        ("v_proj", cfg.num_kv_heads * cfg.head_dim),
+    ] {
+        for l in 0..cfg.num_layers {
+            let base = format!("model.layers.{l}.self_attn.{m}");
+            let a = Tensor::from_vec(
+                values(&format!("{base}.A"), r * h, 0.5, 0.0),
+                (r, h),
+                &Device::Cpu,
+            )
+            .unwrap();
+            let b = Tensor::from_vec(
+                values(&format!("{base}.B"), out * r, 0.5, 0.0),
+                (out, r),
+                &Device::Cpu,
+            )
+            .unwrap();
+            let w = &folded[&format!("{base}.weight")];
+            let delta = (b.matmul(&a).unwrap() * (alpha / r as f64)).unwrap();
+            let w2 = (w + delta).unwrap();
+            folded.insert(format!("{base}.weight"), w2);
+            factors.insert(format!("base_model.model.{base}.lora_A.weight"), a);
+            factors.insert(format!("base_model.model.{base}.lora_B.weight"), b);
+        }
+    }
+    candle_core::safetensors::save(&factors, adapter.join("adapter_model.safetensors")).unwrap();
+
+    let with = LoadedModel::load(&dir, Some(&adapter), DType::F32, &Device::Cpu).unwrap();
+    let reference = Decoder::load(cfg, &folded, DType::F32, &Device::Cpu).unwrap();
+    let plain = LoadedModel::load(&dir, None, DType::F32, &Device::Cpu).unwrap();
+    let ids = with
+        .tok
+        .encode_input("The adapter changes the attention.")
+        .unwrap();
+    let logits = |m: &Decoder| {
+        let mut c = m.new_cache();
+        let hs = m
+            .forward(std::slice::from_ref(&ids), &[vec![true; ids.len()]], &mut c)
+            .unwrap();
+        m.logits(&hs.i(0).unwrap()).unwrap()
+    };
+    let a = logits(&with.model);
+    let diff: f32 = (&a - logits(&reference))
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert!(diff < 1e-4, "folded adapter differs by {diff}");
+    let moved: f32 = (&a - logits(&plain.model))
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert!(moved > 1e-2, "the adapter had no effect");
+
+    let err = LoadedModel::load(
+        &dir,
+        Some(&tmp.path().join("missing")),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .err()
+    .unwrap();
+    assert!(err.to_string().contains("missing"), "{err}");
 }

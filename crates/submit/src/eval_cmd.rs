@@ -79,17 +79,17 @@ fn options(a: &ModelArgs) -> EvalOptions {
 fn load_model(a: &ModelArgs) -> Result<LoadedModel> {
     let dtype = runner::parse_dtype(&a.dtype).map_err(anyhow::Error::msg)?;
     let device = runner::parse_device(&a.device)?;
-    if let Some(adapter) = &a.adapter {
-        bail!(
-            "--adapter {}: folding PEFT adapters needs merge-core's adapter reader, which this build \
-             does not wire in yet; merge the adapter first (`llm-merging merge`) and pass the merged \
-             directory to --model",
-            adapter.display()
-        );
-    }
     let t = Instant::now();
-    let m = LoadedModel::load(&a.model, dtype, &device)
-        .with_context(|| format!("loading the model from {}", a.model.display()))?;
+    let m = LoadedModel::load(&a.model, a.adapter.as_deref(), dtype, &device).with_context(
+        || match &a.adapter {
+            Some(ad) => format!(
+                "loading {} with adapter {}",
+                a.model.display(),
+                ad.display()
+            ),
+            None => format!("loading the model from {}", a.model.display()),
+        },
+    )?;
     tracing::info!("model loaded in {:.1}s", t.elapsed().as_secs_f64());
     Ok(m)
 }
