@@ -1,0 +1,80 @@
+//! Batched greedy decoding: prompts left-padded into one batch (positions still start at 0 for
+//! every row), one token per step for all unfinished rows, a row leaving the batch as soon as
+//! it emits EOS. Token for token what the kit's batch-size-1 `generate` produces.
+
+use candle_core::{IndexOp, Tensor};
+
+use crate::error::Result;
+use crate::models::Decoder;
+
+/// Index of the first maximum of each row of `[rows, vocab]` f32 logits (torch's argmax rule).
+fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
+    let rows: Vec<Vec<f32>> = logits.to_vec2()?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let mut best = 0usize;
+            for (i, &x) in r.iter().enumerate() {
+                if x > r[best] {
+                    best = i;
+                }
+            }
+            best as u32
+        })
+        .collect())
+}
+
+/// Greedily continues each prompt by at most `max_new` tokens, stopping a row at `eos` (which
+/// is kept at the end of its output). Returns the generated ids only.
+pub fn greedy_batch(
+    model: &Decoder,
+    prompts: &[Vec<u32>],
+    max_new: usize,
+    eos: u32,
+    pad: u32,
+) -> Result<Vec<Vec<u32>>> {
+    let mut out = vec![Vec::new(); prompts.len()];
+    if prompts.is_empty() || max_new == 0 {
+        return Ok(out);
+    }
+    let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let rows: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| {
+            std::iter::repeat_n(pad, width - p.len())
+                .chain(p.iter().copied())
+                .collect()
+        })
+        .collect();
+    let valid: Vec<Vec<bool>> = prompts
+        .iter()
+        .map(|p| (0..width).map(|j| j >= width - p.len()).collect())
+        .collect();
+    let mut cache = model.new_cache();
+    let hidden = model.forward(&rows, &valid, &mut cache)?;
+    // Only the last position needs the vocabulary projection.
+    let mut next = argmax_rows(&model.logits(&hidden.i((.., width - 1))?)?)?;
+    // Rows of the running batch, as indices into `prompts`.
+    let mut active: Vec<usize> = (0..prompts.len()).collect();
+    for step in 0..max_new {
+        let mut keep = Vec::with_capacity(active.len());
+        for (slot, &row) in active.iter().enumerate() {
+            out[row].push(next[slot]);
+            if next[slot] != eos {
+                keep.push(slot);
+            }
+        }
+        if keep.is_empty() || step + 1 == max_new {
+            break;
+        }
+        if keep.len() != active.len() {
+            cache.select(&keep)?;
+            active = keep.iter().map(|&s| active[s]).collect();
+            next = keep.iter().map(|&s| next[s]).collect();
+        }
+        let ids: Vec<Vec<u32>> = next.iter().map(|&t| vec![t]).collect();
+        let h = model.forward(&ids, &vec![vec![true]; ids.len()], &mut cache)?;
+        next = argmax_rows(&model.logits(&h.i((.., 0))?)?)?;
+    }
+    Ok(out)
+}

@@ -1,0 +1,5 @@
+//! Model implementations on candle.
+
+pub mod decoder;
+
+pub use decoder::{Decoder, DecoderConfig, KvCache};

@@ -1,0 +1,272 @@
+//! Evaluation of a loaded model on competition datasets: multiple-choice rows one example at a
+//! time (prompt once, choices batched over its cache), generation rows in length-sorted
+//! batches, progress with examples/s, metrics at the end.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::{DType, Device};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::dataset::{Dataset, EvalType};
+use crate::error::{Error, Result};
+use crate::generate::greedy_batch;
+use crate::metrics::{accuracy, rouge, Rouge};
+use crate::models::{Decoder, DecoderConfig};
+use crate::report::{DatasetOutcome, ExampleOutcome};
+use crate::score::{score_choices, Scoring};
+use crate::tokenize::EvalTokenizer;
+use crate::weights::{CheckpointSource, WeightSource};
+
+/// Settings of an evaluation run.
+#[derive(Debug, Clone)]
+pub struct EvalOptions {
+    /// Generation rows decoded together (multiple choice batches the choices of one example).
+    pub batch_size: usize,
+    /// Most new tokens per generation (the kit's max_gen_len).
+    pub max_gen_len: usize,
+    /// Only the first N rows of each dataset.
+    pub limit: Option<usize>,
+    /// Multiple-choice scoring rule.
+    pub scoring: Scoring,
+    /// Show a progress bar (it hides itself anyway when stderr is not a terminal).
+    pub progress: bool,
+}
+
+impl Default for EvalOptions {
+    fn default() -> Self {
+        EvalOptions {
+            batch_size: 8,
+            max_gen_len: 64,
+            limit: None,
+            scoring: Scoring::StarterKit,
+            progress: true,
+        }
+    }
+}
+
+/// Parses `f32|float32|bf16|bfloat16|f16|float16`.
+pub fn parse_dtype(s: &str) -> std::result::Result<DType, String> {
+    match s {
+        "f32" | "float32" => Ok(DType::F32),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        "f16" | "float16" => Ok(DType::F16),
+        _ => Err(format!("unknown dtype `{s}` (f32, bf16 or f16)")),
+    }
+}
+
+/// `cpu` or `cuda` / `cuda:N` (the latter needs the `cuda` feature).
+pub fn parse_device(s: &str) -> Result<Device> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        _ if s == "cuda" || s.starts_with("cuda:") => {
+            let n = s
+                .strip_prefix("cuda:")
+                .map_or(Ok(0), str::parse)
+                .map_err(|_| Error::Msg(format!("bad device `{s}` (cpu, cuda or cuda:N)")))?;
+            Device::new_cuda(n).map_err(|e| {
+                Error::Msg(format!(
+                    "cannot open {s}: {e} (build with `--features cuda` for GPU support)"
+                ))
+            })
+        }
+        _ => Err(Error::Msg(format!(
+            "unknown device `{s}` (cpu, cuda or cuda:N)"
+        ))),
+    }
+}
+
+/// A model and its tokenizer, ready to evaluate.
+pub struct LoadedModel {
+    /// The network.
+    pub model: Decoder,
+    /// The kit's tokenizers.
+    pub tok: EvalTokenizer,
+}
+
+impl LoadedModel {
+    /// Loads `config.json`, the tokenizer files and the weights from `source`.
+    pub fn load_with(
+        dir: &Path,
+        source: &dyn WeightSource,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let cfg = DecoderConfig::from_file(&dir.join("config.json"))?;
+        let tok = EvalTokenizer::from_dir(dir, cfg.eos_token_ids.first().copied())?;
+        if tok.vocab_size() > cfg.vocab_size {
+            tracing::warn!(
+                "tokenizer has {} tokens, the model's vocabulary {}",
+                tok.vocab_size(),
+                cfg.vocab_size
+            );
+        }
+        let model = Decoder::load(cfg, source, dtype, device)?;
+        Ok(LoadedModel { model, tok })
+    }
+
+    /// Loads a model directory (any checkpoint layout merge-core reads), optionally folding a
+    /// PEFT LoRA adapter into the weights.
+    pub fn load(dir: &Path, adapter: Option<&Path>, dtype: DType, device: &Device) -> Result<Self> {
+        let src = CheckpointSource::open(dir, adapter)?;
+        Self::load_with(dir, &src, dtype, device)
+    }
+}
+
+fn progress(n: usize, name: &str, show: bool) -> ProgressBar {
+    let pb = ProgressBar::with_draw_target(
+        Some(n as u64),
+        if show {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        },
+    );
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{prefix:>12} [{bar:30}] {pos}/{len} {per_sec:>10} ETA {eta} {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    pb.set_prefix(name.to_string());
+    pb
+}
+
+/// Evaluates one dataset: predictions for every row, metrics where targets exist.
+pub fn evaluate(m: &LoadedModel, ds: &Dataset, opts: &EvalOptions) -> Result<DatasetOutcome> {
+    let start = Instant::now();
+    let rows = &ds.examples[..opts.limit.unwrap_or(usize::MAX).min(ds.examples.len())];
+    let pb = progress(rows.len(), &ds.name, opts.progress);
+    let mut results: Vec<Option<ExampleOutcome>> = vec![None; rows.len()];
+    let with_ctx = |e: Error, id: &str, line: u64| {
+        Error::Msg(format!("{}:{line}: row id `{id}`: {e}", ds.path.display()))
+    };
+
+    for (i, e) in rows.iter().enumerate() {
+        if e.eval_type != EvalType::MultipleChoice {
+            continue;
+        }
+        let t = Instant::now();
+        let r = score_choices(&m.model, &m.tok, &e.input, &e.answer_choices, opts.scoring)
+            .map_err(|err| with_ctx(err, &e.id, e.line))?;
+        results[i] = Some(ExampleOutcome {
+            id: e.id.clone(),
+            eval_type: EvalType::MultipleChoice.as_str(),
+            prediction: r.prediction.to_string(),
+            target: e.target.clone(),
+            choice_scores: Some(r.scores),
+            choice_scores_norm: r.norm_scores,
+            prediction_norm: r.prediction_norm.map(|p| p.to_string()),
+            prompt_tokens: r.prompt_tokens,
+            output_tokens: r.choice_tokens,
+            seconds: t.elapsed().as_secs_f64(),
+        });
+        pb.inc(1);
+    }
+
+    // Generation: tokenize, sort by length so batches carry little padding, decode in batches.
+    let mut gen: Vec<(usize, Vec<u32>)> = Vec::new();
+    for (i, e) in rows.iter().enumerate() {
+        if e.eval_type == EvalType::Generation {
+            let ids = m
+                .tok
+                .encode_input(&e.input)
+                .map_err(|err| with_ctx(err, &e.id, e.line))?;
+            if ids.is_empty() {
+                return Err(with_ctx(
+                    Error::Msg("the input tokenizes to no tokens".into()),
+                    &e.id,
+                    e.line,
+                ));
+            }
+            gen.push((i, ids));
+        }
+    }
+    gen.sort_by_key(|(_, ids)| std::cmp::Reverse(ids.len()));
+    for batch in gen.chunks(opts.batch_size.max(1)) {
+        let t = Instant::now();
+        let prompts: Vec<Vec<u32>> = batch.iter().map(|(_, ids)| ids.clone()).collect();
+        let outs = greedy_batch(
+            &m.model,
+            &prompts,
+            opts.max_gen_len,
+            m.tok.eos_id(),
+            m.tok.pad_id(),
+        )
+        .map_err(|err| {
+            let e = &rows[batch[0].0];
+            with_ctx(err, &e.id, e.line)
+        })?;
+        let secs = t.elapsed().as_secs_f64() / batch.len() as f64;
+        for ((i, ids), out) in batch.iter().zip(outs) {
+            let e = &rows[*i];
+            let text = m.tok.decode(&out)?;
+            results[*i] = Some(ExampleOutcome {
+                id: e.id.clone(),
+                eval_type: EvalType::Generation.as_str(),
+                prediction: text,
+                target: e.target.clone(),
+                choice_scores: None,
+                choice_scores_norm: None,
+                prediction_norm: None,
+                prompt_tokens: ids.len(),
+                output_tokens: vec![out.len()],
+                seconds: secs,
+            });
+        }
+        pb.inc(batch.len() as u64);
+    }
+    pb.finish_and_clear();
+
+    let examples: Vec<ExampleOutcome> = results.into_iter().flatten().collect();
+    let scores = compute_scores(&examples, opts.scoring);
+    Ok(DatasetOutcome {
+        name: ds.name.clone(),
+        examples,
+        scores,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// accuracy (and accuracy_norm in full mode) over multiple-choice rows with targets; ROUGE means
+/// over generation rows with targets.
+pub fn compute_scores(examples: &[ExampleOutcome], scoring: Scoring) -> BTreeMap<String, f64> {
+    let mut s = BTreeMap::new();
+    let mc: Vec<&ExampleOutcome> = examples
+        .iter()
+        .filter(|e| e.eval_type == "multiple_choice" && e.target.is_some())
+        .collect();
+    if !mc.is_empty() {
+        s.insert(
+            "accuracy".into(),
+            accuracy(
+                mc.iter()
+                    .map(|e| (e.prediction.as_str(), e.target.as_deref().unwrap())),
+            ),
+        );
+        if scoring == Scoring::Full {
+            s.insert(
+                "accuracy_norm".into(),
+                accuracy(mc.iter().map(|e| {
+                    (
+                        e.prediction_norm.as_deref().unwrap_or(""),
+                        e.target.as_deref().unwrap(),
+                    )
+                })),
+            );
+        }
+    }
+    let rg: Vec<Rouge> = examples
+        .iter()
+        .filter(|e| e.eval_type == "generation")
+        .filter_map(|e| e.target.as_deref().map(|t| rouge(t, &e.prediction)))
+        .collect();
+    if !rg.is_empty() {
+        for (k, v) in Rouge::mean(&rg).named() {
+            s.insert(k.into(), v);
+        }
+    }
+    s
+}

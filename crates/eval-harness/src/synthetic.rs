@@ -1,0 +1,173 @@
+//! Deterministic synthetic weights for tests and benchmarks. Values are generated from the
+//! tensor's name and element index with a counter-based generator (FNV-1a seed, SplitMix64
+//! mix) and computed in f32 with exactly representable intermediates, so
+//! `scripts/goldens/eval_goldens.py` (numpy) produces bit-identical tensors without committing
+//! any weights.
+
+use std::collections::HashMap;
+
+use candle_core::{Device, Tensor};
+
+use crate::error::Result;
+use crate::models::decoder::{DecoderConfig, Family};
+
+/// FNV-1a 64-bit hash of the tensor name: the stream seed.
+pub fn fnv1a64(s: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in s.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// Uniform value in [-1, 1) for element `i` of the stream `seed` (24 random bits, exact in f32).
+pub fn unit(seed: u64, i: u64) -> f32 {
+    let mut z = seed.wrapping_add((i + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    let k = (z >> 40) as f32;
+    k * (1.0 / 8_388_608.0) - 1.0
+}
+
+/// `n` values `unit * scale + offset`, computed in f32.
+pub fn values(name: &str, n: usize, scale: f32, offset: f32) -> Vec<f32> {
+    let seed = fnv1a64(name);
+    (0..n as u64)
+        .map(|i| unit(seed, i) * scale + offset)
+        .collect()
+}
+
+/// Every tensor of a decoder with `cfg`'s shapes, with the HF names. Norm weights are
+/// `1 + 0.25u` (`0.25u` for Gemma, whose norm adds the 1), embeddings `u`, projections and
+/// biases `0.125u`; the head row of `eos` is multiplied by 4 so random models do stop.
+pub fn decoder_weights(cfg: &DecoderConfig, eos: u32) -> Result<HashMap<String, Tensor>> {
+    let dev = Device::Cpu;
+    let mut m = HashMap::new();
+    let (h, hd, i) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
+    let norm_offset = if cfg.family == Family::Gemma {
+        0.0
+    } else {
+        1.0
+    };
+    let boost = |t: Vec<f32>, cols: usize| -> Vec<f32> {
+        let mut t = t;
+        let r = eos as usize * cols;
+        t[r..r + cols].iter_mut().for_each(|x| *x *= 4.0);
+        t
+    };
+    let emb = values("model.embed_tokens.weight", cfg.vocab_size * h, 1.0, 0.0);
+    let emb = if cfg.tie_word_embeddings {
+        boost(emb, h)
+    } else {
+        emb
+    };
+    put_raw(
+        &mut m,
+        "model.embed_tokens.weight",
+        emb,
+        &[cfg.vocab_size, h],
+    )?;
+    if !cfg.tie_word_embeddings {
+        let w = boost(values("lm_head.weight", cfg.vocab_size * h, 0.125, 0.0), h);
+        put_raw(&mut m, "lm_head.weight", w, &[cfg.vocab_size, h])?;
+    }
+    let mut put = |name: String, shape: &[usize], scale: f32, offset: f32| -> Result<()> {
+        let n = shape.iter().product();
+        let v = values(&name, n, scale, offset);
+        m.insert(name, Tensor::from_vec(v, shape, &dev)?);
+        Ok(())
+    };
+    put("model.norm.weight".into(), &[h], 0.25, norm_offset)?;
+    for l in 0..cfg.num_layers {
+        let p = format!("model.layers.{l}");
+        put(
+            format!("{p}.input_layernorm.weight"),
+            &[h],
+            0.25,
+            norm_offset,
+        )?;
+        put(
+            format!("{p}.post_attention_layernorm.weight"),
+            &[h],
+            0.25,
+            norm_offset,
+        )?;
+        for (n, out) in [
+            ("q", cfg.num_heads * hd),
+            ("k", cfg.num_kv_heads * hd),
+            ("v", cfg.num_kv_heads * hd),
+        ] {
+            put(
+                format!("{p}.self_attn.{n}_proj.weight"),
+                &[out, h],
+                0.125,
+                0.0,
+            )?;
+            if cfg.qkv_bias {
+                put(format!("{p}.self_attn.{n}_proj.bias"), &[out], 0.125, 0.0)?;
+            }
+        }
+        put(
+            format!("{p}.self_attn.o_proj.weight"),
+            &[h, cfg.num_heads * hd],
+            0.125,
+            0.0,
+        )?;
+        if cfg.o_bias {
+            put(format!("{p}.self_attn.o_proj.bias"), &[h], 0.125, 0.0)?;
+        }
+        put(format!("{p}.mlp.gate_proj.weight"), &[i, h], 0.125, 0.0)?;
+        put(format!("{p}.mlp.up_proj.weight"), &[i, h], 0.125, 0.0)?;
+        put(format!("{p}.mlp.down_proj.weight"), &[h, i], 0.125, 0.0)?;
+    }
+    Ok(m)
+}
+
+/// Writes a loadable model directory: `config.json` (the given JSON), `model.safetensors` with
+/// [`decoder_weights`], and the tokenizer files copied from `tokenizer_dir`.
+pub fn write_model_dir(
+    dir: &std::path::Path,
+    config: &serde_json::Value,
+    tokenizer_dir: &std::path::Path,
+) -> Result<()> {
+    use crate::error::Error;
+    let cfg = DecoderConfig::from_json(config).map_err(Error::Msg)?;
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        let src = tokenizer_dir.join(f);
+        std::fs::copy(&src, dir.join(f)).map_err(|e| Error::io(&src, e))?;
+    }
+    let tok = crate::tokenize::EvalTokenizer::from_dir(dir, None)?;
+    let w = decoder_weights(&cfg, tok.eos_id())?;
+    candle_core::safetensors::save(&w, dir.join("model.safetensors"))?;
+    let text = serde_json::to_string_pretty(config).map_err(|e| Error::Msg(e.to_string()))?;
+    let p = dir.join("config.json");
+    std::fs::write(&p, text).map_err(|e| Error::io(&p, e))?;
+    Ok(())
+}
+
+fn put_raw(
+    m: &mut HashMap<String, Tensor>,
+    name: &str,
+    v: Vec<f32>,
+    shape: &[usize],
+) -> Result<()> {
+    m.insert(name.to_string(), Tensor::from_vec(v, shape, &Device::Cpu)?);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generator_is_stable() {
+        // Pinned values: the Python golden script must produce the same.
+        assert_eq!(fnv1a64("a"), 0xaf63_dc4c_8601_ec8c);
+        let v = values("x", 3, 1.0, 0.0);
+        assert!(v.iter().all(|x| (-1.0..1.0).contains(x)));
+        assert_ne!(v[0], v[1]);
+    }
+}

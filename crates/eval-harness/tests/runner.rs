@@ -1,0 +1,251 @@
+//! The whole evaluation path on a synthetic model directory: loading from disk, both
+//! schemas, batch-size invariance, an input longer than max_position_embeddings, outputs.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use eval_harness::dataset;
+use eval_harness::report::write_eval_outputs;
+use eval_harness::runner::{evaluate, EvalOptions, LoadedModel};
+use eval_harness::score::Scoring;
+use eval_harness::synthetic::write_model_dir;
+use serde_json::Value;
+
+fn goldens() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/goldens")
+}
+
+fn tokenizer_dir(name: &str) -> PathBuf {
+    let base = std::env::var_os("LLM_MERGING_TOKENIZERS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.cache/tokenizers"));
+    let dir = base.join(name);
+    assert!(
+        dir.join("tokenizer.json").is_file(),
+        "tokenizer `{name}` missing at {}: run scripts/fetch-tokenizers.sh first",
+        dir.display()
+    );
+    dir
+}
+
+fn model_dir(name: &str, tmp: &Path) -> (PathBuf, Value) {
+    let g: Value = serde_json::from_str(
+        &std::fs::read_to_string(goldens().join(format!("{name}.json"))).unwrap(),
+    )
+    .unwrap();
+    let dir = tmp.join(name);
+    write_model_dir(
+        &dir,
+        &g["config"],
+        &tokenizer_dir(g["tokenizer"].as_str().unwrap()),
+    )
+    .unwrap();
+    (dir, g)
+}
+
+#[test]
+fn batch_size_does_not_change_predictions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = dataset::load(&goldens().join("rows.csv")).unwrap();
+    for name in ["llama", "mistral", "qwen2", "gemma", "llama3"] {
+        let (dir, g) = model_dir(name, tmp.path());
+        let m = LoadedModel::load(&dir, None, DType::F32, &Device::Cpu).unwrap();
+        // The long row is longer than max_position_embeddings (64).
+        let longest = ds
+            .examples
+            .iter()
+            .map(|e| m.tok.encode_input(&e.input).unwrap().len())
+            .max();
+        assert!(longest.unwrap() > m.model.config().max_position_embeddings);
+        let opts = |b: usize| EvalOptions {
+            batch_size: b,
+            max_gen_len: g["max_gen_len"].as_u64().unwrap() as usize,
+            limit: None,
+            scoring: Scoring::StarterKit,
+            progress: false,
+        };
+        let r1 = evaluate(&m, &ds, &opts(1)).unwrap();
+        let r8 = evaluate(&m, &ds, &opts(8)).unwrap();
+        let p1: Vec<&str> = r1.examples.iter().map(|e| e.prediction.as_str()).collect();
+        let p8: Vec<&str> = r8.examples.iter().map(|e| e.prediction.as_str()).collect();
+        assert_eq!(p1, p8, "{name}: batch 1 vs batch 8");
+        // And both equal the transformers goldens.
+        for e in &r1.examples {
+            if let Some(m) = g["mc"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|m| m["id"] == e.id.as_str())
+            {
+                assert_eq!(
+                    e.prediction,
+                    m["kit_prediction"].to_string(),
+                    "{name} {}",
+                    e.id
+                );
+            }
+            if let Some(x) = g["gen"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|x| x["id"] == e.id.as_str())
+            {
+                assert_eq!(e.prediction, x["text"].as_str().unwrap(), "{name} {}", e.id);
+            }
+        }
+        assert_eq!(r1.examples.len(), ds.examples.len());
+        assert_eq!(r1.examples[0].id, ds.examples[0].id);
+        for k in ["accuracy", "rouge1", "rouge2", "rougeL", "rougeLsum"] {
+            assert!(r1.scores.contains_key(k), "{name}: {k} missing");
+            assert_eq!(r1.scores[k], r8.scores[k]);
+        }
+    }
+}
+
+#[test]
+fn writes_outputs_and_honours_limit_and_full_scoring() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, _) = model_dir("llama", tmp.path());
+    let m = LoadedModel::load(&dir, None, DType::F32, &Device::Cpu).unwrap();
+    let ds = dataset::load(&goldens().join("rows.csv")).unwrap();
+    let opts = EvalOptions {
+        batch_size: 4,
+        max_gen_len: 4,
+        limit: Some(5),
+        scoring: Scoring::Full,
+        progress: false,
+    };
+    let r = evaluate(&m, &ds, &opts).unwrap();
+    assert_eq!(r.examples.len(), 5);
+    assert!(r.scores.contains_key("accuracy_norm"));
+    assert!(r.examples.iter().all(|e| e.seconds >= 0.0));
+    let out = tmp.path().join("out");
+    write_eval_outputs(&out, &[r]).unwrap();
+    let csv = std::fs::read_to_string(out.join("predictions/rows.csv")).unwrap();
+    assert!(csv.starts_with("id,prediction,dummy_field\nmc-0,"));
+    assert_eq!(csv.lines().count(), 6);
+    let scores: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("scores.json")).unwrap()).unwrap();
+    assert!(scores["rows"]["accuracy"].is_number());
+    let details = std::fs::read_to_string(out.join("details/rows.jsonl")).unwrap();
+    let first: Value = serde_json::from_str(details.lines().next().unwrap()).unwrap();
+    assert_eq!(first["id"], "mc-0");
+    assert_eq!(first["choice_scores"].as_array().unwrap().len(), 4);
+}
+
+#[test]
+fn bf16_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, _) = model_dir("qwen2", tmp.path());
+    let m = LoadedModel::load(&dir, None, DType::BF16, &Device::Cpu).unwrap();
+    let ds = dataset::load(&goldens().join("rows.csv")).unwrap();
+    let opts = EvalOptions {
+        batch_size: 8,
+        max_gen_len: 3,
+        limit: None,
+        scoring: Scoring::StarterKit,
+        progress: false,
+    };
+    let r = evaluate(&m, &ds, &opts).unwrap();
+    assert_eq!(r.examples.len(), ds.examples.len());
+    assert!(r
+        .examples
+        .iter()
+        .flat_map(|e| e.choice_scores.iter().flatten())
+        .all(|s| s.is_finite()));
+}
+
+#[test]
+fn adapter_is_folded_into_the_weights() {
+    use candle_core::{IndexOp, Tensor};
+    use eval_harness::models::{Decoder, DecoderConfig};
+    use eval_harness::synthetic::{decoder_weights, values};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, g) = model_dir("llama", tmp.path());
+    // A rank-2 PEFT adapter on layer 0's q_proj and v_proj.
+    let cfg = DecoderConfig::from_json(&g["config"]).unwrap();
+    let (h, r, alpha) = (cfg.hidden_size, 2usize, 8.0f64);
+    let adapter = tmp.path().join("adapter");
+    std::fs::create_dir_all(&adapter).unwrap();
+    std::fs::write(
+        adapter.join("adapter_config.json"),
+        serde_json::json!({"peft_type": "LORA", "r": r, "lora_alpha": alpha,
+                           "target_modules": ["q_proj", "v_proj"]})
+        .to_string(),
+    )
+    .unwrap();
+    let mut factors = std::collections::HashMap::new();
+    let mut folded = decoder_weights(&cfg, 2).unwrap();
+    for (m, out) in [
+        ("q_proj", cfg.num_heads * cfg.head_dim),
+        ("v_proj", cfg.num_kv_heads * cfg.head_dim),
+    ] {
+        for l in 0..cfg.num_layers {
+            let base = format!("model.layers.{l}.self_attn.{m}");
+            let a = Tensor::from_vec(
+                values(&format!("{base}.A"), r * h, 0.5, 0.0),
+                (r, h),
+                &Device::Cpu,
+            )
+            .unwrap();
+            let b = Tensor::from_vec(
+                values(&format!("{base}.B"), out * r, 0.5, 0.0),
+                (out, r),
+                &Device::Cpu,
+            )
+            .unwrap();
+            let w = &folded[&format!("{base}.weight")];
+            let delta = (b.matmul(&a).unwrap() * (alpha / r as f64)).unwrap();
+            let w2 = (w + delta).unwrap();
+            folded.insert(format!("{base}.weight"), w2);
+            factors.insert(format!("base_model.model.{base}.lora_A.weight"), a);
+            factors.insert(format!("base_model.model.{base}.lora_B.weight"), b);
+        }
+    }
+    candle_core::safetensors::save(&factors, adapter.join("adapter_model.safetensors")).unwrap();
+
+    let with = LoadedModel::load(&dir, Some(&adapter), DType::F32, &Device::Cpu).unwrap();
+    let reference = Decoder::load(cfg, &folded, DType::F32, &Device::Cpu).unwrap();
+    let plain = LoadedModel::load(&dir, None, DType::F32, &Device::Cpu).unwrap();
+    let ids = with
+        .tok
+        .encode_input("The adapter changes the attention.")
+        .unwrap();
+    let logits = |m: &Decoder| {
+        let mut c = m.new_cache();
+        let hs = m
+            .forward(std::slice::from_ref(&ids), &[vec![true; ids.len()]], &mut c)
+            .unwrap();
+        m.logits(&hs.i(0).unwrap()).unwrap()
+    };
+    let a = logits(&with.model);
+    let diff: f32 = (&a - logits(&reference))
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert!(diff < 1e-4, "folded adapter differs by {diff}");
+    let moved: f32 = (&a - logits(&plain.model))
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert!(moved > 1e-2, "the adapter had no effect");
+
+    let err = LoadedModel::load(
+        &dir,
+        Some(&tmp.path().join("missing")),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .err()
+    .unwrap();
+    assert!(err.to_string().contains("missing"), "{err}");
+}

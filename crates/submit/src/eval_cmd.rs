@@ -1,0 +1,159 @@
+//! `llm-merging eval` and `llm-merging predict`: a model directory in, predictions and scores
+//! out, with the starter kit's semantics by default.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use eval_harness::dataset;
+use eval_harness::report::{self, DatasetOutcome};
+use eval_harness::runner::{self, EvalOptions, LoadedModel};
+use eval_harness::score::Scoring;
+
+/// Options shared by `eval` and `predict`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Model directory: config.json, tokenizer.json (+ tokenizer_config.json) and weights.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// PEFT LoRA adapter directory folded into the model's weights before evaluating.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Generation rows decoded together.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Most new tokens per generation (the kit's max_gen_len).
+    #[arg(long, default_value_t = 64)]
+    pub max_gen_len: usize,
+    /// Only the first N rows of each file.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Multiple-choice scoring: `starter-kit` (the official kit, exactly) or `full` (every
+    /// choice token scored; adds accuracy_norm).
+    #[arg(long, default_value = "starter-kit")]
+    pub scoring: Scoring,
+    /// Compute dtype: f32 (exact reproduction), bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// cpu, cuda or cuda:N (cuda needs the `cuda` feature).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+/// `llm-merging eval`: scores a model on competition files.
+#[derive(clap::Args, Debug, Clone)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Competition CSV files (default: data/validation/cosmos_qa.csv and data/validation/xsum.csv).
+    #[arg(long, num_args = 1..)]
+    pub data: Vec<PathBuf>,
+    /// Output directory: predictions/<stem>.csv, scores.json, details/<stem>.jsonl.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// `llm-merging predict`: the leaderboard submission file for the test set.
+#[derive(clap::Args, Debug, Clone)]
+pub struct PredictArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The test file.
+    #[arg(long, default_value = "data/test.csv")]
+    pub data: PathBuf,
+    /// Submission CSV to write (id,prediction,dummy_field).
+    #[arg(long, default_value = "submission.csv")]
+    pub out: PathBuf,
+}
+
+fn options(a: &ModelArgs) -> EvalOptions {
+    EvalOptions {
+        batch_size: a.batch_size.max(1),
+        max_gen_len: a.max_gen_len,
+        limit: a.limit,
+        scoring: a.scoring,
+        progress: true,
+    }
+}
+
+fn load_model(a: &ModelArgs) -> Result<LoadedModel> {
+    let dtype = runner::parse_dtype(&a.dtype).map_err(anyhow::Error::msg)?;
+    let device = runner::parse_device(&a.device)?;
+    let t = Instant::now();
+    let m = LoadedModel::load(&a.model, a.adapter.as_deref(), dtype, &device).with_context(
+        || match &a.adapter {
+            Some(ad) => format!(
+                "loading {} with adapter {}",
+                a.model.display(),
+                ad.display()
+            ),
+            None => format!("loading the model from {}", a.model.display()),
+        },
+    )?;
+    tracing::info!("model loaded in {:.1}s", t.elapsed().as_secs_f64());
+    Ok(m)
+}
+
+fn load_datasets(paths: &[PathBuf]) -> Result<Vec<dataset::Dataset>> {
+    let mut out: Vec<dataset::Dataset> = Vec::new();
+    for p in paths {
+        let ds = dataset::load(p)?;
+        if out.iter().any(|d| d.name == ds.name) {
+            bail!(
+                "{}: another data file has the stem `{}`; outputs are named by stem, rename one",
+                p.display(),
+                ds.name
+            );
+        }
+        out.push(ds);
+    }
+    Ok(out)
+}
+
+/// Runs `llm-merging eval`.
+pub fn run_eval(args: EvalArgs) -> Result<()> {
+    let paths = if args.data.is_empty() {
+        let d = Path::new("data/validation");
+        vec![d.join("cosmos_qa.csv"), d.join("xsum.csv")]
+    } else {
+        args.data.clone()
+    };
+    // Read every data file first so a bad row fails before minutes of model loading.
+    let datasets = load_datasets(&paths)?;
+    let m = load_model(&args.model)?;
+    let opts = options(&args.model);
+    let mut results: Vec<DatasetOutcome> = Vec::new();
+    for ds in &datasets {
+        let r = runner::evaluate(&m, ds, &opts)?;
+        eprintln!(
+            "{}: {} rows in {:.1}s ({:.2} rows/s)",
+            r.name,
+            r.examples.len(),
+            r.seconds,
+            r.examples.len() as f64 / r.seconds.max(1e-9)
+        );
+        results.push(r);
+    }
+    report::write_eval_outputs(&args.out, &results)
+        .with_context(|| format!("writing outputs to {}", args.out.display()))?;
+    print!("{}", report::score_table(&results));
+    eprintln!("outputs in {}", args.out.display());
+    Ok(())
+}
+
+/// Runs `llm-merging predict`.
+pub fn run_predict(args: PredictArgs) -> Result<()> {
+    let ds = dataset::load(&args.data)?;
+    let m = load_model(&args.model)?;
+    let r = runner::evaluate(&m, &ds, &options(&args.model))?;
+    report::write_atomic(&args.out, |p| report::write_predictions_csv(p, &r.examples))
+        .with_context(|| format!("writing {}", args.out.display()))?;
+    eprintln!(
+        "{}: {} predictions in {:.1}s -> {}",
+        ds.name,
+        r.examples.len(),
+        r.seconds,
+        args.out.display()
+    );
+    Ok(())
+}
