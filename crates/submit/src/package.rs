@@ -298,4 +298,34 @@ mod tests {
         let err = write_tar(&root, "LLM-Merging", &b, Some("hf_abcdefghijkl")).unwrap_err();
         assert!(err.to_string().contains("src/a.rs"), "{err}");
     }
+
+    #[test]
+    fn submission_validation_names_the_problem() {
+        let tmp = tempfile::tempdir().unwrap();
+        let test = tmp.path().join("test.csv");
+        std::fs::write(
+            &test,
+            "id,input,answer_choices,eval_type\na,q?,\"['x', 'y']\",multiple_choice\nb,sum,,generation\n",
+        )
+        .unwrap();
+        let sub = tmp.path().join("submission.csv");
+        let check = |text: &str| {
+            std::fs::write(&sub, text).unwrap();
+            validate_submission(&sub, &test).map_err(|e| e.to_string())
+        };
+        assert_eq!(
+            check("id,prediction,dummy_field\na,1,0\nb,some text,0\n"),
+            Ok(2)
+        );
+        let e = check("id,prediction,dummy_field\na,1,0\n").unwrap_err();
+        assert!(e.contains("id `b`") && e.contains("no prediction"), "{e}");
+        let e = check("id,prediction,dummy_field\na,1,0\na,0,0\nb,t,0\n").unwrap_err();
+        assert!(e.contains(":3:") && e.contains("appears twice"), "{e}");
+        let e = check("id,prediction,dummy_field\na,2,0\nb,t,0\n").unwrap_err();
+        assert!(e.contains("not a choice index 0..1"), "{e}");
+        let e = check("id,pred\na,1\n").unwrap_err();
+        assert!(e.contains("header"), "{e}");
+        let e = check("id,prediction,dummy_field\nzz,1,0\n").unwrap_err();
+        assert!(e.contains("`zz` is not in the test file"), "{e}");
+    }
 }

@@ -280,6 +280,15 @@ pub fn check_entry(entry: &Entry, settings: &HubSettings) -> Result<Vec<ModelChe
     Ok(out)
 }
 
+/// 8.03B, 1.03M, 512.
+fn human_count(n: u64) -> String {
+    match n {
+        n if n >= 1_000_000_000 => format!("{:.2}B", n as f64 / 1e9),
+        n if n >= 1_000_000 => format!("{:.2}M", n as f64 / 1e6),
+        n => n.to_string(),
+    }
+}
+
 /// Print the table and return the violations.
 pub fn report(checks: &[ModelCheck]) -> Vec<String> {
     println!(
@@ -301,9 +310,7 @@ pub fn report(checks: &[ModelCheck]) -> Vec<String> {
                 } else {
                     "NO".into()
                 },
-                h.parameters
-                    .map(|p| format!("{:.2}B", p as f64 / 1e9))
-                    .unwrap_or_else(|| "?".into()),
+                h.parameters.map(human_count).unwrap_or_else(|| "?".into()),
                 h.date
                     .as_deref()
                     .map(|d| d.chars().take(10).collect())
