@@ -1,5 +1,6 @@
 //! `llm-merging`: merge, evaluate, predict and package a competition entry.
 
+mod device;
 mod entry;
 mod eval_cmd;
 mod fetch_data;

@@ -28,6 +28,9 @@ pub struct MergeArgs {
     /// Replace the output directory if it exists.
     #[arg(long)]
     pub force: bool,
+    /// Where to compute: auto (CUDA when built with it and a GPU is visible), cpu or cuda.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
 }
 
 /// Parse `5GB`, `500MB`, `64KiB` or a plain byte count.
@@ -67,7 +70,7 @@ pub fn run(args: MergeArgs) -> Result<()> {
         out: args.out.clone(),
         shard_size: args.shard_size,
         max_memory: args.max_memory,
-        device: candle_core_device(),
+        device: crate::device::resolve(&args.device)?,
         overwrite: args.force,
     };
     let inputs = merge::open_inputs(&cfg, &resolver)?;
@@ -85,8 +88,4 @@ pub fn run(args: MergeArgs) -> Result<()> {
         report.seconds
     );
     Ok(())
-}
-
-fn candle_core_device() -> merge_core::merge::Device {
-    merge_core::merge::Device::Cpu
 }
