@@ -16,6 +16,7 @@ pub mod merge;
 pub mod methods;
 pub mod model;
 pub mod source;
+pub mod sparsify;
 
 pub use config::MergeConfig;
 pub use error::{Error, Result};
