@@ -219,13 +219,15 @@ impl MergeConfig {
                 "[merge] lists no models ([[merge.models]])",
             ));
         }
-        if crate::methods::lookup(&self.method).is_none() {
+        if crate::methods::lookup(&self.method).is_none()
+            && crate::adapter_merge::lookup(&self.method).is_none()
+        {
             return Err(Error::config(
                 origin,
                 format!(
                     "unknown merge method `{}` (known: {})",
                     self.method,
-                    crate::methods::names().join(", ")
+                    crate::methods::all_names().join(", ")
                 ),
             ));
         }

@@ -6,8 +6,11 @@
 //! - [`lora`]: PEFT LoRA adapters as dense deltas, and adapter output;
 //! - [`config`]: the merge config schema;
 //! - [`methods`]: merge methods behind one trait and a registry;
+//! - [`adapter_merge`]: LoRA-to-LoRA merges that output an adapter (`lora_avg`, `cat`, `svd`);
+//! - [`sparsify`]: task-vector sparsification (magnitude, breadcrumbs, DARE, DELLA);
 //! - [`merge`]: planning and streaming execution.
 
+pub mod adapter_merge;
 pub mod checkpoint;
 pub mod config;
 pub mod error;

@@ -288,7 +288,7 @@ pub fn plan(cfg: &MergeConfig, inputs: &MergeInputs) -> Result<MergePlan> {
             format!(
                 "unknown merge method `{}` (known: {})",
                 cfg.method,
-                methods::names().join(", ")
+                methods::all_names().join(", ")
             ),
         )
     })?;
@@ -311,7 +311,11 @@ pub fn plan(cfg: &MergeConfig, inputs: &MergeInputs) -> Result<MergePlan> {
             method: method.name().into(),
             message: format!(
                 "takes {expected} model(s) besides the base, got {n_models}{}",
-                if method.requires_base() { " (an entry naming the base model is the base)" } else { "" }
+                if method.requires_base() {
+                    " (an entry naming the base model is the base)"
+                } else {
+                    ""
+                }
             ),
         });
     }
@@ -703,8 +707,12 @@ fn describe_input(m: &InputModel) -> String {
     }
 }
 
-/// Resolve, plan and execute a merge config.
+/// Resolve, plan and execute a merge config. Adapter-level methods (`lora_avg`, `cat`,
+/// `svd`) write a PEFT adapter instead of a model (see [`crate::adapter_merge`]).
 pub fn run(cfg: &MergeConfig, resolver: &Resolver, opts: &MergeOptions) -> Result<MergeReport> {
+    if let Some(method) = crate::adapter_merge::lookup(&cfg.method) {
+        return crate::adapter_merge::run(cfg, method, resolver, opts);
+    }
     let inputs = open_inputs(cfg, resolver)?;
     let plan = plan(cfg, &inputs)?;
     execute(cfg, &plan, &inputs, opts)

@@ -192,34 +192,32 @@ pub fn della_magprune(
         ));
     }
     let row_len = row_len.max(1);
-    x.par_chunks_mut(row_len)
-        .enumerate()
-        .for_each(|(r, row)| {
-            let m = row.len();
-            let mut order: Vec<u32> = (0..m as u32).collect();
-            order.sort_by_key(|&i| (mag_key(row[i as usize]), i));
-            let mut rng = ChaCha8Rng::seed_from_u64(mix_seed(seed, r as u64));
-            // Draw in position order so the mask does not depend on the sort.
-            let mut probs = vec![0f64; m];
-            for (rank, &i) in order.iter().enumerate() {
-                let norm = if m > 1 {
-                    rank as f64 / (m - 1) as f64
-                } else {
-                    0.5
-                };
-                probs[i as usize] = density - epsilon + norm * 2.0 * epsilon;
-            }
-            for (v, p) in row.iter_mut().zip(&probs) {
-                let u = f64::from(rng.next_u32()) / 4_294_967_296.0;
-                if u < *p {
-                    if rescale {
-                        *v = (f64::from(*v) / p) as f32;
-                    }
-                } else {
-                    *v = 0.0;
+    x.par_chunks_mut(row_len).enumerate().for_each(|(r, row)| {
+        let m = row.len();
+        let mut order: Vec<u32> = (0..m as u32).collect();
+        order.sort_by_key(|&i| (mag_key(row[i as usize]), i));
+        let mut rng = ChaCha8Rng::seed_from_u64(mix_seed(seed, r as u64));
+        // Draw in position order so the mask does not depend on the sort.
+        let mut probs = vec![0f64; m];
+        for (rank, &i) in order.iter().enumerate() {
+            let norm = if m > 1 {
+                rank as f64 / (m - 1) as f64
+            } else {
+                0.5
+            };
+            probs[i as usize] = density - epsilon + norm * 2.0 * epsilon;
+        }
+        for (v, p) in row.iter_mut().zip(&probs) {
+            let u = f64::from(rng.next_u32()) / 4_294_967_296.0;
+            if u < *p {
+                if rescale {
+                    *v = (f64::from(*v) / p) as f32;
                 }
+            } else {
+                *v = 0.0;
             }
-        });
+        }
+    });
     Ok(())
 }
 

@@ -247,6 +247,7 @@ impl CheckpointWriter {
 
 /// The safetensors header for a group of tensors, the data length, and each tensor's
 /// (start, end) offsets in the data section.
+#[allow(clippy::type_complexity)]
 fn header_for(group: &[&OutputTensor]) -> Result<(String, u64, Vec<(u64, u64)>)> {
     let mut entries = serde_json::Map::new();
     entries.insert("__metadata__".into(), serde_json::json!({ "format": "pt" }));
@@ -271,7 +272,7 @@ fn header_for(group: &[&OutputTensor]) -> Result<(String, u64, Vec<(u64, u64)>)>
     }
     let mut header = serde_json::to_string(&entries).expect("serialisable");
     // The data section must start 8-byte aligned.
-    while (8 + header.len()) % 8 != 0 {
+    while !(8 + header.len()).is_multiple_of(8) {
         header.push(' ');
     }
     Ok((header, offset, offsets))

@@ -8,7 +8,7 @@
 //!
 //! z ← Σᵢ βᵢ δᵢ / Σᵢ βᵢ,   βᵢ = wᵢ / max(‖δᵢ − z‖, eps),
 //!
-//! until the objective improves by less than 1e-10 of itself, or `max_iter` steps. Unlike
+//! until a step moves z by less than 1e-7 of its norm (f32 resolution), or `max_iter` steps. Unlike
 //! the mean, one far-off expert moves the median by a bounded amount. Output θ₀ + z.
 //!
 //! Parameters: global `eps` (default 1e-6: the distance floor that keeps a step defined when
@@ -38,7 +38,12 @@ pub struct GeometricMedian;
 
 /// Weiszfeld's algorithm on `points` (all the same length) with `weights`; returns the
 /// median and the number of steps taken. Accumulates in f64.
-pub fn weiszfeld(points: &[&[f32]], weights: &[f64], eps: f64, max_iter: usize) -> (Vec<f32>, usize) {
+pub fn weiszfeld(
+    points: &[&[f32]],
+    weights: &[f64],
+    eps: f64,
+    max_iter: usize,
+) -> (Vec<f32>, usize) {
     let n = points[0].len();
     let combine = |betas: &[f64]| -> Vec<f32> {
         let total: f64 = betas.iter().sum();
@@ -46,7 +51,11 @@ pub fn weiszfeld(points: &[&[f32]], weights: &[f64], eps: f64, max_iter: usize) 
         z.par_chunks_mut(CHUNK).enumerate().for_each(|(c, zc)| {
             let off = c * CHUNK;
             for (j, zj) in zc.iter_mut().enumerate() {
-                let s: f64 = points.iter().zip(betas).map(|(p, b)| b * f64::from(p[off + j])).sum();
+                let s: f64 = points
+                    .iter()
+                    .zip(betas)
+                    .map(|(p, b)| b * f64::from(p[off + j]))
+                    .sum();
                 *zj = (s / total) as f32;
             }
         });
@@ -58,32 +67,52 @@ pub fn weiszfeld(points: &[&[f32]], weights: &[f64], eps: f64, max_iter: usize) 
             .map(|p| {
                 p.par_chunks(CHUNK)
                     .zip(z.par_chunks(CHUNK))
-                    .map(|(p, z)| p.iter().zip(z).map(|(a, b)| (f64::from(*a) - f64::from(*b)).powi(2)).sum::<f64>())
+                    .map(|(p, z)| {
+                        p.iter()
+                            .zip(z)
+                            .map(|(a, b)| (f64::from(*a) - f64::from(*b)).powi(2))
+                            .sum::<f64>()
+                    })
                     .sum::<f64>()
                     .sqrt()
             })
             .collect()
     };
-    let objective = |d: &[f64]| d.iter().zip(weights).map(|(d, w)| d * w).sum::<f64>();
+    let norm = |v: &[f32], w: &[f32]| -> f64 {
+        v.par_chunks(CHUNK)
+            .zip(w.par_chunks(CHUNK))
+            .map(|(a, b)| {
+                a.iter()
+                    .zip(b)
+                    .map(|(a, b)| (f64::from(*a) - f64::from(*b)).powi(2))
+                    .sum::<f64>()
+            })
+            .sum::<f64>()
+            .sqrt()
+    };
     let mut z = combine(weights);
     let mut d = distances(&z);
-    let mut obj = objective(&d);
     let mut steps = 0;
     while steps < max_iter {
-        let betas: Vec<f64> = weights.iter().zip(&d).map(|(w, d)| w / d.max(eps)).collect();
+        let betas: Vec<f64> = weights
+            .iter()
+            .zip(&d)
+            .map(|(w, d)| w / d.max(eps))
+            .collect();
         let next = combine(&betas);
-        let next_d = distances(&next);
-        let next_obj = objective(&next_d);
         steps += 1;
-        let improved = obj - next_obj;
-        if next_obj <= obj {
-            z = next;
-            d = next_d;
-        }
-        if improved <= 1e-10 * obj.abs() {
+        let step = norm(&next, &z);
+        let size = next
+            .par_iter()
+            .map(|v| f64::from(*v).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        z = next;
+        // Converged once a step no longer moves z at f32 resolution.
+        if step <= 1e-7 * size.max(eps) {
             break;
         }
-        obj = next_obj;
+        d = distances(&z);
     }
     (z, steps)
 }
@@ -114,14 +143,20 @@ impl MergeMethod for GeometricMedian {
         n_models + 2
     }
 
-    fn check_params(&self, params: &super::Params, model_params: &[super::Params]) -> std::result::Result<(), String> {
+    fn check_params(
+        &self,
+        params: &super::Params,
+        model_params: &[super::Params],
+    ) -> std::result::Result<(), String> {
         if params["eps"] <= 0.0 {
             return Err("eps must be positive".into());
         }
         if params["max_iter"] < 0.0 {
             return Err("max_iter must not be negative".into());
         }
-        if model_params.iter().any(|p| p["weight"] < 0.0) || model_params.iter().all(|p| p["weight"] == 0.0) {
+        if model_params.iter().any(|p| p["weight"] < 0.0)
+            || model_params.iter().all(|p| p["weight"] == 0.0)
+        {
             return Err("weights must be non-negative and not all zero".into());
         }
         Ok(())
@@ -129,7 +164,9 @@ impl MergeMethod for GeometricMedian {
 
     fn merge(&self, x: &TensorInputs) -> Result<Tensor> {
         let base = x.base.expect("requires_base");
-        let weights: Vec<f64> = (0..x.models.len()).map(|i| x.model_param(i, "weight")).collect();
+        let weights: Vec<f64> = (0..x.models.len())
+            .map(|i| x.model_param(i, "weight"))
+            .collect();
         let eps = x.param("eps");
         let max_iter = x.param("max_iter") as usize;
         let mut all: Vec<&Tensor> = vec![base];
@@ -142,7 +179,9 @@ impl MergeMethod for GeometricMedian {
                 .collect();
             let points: Vec<&[f32]> = deltas.iter().map(Vec::as_slice).collect();
             let (mut z, _) = weiszfeld(&points, &weights, eps, max_iter);
-            z.par_iter_mut().zip(b.par_iter()).for_each(|(z, b)| *z += b);
+            z.par_iter_mut()
+                .zip(b.par_iter())
+                .for_each(|(z, b)| *z += b);
             Ok(z)
         })?;
         tensor_like(out, base)

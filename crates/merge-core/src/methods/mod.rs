@@ -53,7 +53,10 @@ pub use geometric_median::GeometricMedian;
 pub use linear::Linear;
 pub use model_stock::ModelStock;
 pub use slerp::Slerp;
-pub use task_arithmetic::{Consensus, TaskArithmeticFamily, BREADCRUMBS, BREADCRUMBS_TIES, DARE_LINEAR, DARE_TIES, DELLA, DELLA_LINEAR, TASK_ARITHMETIC, TIES};
+pub use task_arithmetic::{
+    Consensus, TaskArithmeticFamily, BREADCRUMBS, BREADCRUMBS_TIES, DARE_LINEAR, DARE_TIES, DELLA,
+    DELLA_LINEAR, TASK_ARITHMETIC, TIES,
+};
 
 /// A declared parameter: its name and default (`None` = required).
 #[derive(Debug, Clone, Copy)]
@@ -153,7 +156,11 @@ pub trait MergeMethod: Send + Sync {
     /// Check parameter values that have a valid range (called once per tensor at planning,
     /// so bad values fail before anything is written). `params` are the global parameters
     /// and `model_params` the per-model ones, as resolved for one tensor.
-    fn check_params(&self, params: &Params, model_params: &[Params]) -> std::result::Result<(), String> {
+    fn check_params(
+        &self,
+        params: &Params,
+        model_params: &[Params],
+    ) -> std::result::Result<(), String> {
         let _ = (params, model_params);
         Ok(())
     }
@@ -191,7 +198,10 @@ pub fn names() -> Vec<&'static str> {
 /// Run `f` on the f32 data of `tensors`, without copying when they are contiguous f32 CPU
 /// tensors (the common case: the executor loads every input as f32 on the CPU). Other
 /// tensors (another device, a strided view) are copied to host memory first.
-pub fn with_f32_slices<R>(tensors: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> Result<R>) -> Result<R> {
+pub fn with_f32_slices<R>(
+    tensors: &[&Tensor],
+    f: impl FnOnce(&[&[f32]]) -> Result<R>,
+) -> Result<R> {
     enum Held<'a> {
         Borrowed(StorageRef<'a>, usize, usize),
         Owned(Vec<f32>),
@@ -207,7 +217,9 @@ pub fn with_f32_slices<R>(tensors: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> Resu
             Some((start, end)) => held.push(Held::Borrowed(storage, start, end)),
             None => {
                 drop(storage);
-                held.push(Held::Owned(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?));
+                held.push(Held::Owned(
+                    t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+                ));
             }
         }
     }
@@ -233,3 +245,15 @@ pub fn tensor_like(data: Vec<f32>, like: &Tensor) -> Result<Tensor> {
 /// rayon's overhead vanishes, small enough that a big tensor (an embedding) splits over
 /// every core.
 pub const CHUNK: usize = 1 << 16;
+
+/// Every method name a config may use: the model-level methods above and the adapter-level
+/// ones of [`crate::adapter_merge`].
+pub fn all_names() -> Vec<&'static str> {
+    let mut n = names();
+    n.extend(
+        crate::adapter_merge::ADAPTER_METHODS
+            .iter()
+            .map(|m| m.name()),
+    );
+    n
+}

@@ -37,7 +37,12 @@ fn ratio(base: &[f32], models: &[&[f32]]) -> f64 {
     let n = models.len();
     let delta = |i: usize, j: usize| f64::from(models[i][j]) - f64::from(base[j]);
     let norms: Vec<f64> = (0..n)
-        .map(|i| (0..base.len()).map(|j| delta(i, j).powi(2)).sum::<f64>().sqrt())
+        .map(|i| {
+            (0..base.len())
+                .map(|j| delta(i, j).powi(2))
+                .sum::<f64>()
+                .sqrt()
+        })
         .collect();
     let mut cos_sum = 0.0;
     let mut pairs = 0usize;
@@ -92,18 +97,16 @@ impl MergeMethod for ModelStock {
             let (b, models) = (s[0], &s[1..]);
             let n = models.len() as f32;
             let mut out = vec![0f32; b.len()];
-            out.par_chunks_mut(row_len)
-                .enumerate()
-                .for_each(|(r, o)| {
-                    let range = r * row_len..r * row_len + o.len();
-                    let rows: Vec<&[f32]> = models.iter().map(|m| &m[range.clone()]).collect();
-                    let base_row = &b[range];
-                    let t = ratio(base_row, &rows) as f32;
-                    for (j, o) in o.iter_mut().enumerate() {
-                        let avg = rows.iter().map(|m| m[j]).sum::<f32>() / n;
-                        *o = t * avg + (1.0 - t) * base_row[j];
-                    }
-                });
+            out.par_chunks_mut(row_len).enumerate().for_each(|(r, o)| {
+                let range = r * row_len..r * row_len + o.len();
+                let rows: Vec<&[f32]> = models.iter().map(|m| &m[range.clone()]).collect();
+                let base_row = &b[range];
+                let t = ratio(base_row, &rows) as f32;
+                for (j, o) in o.iter_mut().enumerate() {
+                    let avg = rows.iter().map(|m| m[j]).sum::<f32>() / n;
+                    *o = t * avg + (1.0 - t) * base_row[j];
+                }
+            });
             Ok(out)
         })?;
         tensor_like(out, base)

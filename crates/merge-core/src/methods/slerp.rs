@@ -128,7 +128,13 @@ mod tests {
 
     #[test]
     fn colinear_tensors_fall_back_to_linear() {
-        assert_eq!(slerp_coefficients(&[1.0, 2.0], &[2.0, 4.0], 0.3), (0.7, 0.3));
-        assert_eq!(slerp_coefficients(&[1.0, 2.0], &[-1.0, -2.0], 0.3), (0.7, 0.3));
+        assert_eq!(
+            slerp_coefficients(&[1.0, 2.0], &[2.0, 4.0], 0.3),
+            (0.7, 0.3)
+        );
+        assert_eq!(
+            slerp_coefficients(&[1.0, 2.0], &[-1.0, -2.0], 0.3),
+            (0.7, 0.3)
+        );
     }
 }

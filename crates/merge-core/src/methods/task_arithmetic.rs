@@ -265,25 +265,23 @@ impl MergeMethod for TaskArithmeticFamily {
             if self.sparsification == Sparsification::None && self.consensus.is_none() {
                 // One pass, no task-vector buffers.
                 let mut out = vec![0f32; n];
-                out.par_chunks_mut(CHUNK)
-                    .enumerate()
-                    .for_each(|(c, o)| {
-                        let off = c * CHUNK;
-                        for (j, o) in o.iter_mut().enumerate() {
-                            let j = off + j;
-                            let mut mixed = 0f32;
-                            for (m, w) in models.iter().zip(&weights) {
-                                mixed += (m[j] - b[j]) * w;
-                            }
-                            if normalize {
-                                mixed /= linear_div;
-                            }
-                            if lambda != 1.0 {
-                                mixed *= lambda;
-                            }
-                            *o = b[j] + mixed;
+                out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
+                    let off = c * CHUNK;
+                    for (j, o) in o.iter_mut().enumerate() {
+                        let j = off + j;
+                        let mut mixed = 0f32;
+                        for (m, w) in models.iter().zip(&weights) {
+                            mixed += (m[j] - b[j]) * w;
                         }
-                    });
+                        if normalize {
+                            mixed /= linear_div;
+                        }
+                        if lambda != 1.0 {
+                            mixed *= lambda;
+                        }
+                        *o = b[j] + mixed;
+                    }
+                });
                 return Ok(out);
             }
             // Weighted, sparsified task vectors.
@@ -305,41 +303,38 @@ impl MergeMethod for TaskArithmeticFamily {
             // Combine into the first buffer (each element is read before it is written).
             let (first, rest) = deltas.split_first_mut().expect("at least one model");
             let consensus = self.consensus.is_some();
-            first
-                .par_chunks_mut(CHUNK)
-                .enumerate()
-                .for_each(|(c, o)| {
-                    let off = c * CHUNK;
-                    let mut vals = vec![0f32; k];
-                    for (j, o) in o.iter_mut().enumerate() {
-                        let jj = off + j;
-                        vals[0] = *o;
-                        for (v, r) in vals[1..].iter_mut().zip(rest.iter()) {
-                            *v = r[jj];
-                        }
-                        let (mut mixed, div) = if consensus {
-                            let total: f32 = vals.iter().sum();
-                            let positive = total >= 0.0;
-                            let (mut mixed, mut div) = (0f32, 0f32);
-                            for (v, w) in vals.iter().zip(&weights) {
-                                if (positive && *v > 0.0) || (!positive && *v < 0.0) {
-                                    mixed += v;
-                                    div += w;
-                                }
-                            }
-                            (mixed, if div == 0.0 { 1.0 } else { div })
-                        } else {
-                            (vals.iter().sum(), linear_div)
-                        };
-                        if normalize {
-                            mixed /= div;
-                        }
-                        if lambda != 1.0 {
-                            mixed *= lambda;
-                        }
-                        *o = b[jj] + mixed;
+            first.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
+                let off = c * CHUNK;
+                let mut vals = vec![0f32; k];
+                for (j, o) in o.iter_mut().enumerate() {
+                    let jj = off + j;
+                    vals[0] = *o;
+                    for (v, r) in vals[1..].iter_mut().zip(rest.iter()) {
+                        *v = r[jj];
                     }
-                });
+                    let (mut mixed, div) = if consensus {
+                        let total: f32 = vals.iter().sum();
+                        let positive = total >= 0.0;
+                        let (mut mixed, mut div) = (0f32, 0f32);
+                        for (v, w) in vals.iter().zip(&weights) {
+                            if (positive && *v > 0.0) || (!positive && *v < 0.0) {
+                                mixed += v;
+                                div += w;
+                            }
+                        }
+                        (mixed, if div == 0.0 { 1.0 } else { div })
+                    } else {
+                        (vals.iter().sum(), linear_div)
+                    };
+                    if normalize {
+                        mixed /= div;
+                    }
+                    if lambda != 1.0 {
+                        mixed *= lambda;
+                    }
+                    *o = b[jj] + mixed;
+                }
+            });
             deltas.truncate(1);
             Ok(deltas.pop().expect("one buffer"))
         })?;
