@@ -1,5 +1,6 @@
 //! `llm-merging`: merge, evaluate, predict and package a competition entry.
 
+mod convert_cmd;
 mod merge_cmd;
 
 use std::process::ExitCode;
@@ -20,8 +21,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Merge models as a merge config (TOML) describes.
+    /// Merge models as a merge config (TOML, or mergekit YAML) describes.
     Merge(merge_cmd::MergeArgs),
+    /// Print a mergekit YAML config as the equivalent merge config TOML.
+    Convert(convert_cmd::ConvertArgs),
 }
 
 fn main() -> ExitCode {
@@ -42,6 +45,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Merge(args) => merge_cmd::run(args),
+        Command::Convert(args) => convert_cmd::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
