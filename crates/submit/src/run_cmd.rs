@@ -199,11 +199,19 @@ pub fn run(args: &RunArgs) -> Result<Vec<StageReport>> {
         }
         _ => {
             let t = Instant::now();
-            let plan = merge::plan(cfg, &inputs)?;
             let mut opts = MergeOptions::new(&merged);
             opts.overwrite = true;
             opts.device = dev.clone();
-            merge::execute(cfg, &plan, &inputs, &opts)?;
+            match merge_core::adapter_merge::lookup(&cfg.method) {
+                // Adapters in, one adapter out (the kit's llama_avg / flant5_avg).
+                Some(method) => {
+                    merge_core::adapter_merge::run(cfg, method, &resolver, &opts)?;
+                }
+                None => {
+                    let plan = merge::plan(cfg, &inputs)?;
+                    merge::execute(cfg, &plan, &inputs, &opts)?;
+                }
+            }
             let mut models = Vec::new();
             for (role, f) in &input_files {
                 let dir = materialize_weights_dir(f)?;
