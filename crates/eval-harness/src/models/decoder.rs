@@ -641,7 +641,7 @@ impl Decoder {
             // Earlier layers feed every position to the next layer's keys and values; the last
             // one only has to produce the kept positions.
             let q_start = if i == last { t - keep } else { 0 };
-            let a = self.attention(&layer.attn, &h, &cos, &sin, &mask, kv, q_start)?;
+            let a = self.attention(&layer.attn, &h, (&cos, &sin), &mask, kv, q_start)?;
             let Some(a) = a else {
                 return Ok(None);
             };
@@ -676,8 +676,7 @@ impl Decoder {
         &self,
         a: &Attention,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
+        (cos, sin): (&Tensor, &Tensor),
         mask: &Mask,
         kv: &mut Option<(Tensor, Tensor)>,
         q_start: usize,
