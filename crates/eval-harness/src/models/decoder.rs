@@ -11,7 +11,9 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Embedding, Linear};
+use candle_nn::Embedding;
+
+use super::linear::Lin as Linear;
 
 use crate::error::{Error, Result};
 use crate::weights::WeightSource;
@@ -431,7 +433,7 @@ impl Decoder {
             } else {
                 None
             };
-            Ok(Linear::new(w, b))
+            Linear::new(w, b)
         };
         // Gemma's RMSNorm multiplies by (1 + w); fold the 1 in once, in f32.
         let norm = |name: &str| -> Result<Tensor> {
@@ -503,7 +505,7 @@ impl Decoder {
             });
         }
         let lm_head = if cfg.tie_word_embeddings {
-            Linear::new(embed_w.clone(), None)
+            Linear::new(embed_w.clone(), None)?
         } else if src.contains("lm_head.weight") {
             lin("lm_head", cfg.vocab_size, h, false)?
         } else {
