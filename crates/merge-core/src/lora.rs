@@ -216,8 +216,8 @@ impl Adapter {
                 .find(|(k, _)| pattern_matches(k, &module))
                 .map(|(_, a)| *a)
                 .unwrap_or(config.lora_alpha);
-            let a_shape = &weights.info(&a_key).expect("listed").shape;
-            let stored_rank = if embedding { a_shape[0] } else { a_shape[0] };
+            // A is r × in (r × vocab for embeddings): its first dimension is the rank.
+            let stored_rank = weights.info(&a_key).expect("listed").shape[0];
             if stored_rank != rank {
                 return Err(Error::Adapter {
                     adapter: label,
@@ -271,6 +271,27 @@ impl Adapter {
         } else {
             m.alpha / m.rank as f64
         }
+    }
+
+    /// Every tensor key in the adapter file (factors and `modules_to_save`), in file order
+    /// of the index (sorted by name).
+    pub fn tensor_keys(&self) -> impl Iterator<Item = &str> {
+        self.weights.names()
+    }
+
+    /// Whether the adapter file has tensor `key`.
+    pub fn has_tensor(&self, key: &str) -> bool {
+        self.weights.contains(key)
+    }
+
+    /// The storage dtype of the adapter's tensors.
+    pub fn storage_dtype(&self) -> DType {
+        self.weights.storage_dtype()
+    }
+
+    /// A raw tensor of the adapter file in f32 on the CPU.
+    pub fn load_factor_f32(&self, key: &str) -> Result<Tensor> {
+        self.weights.load_f32(key, &Device::Cpu)
     }
 
     /// Read a raw factor (storage dtype, CPU).

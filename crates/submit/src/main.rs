@@ -1,13 +1,21 @@
 //! `llm-merging`: merge, evaluate, predict and package a competition entry.
 
+mod convert_cmd;
+mod device;
+mod entry;
+mod eval_cmd;
+mod fetch_data;
 mod merge_cmd;
+mod package;
+mod rules;
+mod run_cmd;
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
 /// The LLM Merging Competition starter kit: merge expert models, score them locally, package
-/// an entry.
+/// an entry. Without a command, runs the default entry (`submissions/demo`) end to end.
 #[derive(Parser)]
 #[command(name = "llm-merging", version, about, long_about = None)]
 struct Cli {
@@ -15,13 +23,27 @@ struct Cli {
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Merge models as a merge config (TOML) describes.
+    /// Merge models as a merge config (TOML, or mergekit YAML) describes.
     Merge(merge_cmd::MergeArgs),
+    /// Evaluate a model on competition files.
+    Eval(eval_cmd::EvalArgs),
+    /// Predict the test file.
+    Predict(eval_cmd::PredictArgs),
+    /// Download the official validation and test files into data/ (sha256-checked).
+    FetchData(fetch_data::FetchDataArgs),
+    /// Check an entry's models against the competition rules (pinned, ≤8B, dated, licence).
+    Check(rules::CheckArgs),
+    /// Merge → evaluate → predict → package an entry, reusing unchanged stages.
+    Run(run_cmd::RunArgs),
+    /// Package an entry into dist/<entry>/ (running the stages it needs).
+    Package(run_cmd::RunArgs),
+    /// Print a mergekit YAML config as the equivalent merge config TOML.
+    Convert(convert_cmd::ConvertArgs),
 }
 
 fn main() -> ExitCode {
@@ -41,7 +63,19 @@ fn main() -> ExitCode {
         .with_target(false)
         .init();
     let result = match cli.command {
-        Command::Merge(args) => merge_cmd::run(args),
+        Some(Command::Merge(args)) => merge_cmd::run(args),
+        Some(Command::Eval(args)) => eval_cmd::run_eval(args),
+        Some(Command::Predict(args)) => eval_cmd::run_predict(args),
+        Some(Command::FetchData(args)) => fetch_data::run(args),
+        Some(Command::Check(args)) => rules::run(args),
+        Some(Command::Run(args)) | Some(Command::Package(args)) => run_cmd::run(&args).map(|_| ()),
+        None => run_cmd::run(&run_cmd::RunArgs {
+            entry: "submissions/demo".into(),
+            force: false,
+            dir_name: "LLM-Merging".into(),
+        })
+        .map(|_| ()),
+        Some(Command::Convert(args)) => convert_cmd::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

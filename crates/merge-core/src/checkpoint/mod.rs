@@ -158,7 +158,10 @@ impl Checkpoint {
             }
         }
         let shard_paths = shard_paths.ok_or_else(|| Error::MissingFile {
-            path: PathBuf::from(&label).join("model.safetensors"),
+            path: files
+                .local_dir()
+                .map_or_else(|| PathBuf::from(&label), Path::to_path_buf)
+                .join("model.safetensors"),
             hint: Some(
                 "no model.safetensors, model.safetensors.index.json, pytorch_model.bin or \
                  pytorch_model.bin.index.json"

@@ -113,7 +113,11 @@ impl CheckpointWriter {
         let mut slots = HashMap::new();
         let mut files = Vec::new();
         for (shard, (group, name)) in groups.iter().zip(&shard_names).enumerate() {
-            let (header, data_len, offsets) = header_for(group)?;
+            let ShardLayout {
+                header,
+                data_len,
+                offsets,
+            } = header_for(group)?;
             let path = tmp.path().join(name);
             let file = File::create(&path).map_err(|e| Error::io(&path, e))?;
             let data_start = 8 + header.len() as u64;
@@ -245,9 +249,14 @@ impl CheckpointWriter {
     }
 }
 
-/// The safetensors header for a group of tensors, the data length, and each tensor's
-/// (start, end) offsets in the data section.
-fn header_for(group: &[&OutputTensor]) -> Result<(String, u64, Vec<(u64, u64)>)> {
+/// A shard's header text, its data length, and each tensor's (start, end) data offsets.
+struct ShardLayout {
+    header: String,
+    data_len: u64,
+    offsets: Vec<(u64, u64)>,
+}
+
+fn header_for(group: &[&OutputTensor]) -> Result<ShardLayout> {
     let mut entries = serde_json::Map::new();
     entries.insert("__metadata__".into(), serde_json::json!({ "format": "pt" }));
     let mut offset = 0u64;
@@ -271,10 +280,14 @@ fn header_for(group: &[&OutputTensor]) -> Result<(String, u64, Vec<(u64, u64)>)>
     }
     let mut header = serde_json::to_string(&entries).expect("serialisable");
     // The data section must start 8-byte aligned.
-    while (8 + header.len()) % 8 != 0 {
+    while !(8 + header.len()).is_multiple_of(8) {
         header.push(' ');
     }
-    Ok((header, offset, offsets))
+    Ok(ShardLayout {
+        header,
+        data_len: offset,
+        offsets,
+    })
 }
 
 /// Little-endian bytes of `tensor` converted to `dtype`.
