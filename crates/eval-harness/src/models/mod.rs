@@ -1,5 +1,6 @@
 //! Model implementations on candle.
 
 pub mod decoder;
+pub mod linear;
 
 pub use decoder::{Decoder, DecoderConfig, KvCache};
