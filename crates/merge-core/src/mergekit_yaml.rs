@@ -95,16 +95,17 @@ fn filtered(v: &Value, at: &str) -> Result<FilteredValue> {
                 )
             }
             Some("value") => {
-                value =
-                    Some(match scalar(v) {
-                        Some(Ok(s)) => s,
-                        _ => return Err(Error::config(
+                value = Some(match scalar(v) {
+                    Some(Ok(s)) => s,
+                    _ => {
+                        return Err(Error::config(
                             at,
                             format!(
                                 "unsupported value {v:?} (numbers, booleans or lists of numbers)"
                             ),
-                        )),
-                    })
+                        ))
+                    }
+                })
             }
             other => {
                 return Err(Error::config(
