@@ -337,7 +337,11 @@ pub fn score_choices(
             .collect();
         let inputs: Vec<Vec<u32>> = labels
             .iter()
-            .map(|l| std::iter::once(start).chain(l[..width - 1].iter().copied()).collect())
+            .map(|l| {
+                std::iter::once(start)
+                    .chain(l[..width - 1].iter().copied())
+                    .collect()
+            })
             .collect();
         let mut cache = model.new_cache(&enc)?;
         let h = model.decode(&inputs, &mut cache)?;

@@ -81,16 +81,17 @@ fn load_model(a: &ModelArgs) -> Result<AnyModel> {
     let dtype = runner::parse_dtype(&a.dtype).map_err(anyhow::Error::msg)?;
     let device = runner::parse_device(&a.device)?;
     let t = Instant::now();
-    let m = AnyModel::load(&a.model, a.adapter.as_deref(), dtype, &device).with_context(
-        || match &a.adapter {
+    let m =
+        AnyModel::load(&a.model, a.adapter.as_deref(), dtype, &device).with_context(|| match &a
+            .adapter
+        {
             Some(ad) => format!(
                 "loading {} with adapter {}",
                 a.model.display(),
                 ad.display()
             ),
             None => format!("loading the model from {}", a.model.display()),
-        },
-    )?;
+        })?;
     tracing::info!(
         "{} model loaded in {:.1}s",
         m.kind(),

@@ -132,7 +132,11 @@ impl T5Config {
             (_, "gelu") => T5Activation::Gelu,
             (_, "gelu_new") => T5Activation::GeluNew,
             (_, "silu") | (_, "swish") => T5Activation::Silu,
-            (_, other) => return Err(format!("feed-forward activation `{other}` is not supported")),
+            (_, other) => {
+                return Err(format!(
+                    "feed-forward activation `{other}` is not supported"
+                ))
+            }
         };
         let num_layers = usize_or("num_layers", 6)?;
         let d_model = usize_or("d_model", 512)?;
@@ -211,8 +215,15 @@ struct Attention {
 }
 
 enum FeedForward {
-    Plain { wi: Linear, wo: Linear },
-    Gated { wi0: Linear, wi1: Linear, wo: Linear },
+    Plain {
+        wi: Linear,
+        wo: Linear,
+    },
+    Gated {
+        wi0: Linear,
+        wi1: Linear,
+        wo: Linear,
+    },
 }
 
 struct Block {
@@ -387,7 +398,9 @@ impl T5 {
                 final_norm: get(&format!("{prefix}.final_layer_norm.weight"), &[d], dtype)?,
                 // The bias is tiny and added to f32 scores: keep it in f32.
                 rel_bias: get(
-                    &format!("{prefix}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"),
+                    &format!(
+                        "{prefix}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+                    ),
                     &[cfg.relative_attention_num_buckets, cfg.num_heads],
                     DType::F32,
                 )?,
@@ -466,7 +479,13 @@ impl T5 {
     /// Relative position bias `[1, heads, q_len, k_len]` (f32) for queries at positions
     /// `q_start..q_start+q_len` and keys `0..k_len`; in the decoder it includes the causal
     /// mask.
-    fn position_bias(&self, stack: &Stack, q_start: usize, q_len: usize, k_len: usize) -> Result<Tensor> {
+    fn position_bias(
+        &self,
+        stack: &Stack,
+        q_start: usize,
+        q_len: usize,
+        k_len: usize,
+    ) -> Result<Tensor> {
         let mut idx = Vec::with_capacity(q_len * k_len);
         for i in q_start..q_start + q_len {
             for j in 0..k_len {
@@ -500,7 +519,11 @@ impl T5 {
     }
 
     fn rms_norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::rms_norm(x, w, self.cfg.layer_norm_epsilon as f32)?)
+        Ok(candle_nn::ops::rms_norm(
+            x,
+            w,
+            self.cfg.layer_norm_epsilon as f32,
+        )?)
     }
 
     fn heads(&self, x: &Tensor) -> Result<Tensor> {
@@ -546,7 +569,9 @@ impl T5 {
     pub fn encode(&self, ids: &[Vec<u32>], valid: &[Vec<bool>]) -> Result<EncoderOutput> {
         let (b, t) = self.check_ids(ids)?;
         if valid.len() != b || valid.iter().any(|r| r.len() != t) {
-            return Err(Error::Msg("T5 encode: ids and valid rows differ in shape".into()));
+            return Err(Error::Msg(
+                "T5 encode: ids and valid rows differ in shape".into(),
+            ));
         }
         let mut x = self.embed(ids, b, t)?;
         let mut bias = self.position_bias(&self.encoder, 0, t, t)?;
@@ -578,7 +603,10 @@ impl T5 {
             .blocks
             .iter()
             .map(|blk| -> Result<_> {
-                let (_, a) = blk.cross.as_ref().expect("decoder blocks have cross attention");
+                let (_, a) = blk
+                    .cross
+                    .as_ref()
+                    .expect("decoder blocks have cross attention");
                 Ok((
                     self.heads(&a.k.forward(&enc.hidden)?)?,
                     self.heads(&a.v.forward(&enc.hidden)?)?,
@@ -630,14 +658,20 @@ impl T5 {
             cache.self_kv[i] = Some((k, v));
             x = (x + a.o.forward(&o)?)?;
 
-            let (norm, ca) = blk.cross.as_ref().expect("decoder blocks have cross attention");
+            let (norm, ca) = blk
+                .cross
+                .as_ref()
+                .expect("decoder blocks have cross attention");
             let h = self.rms_norm(&x, norm)?;
             let q = self.heads(&ca.q.forward(&h)?)?;
             let (ck, cv) = &cache.cross[i];
             let o = if enc_rows == 1 && b > 1 {
                 // One encoder output shared by every row: fold the rows into the query axis
                 // ([1, h, b·t, dk]) instead of copying keys and values b times.
-                let qf = q.transpose(0, 1)?.contiguous()?.reshape((1, h_n, b * t, dk))?;
+                let qf = q
+                    .transpose(0, 1)?
+                    .contiguous()?
+                    .reshape((1, h_n, b * t, dk))?;
                 // Query index bi·t + ti, so [1, b·t, h·dk] is already [b, t, h·dk] in memory.
                 self.attend(&qf, ck, cv, cache.cross_mask.as_ref())?
                     .reshape((b, t, h_n * dk))?
@@ -666,7 +700,10 @@ impl T5 {
 
     /// Log-softmax over the vocabulary of [`T5::logits`].
     pub fn log_probs(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::log_softmax(&self.logits(hidden)?, D::Minus1)?)
+        Ok(candle_nn::ops::log_softmax(
+            &self.logits(hidden)?,
+            D::Minus1,
+        )?)
     }
 }
 
