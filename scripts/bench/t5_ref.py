@@ -42,8 +42,10 @@ def prepare(a):
     if not os.path.exists(os.path.join(model_dir, "model.safetensors")):
         torch.manual_seed(0)
         model = T5ForConditionalGeneration(T5Config(**{k: v for k, v in FLAN_T5_SMALL.items() if k != "model_type"}))
-        sd = {k: v.contiguous() for k, v in model.state_dict().items()
+        sd = {k: v.clone().contiguous() for k, v in model.state_dict().items()
               if k not in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")}
+        # transformers 5 ties the head at init; flan-t5's is its own matrix (init as T5's).
+        sd["lm_head.weight"] = torch.randn(sd["lm_head.weight"].shape)
         save_file(sd, os.path.join(model_dir, "model.safetensors"))
         json.dump(FLAN_T5_SMALL, open(os.path.join(model_dir, "config.json"), "w"), indent=1)
     shutil.copy(os.path.join(a.tokenizer, "tokenizer.json"), os.path.join(model_dir, "tokenizer.json"))

@@ -259,7 +259,7 @@ LORA_RANK, LORA_ALPHA = 16, 32
 
 def lora_factors(cfg, which):
     """Factors of adapter `which` (1 or 2) on every q/v of the model, PEFT names: mirror of
-    tests/t5.rs `lora_factors`."""
+    synthetic::t5_qv_lora_factors."""
     d, inner = cfg["d_model"], cfg["num_heads"] * cfg["d_kv"]
     mods = []
     for l in range(cfg["num_layers"]):

@@ -269,6 +269,40 @@ pub fn write_t5_model_dir(
     Ok(())
 }
 
+/// The factors of a PEFT LoRA adapter of rank `rank` on every `q` and `v` of a T5 (encoder
+/// and decoder self attention, decoder cross attention: what `target_modules = ["q", "v"]`
+/// adapts, as in lorahub's flan-t5 adapters), named `base_model.model.<module>.lora_A.weight`
+/// (`rank × d_model`) and `…lora_B.weight` (`heads·d_kv × rank`), values `0.125u` from the
+/// stream `adapter<which>.<key>`. Mirrors `lora_factors` in scripts/goldens/t5_goldens.py.
+pub fn t5_qv_lora_factors(
+    cfg: &crate::models::T5Config,
+    which: usize,
+    rank: usize,
+) -> Result<HashMap<String, Tensor>> {
+    let (d, inner) = (cfg.d_model, cfg.num_heads * cfg.d_kv);
+    let mut mods = Vec::new();
+    for l in 0..cfg.num_layers {
+        for x in ["q", "v"] {
+            mods.push(format!("encoder.block.{l}.layer.0.SelfAttention.{x}"));
+        }
+    }
+    for l in 0..cfg.num_decoder_layers {
+        for x in ["q", "v"] {
+            mods.push(format!("decoder.block.{l}.layer.0.SelfAttention.{x}"));
+            mods.push(format!("decoder.block.{l}.layer.1.EncDecAttention.{x}"));
+        }
+    }
+    let mut out = HashMap::new();
+    for m in mods {
+        for (part, shape) in [("lora_A", [rank, d]), ("lora_B", [inner, rank])] {
+            let key = format!("base_model.model.{m}.{part}.weight");
+            let v = values(&format!("adapter{which}.{key}"), shape[0] * shape[1], 0.125, 0.0);
+            put_raw(&mut out, &key, v, &shape)?;
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,7 +14,7 @@ use eval_harness::models::{T5Config, T5};
 use eval_harness::runner::{AnyModel, EvalOptions};
 use eval_harness::score::Scoring;
 use eval_harness::seq2seq::{greedy_batch, score_choices, Seq2SeqModel, Seq2SeqTokenizer};
-use eval_harness::synthetic::{t5_weights, values, write_t5_model_dir};
+use eval_harness::synthetic::{t5_qv_lora_factors, t5_weights, write_t5_model_dir};
 use serde_json::Value;
 
 fn goldens() -> PathBuf {
@@ -333,39 +333,6 @@ fn generation_config_file_sets_the_length() {
     assert_eq!(gen1.output_tokens, [3]);
 }
 
-/// The factors of adapter `which` (1 or 2): rank 16 on every `q` and `v` (encoder and decoder
-/// self attention, decoder cross attention), as lorahub's flan-t5 adapters; mirror of
-/// `lora_factors` in scripts/goldens/t5_goldens.py.
-fn lora_factors(cfg: &T5Config, which: usize, rank: usize) -> HashMap<String, Vec<f32>> {
-    let (d, inner) = (cfg.d_model, cfg.num_heads * cfg.d_kv);
-    let mut mods = Vec::new();
-    for l in 0..cfg.num_layers {
-        for x in ["q", "v"] {
-            mods.push(format!("encoder.block.{l}.layer.0.SelfAttention.{x}"));
-        }
-    }
-    for l in 0..cfg.num_decoder_layers {
-        for x in ["q", "v"] {
-            mods.push(format!("decoder.block.{l}.layer.0.SelfAttention.{x}"));
-            mods.push(format!("decoder.block.{l}.layer.1.EncDecAttention.{x}"));
-        }
-    }
-    let mut out = HashMap::new();
-    for m in mods {
-        let a = format!("base_model.model.{m}.lora_A.weight");
-        let b = format!("base_model.model.{m}.lora_B.weight");
-        out.insert(
-            a.clone(),
-            values(&format!("adapter{which}.{a}"), rank * d, 0.125, 0.0),
-        );
-        out.insert(
-            b.clone(),
-            values(&format!("adapter{which}.{b}"), inner * rank, 0.125, 0.0),
-        );
-    }
-    out
-}
-
 #[test]
 fn flant5_avg_standin_evaluates_end_to_end() {
     let g = golden("t5_lora");
@@ -378,22 +345,15 @@ fn flant5_avg_standin_evaluates_end_to_end() {
     let rank = ac["r"].as_u64().unwrap() as usize;
     assert_eq!(rank, 16);
     // The kit's flant5_avg: LoRA factors averaged 0.5/0.5, the first adapter's config.
-    let (f1, f2) = (lora_factors(&cfg, 1, rank), lora_factors(&cfg, 2, rank));
-    let (d, inner) = (cfg.d_model, cfg.num_heads * cfg.d_kv);
-    let mut avg = HashMap::new();
-    for (k, a) in &f1 {
-        let v: Vec<f32> = a
-            .iter()
-            .zip(&f2[k])
-            .map(|(x, y)| 0.5 * x + 0.5 * y)
-            .collect();
-        let shape = if k.contains("lora_A") {
-            (rank, d)
-        } else {
-            (inner, rank)
-        };
-        avg.insert(k.clone(), Tensor::from_vec(v, shape, &Device::Cpu).unwrap());
-    }
+    let f1 = t5_qv_lora_factors(&cfg, 1, rank).unwrap();
+    let f2 = t5_qv_lora_factors(&cfg, 2, rank).unwrap();
+    let avg: HashMap<String, Tensor> = f1
+        .iter()
+        .map(|(k, a)| {
+            let m = ((a * 0.5).unwrap() + (&f2[k] * 0.5).unwrap()).unwrap();
+            (k.clone(), m)
+        })
+        .collect();
     let adapter = tmp.path().join("flant5_avg");
     std::fs::create_dir_all(&adapter).unwrap();
     std::fs::write(adapter.join("adapter_config.json"), ac.to_string()).unwrap();
