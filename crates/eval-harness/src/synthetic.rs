@@ -296,7 +296,12 @@ pub fn t5_qv_lora_factors(
     for m in mods {
         for (part, shape) in [("lora_A", [rank, d]), ("lora_B", [inner, rank])] {
             let key = format!("base_model.model.{m}.{part}.weight");
-            let v = values(&format!("adapter{which}.{key}"), shape[0] * shape[1], 0.125, 0.0);
+            let v = values(
+                &format!("adapter{which}.{key}"),
+                shape[0] * shape[1],
+                0.125,
+                0.0,
+            );
             put_raw(&mut out, &key, v, &shape)?;
         }
     }

@@ -398,3 +398,26 @@ fn flant5_avg_standin_evaluates_end_to_end() {
     }
     assert!(moved > 0.1, "the averaged adapter had no effect ({moved})");
 }
+
+#[test]
+fn half_precision_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let g = golden("t5_v11");
+    let dir = tmp.path().join("m");
+    write_t5_model_dir(&dir, &g["config"], &tokenizer_dir()).unwrap();
+    let ds = dataset::load(&goldens().join("rows.csv")).unwrap();
+    for dtype in [DType::BF16, DType::F16] {
+        let m = AnyModel::load(&dir, None, dtype, &Device::Cpu).unwrap();
+        let r = m.evaluate(&ds, &opts(8, Some(3))).unwrap();
+        assert_eq!(r.examples.len(), ds.examples.len());
+        let scores: Vec<f64> = r
+            .examples
+            .iter()
+            .flat_map(|e| e.choice_scores.iter().flatten().copied())
+            .collect();
+        assert!(
+            !scores.is_empty() && scores.iter().all(|s| s.is_finite()),
+            "{dtype:?}: {scores:?}"
+        );
+    }
+}

@@ -526,6 +526,18 @@ impl T5 {
         )?)
     }
 
+    /// transformers clamps T5's residual stream in float16 (where it overflows); it uses
+    /// ±(max − 1000) once any value is infinite and ±max otherwise, which only differ for
+    /// values within 1000 of the limit, so we clamp to ±(max − 1000) unconditionally.
+    fn clamp_f16(&self, x: Tensor) -> Result<Tensor> {
+        if self.dtype != DType::F16 {
+            return Ok(x);
+        }
+        // 65504 is the largest finite float16.
+        let limit = 65504.0 - 1000.0;
+        Ok(x.clamp(-limit, limit)?)
+    }
+
     fn heads(&self, x: &Tensor) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         Ok(x.reshape((b, t, self.cfg.num_heads, self.cfg.d_kv))?
@@ -584,9 +596,9 @@ impl T5 {
             let q = self.heads(&a.q.forward(&h)?)?;
             let k = self.heads(&a.k.forward(&h)?)?;
             let v = self.heads(&a.v.forward(&h)?)?;
-            x = (x + a.o.forward(&self.attend(&q, &k, &v, Some(&bias))?)?)?;
+            x = self.clamp_f16((x + a.o.forward(&self.attend(&q, &k, &v, Some(&bias))?)?)?)?;
             let h = self.rms_norm(&x, &blk.ff_norm)?;
-            x = (&x + self.feed_forward(&blk.ff, &h)?)?;
+            x = self.clamp_f16((&x + self.feed_forward(&blk.ff, &h)?)?)?;
         }
         Ok(EncoderOutput {
             hidden: self.rms_norm(&x, &self.encoder.final_norm)?,
@@ -656,7 +668,7 @@ impl T5 {
             };
             let o = self.attend(&q, &k, &v, Some(&bias))?;
             cache.self_kv[i] = Some((k, v));
-            x = (x + a.o.forward(&o)?)?;
+            x = self.clamp_f16((x + a.o.forward(&o)?)?)?;
 
             let (norm, ca) = blk
                 .cross
@@ -678,10 +690,10 @@ impl T5 {
             } else {
                 self.attend(&q, ck, cv, cache.cross_mask.as_ref())?
             };
-            x = (x + ca.o.forward(&o)?)?;
+            x = self.clamp_f16((x + ca.o.forward(&o)?)?)?;
 
             let h = self.rms_norm(&x, &blk.ff_norm)?;
-            x = (&x + self.feed_forward(&blk.ff, &h)?)?;
+            x = self.clamp_f16((&x + self.feed_forward(&blk.ff, &h)?)?)?;
         }
         cache.len = total;
         self.rms_norm(&x, &self.decoder.final_norm)
