@@ -198,6 +198,16 @@ fn gradient_at(values: &[f64], t: f64) -> Option<f64> {
 }
 
 impl MergeConfig {
+    /// Read a merge config file: mergekit YAML for `.yml` / `.yaml` (see
+    /// [`crate::mergekit_yaml`]), our TOML otherwise.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        if crate::mergekit_yaml::is_yaml(path) {
+            crate::mergekit_yaml::from_file(path)
+        } else {
+            Self::from_toml_file(path)
+        }
+    }
+
     /// Parse a merge config file (TOML with one `[merge]` table).
     pub fn from_toml_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
@@ -219,13 +229,15 @@ impl MergeConfig {
                 "[merge] lists no models ([[merge.models]])",
             ));
         }
-        if crate::methods::lookup(&self.method).is_none() {
+        if crate::methods::lookup(&self.method).is_none()
+            && crate::adapter_merge::lookup(&self.method).is_none()
+        {
             return Err(Error::config(
                 origin,
                 format!(
                     "unknown merge method `{}` (known: {})",
                     self.method,
-                    crate::methods::names().join(", ")
+                    crate::methods::all_names().join(", ")
                 ),
             ));
         }

@@ -273,6 +273,27 @@ impl Adapter {
         }
     }
 
+    /// Every tensor key in the adapter file (factors and `modules_to_save`), in file order
+    /// of the index (sorted by name).
+    pub fn tensor_keys(&self) -> impl Iterator<Item = &str> {
+        self.weights.names()
+    }
+
+    /// Whether the adapter file has tensor `key`.
+    pub fn has_tensor(&self, key: &str) -> bool {
+        self.weights.contains(key)
+    }
+
+    /// The storage dtype of the adapter's tensors.
+    pub fn storage_dtype(&self) -> DType {
+        self.weights.storage_dtype()
+    }
+
+    /// A raw tensor of the adapter file in f32 on the CPU.
+    pub fn load_factor_f32(&self, key: &str) -> Result<Tensor> {
+        self.weights.load_f32(key, &Device::Cpu)
+    }
+
     /// Read a raw factor (storage dtype, CPU).
     pub fn factor(&self, key: &str) -> Result<Tensor> {
         self.weights.load(key)

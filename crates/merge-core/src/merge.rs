@@ -54,8 +54,11 @@ impl MergeOptions {
 pub struct MergeInputs {
     /// The base model, when the config names one (or adapters imply one).
     pub base: Option<InputModel>,
-    /// The models, in config order.
+    /// The input models, in config order (without entries that name the base, for methods
+    /// that take the base separately).
     pub models: Vec<InputModel>,
+    /// For each of `models`, its index in the config's `[[merge.models]]`.
+    pub model_entries: Vec<usize>,
     /// The model whose tensor names, config and tokenizer the output takes.
     pub reference: Arc<Checkpoint>,
 }
@@ -122,7 +125,16 @@ pub fn open_inputs(cfg: &MergeConfig, resolver: &Resolver) -> Result<MergeInputs
         None => None,
     };
     let mut models = Vec::new();
-    for r in cfg.model_refs() {
+    let mut model_entries = Vec::new();
+    // Methods on task vectors see the base separately: an entry naming the base is the base
+    // (mergekit's models lists usually include it).
+    let base_separate = methods::lookup(&cfg.method).is_some_and(|m| m.requires_base());
+    let base_ref = cfg.base_ref();
+    for (entry, r) in cfg.model_refs().into_iter().enumerate() {
+        if base_separate && base_ref.as_ref() == Some(&r) {
+            continue;
+        }
+        model_entries.push(entry);
         let files = resolver.resolve(&r)?;
         if Adapter::is_adapter(&files) {
             let adapter = Arc::new(Adapter::open(&files)?);
@@ -168,6 +180,7 @@ pub fn open_inputs(cfg: &MergeConfig, resolver: &Resolver) -> Result<MergeInputs
     Ok(MergeInputs {
         base: base_ckpt.map(InputModel::Full),
         models,
+        model_entries,
         reference,
     })
 }
@@ -190,14 +203,13 @@ pub fn layer_index(name: &str) -> Option<usize> {
     })
 }
 
-/// mergekit's layer position: layer i of n at i/(n−1); embeddings at 0, everything after
-/// the layers (final norm, head) at 1.
+/// mergekit's layer position: layer i of n at i/(n−1) (1 for a single layer); every tensor
+/// outside the layers (embeddings, final norm, head) at 0, as mergekit plans them.
 pub fn layer_position(name: &str, n_layers: usize) -> f64 {
     match layer_index(name) {
         Some(i) if n_layers > 1 => (i.min(n_layers - 1)) as f64 / (n_layers - 1) as f64,
         Some(_) => 1.0,
-        None if name.contains("embed") || name.contains("wte") || name.starts_with("shared") => 0.0,
-        None => 1.0,
+        None => 0.0,
     }
 }
 
@@ -276,7 +288,7 @@ pub fn plan(cfg: &MergeConfig, inputs: &MergeInputs) -> Result<MergePlan> {
             format!(
                 "unknown merge method `{}` (known: {})",
                 cfg.method,
-                methods::names().join(", ")
+                methods::all_names().join(", ")
             ),
         )
     })?;
@@ -287,6 +299,26 @@ pub fn plan(cfg: &MergeConfig, inputs: &MergeInputs) -> Result<MergePlan> {
         });
     }
     check_parameter_names(cfg, method)?;
+    let n_models = inputs.models.len();
+    let too_many = method.max_models().is_some_and(|max| n_models > max);
+    if n_models < method.min_models() || too_many {
+        let expected = match method.max_models() {
+            Some(max) if max == method.min_models() => format!("exactly {max}"),
+            Some(max) => format!("{} to {max}", method.min_models()),
+            None => format!("at least {}", method.min_models()),
+        };
+        return Err(Error::Method {
+            method: method.name().into(),
+            message: format!(
+                "takes {expected} model(s) besides the base, got {n_models}{}",
+                if method.requires_base() {
+                    " (an entry naming the base model is the base)"
+                } else {
+                    ""
+                }
+            ),
+        });
+    }
     let reference = &inputs.reference;
     let dtype = match cfg.dtype {
         Some(d) => d,
@@ -335,19 +367,26 @@ pub fn plan(cfg: &MergeConfig, inputs: &MergeInputs) -> Result<MergePlan> {
         let copy = !info.dtype.is_float();
         let t = layer_position(name, n_layers);
         let mut params = Params::new();
-        let mut model_params = vec![Params::new(); cfg.models.len()];
+        let mut model_params = vec![Params::new(); n_models];
         if !copy {
             for spec in method.parameters() {
                 let v = resolve_param(spec, &[&cfg.parameters], name, t, "[merge.parameters]")?;
                 params.insert(spec.name, v);
             }
-            for (i, m) in cfg.models.iter().enumerate() {
+            for (i, &entry) in inputs.model_entries.iter().enumerate() {
+                let m = &cfg.models[entry];
                 for spec in method.model_parameters() {
                     let what = format!("[[merge.models]] {}", m.model);
                     let v = resolve_param(spec, &[&m.parameters, &cfg.parameters], name, t, &what)?;
                     model_params[i].insert(spec.name, v);
                 }
             }
+            method
+                .check_params(&params, &model_params)
+                .map_err(|message| Error::Method {
+                    method: method.name().into(),
+                    message: format!("tensor `{name}`: {message}"),
+                })?;
         }
         tensors.push(PlannedTensor {
             out: OutputTensor {
@@ -528,8 +567,9 @@ pub fn execute(
     );
     plan.tensors.par_iter().try_for_each(|p| -> Result<()> {
         let name = p.out.name.as_str();
-        // f32 copies of every input plus the result and one temporary.
-        let cost = (p.out.shape.iter().product::<usize>() as u64) * 4 * (n_inputs + 2);
+        // f32 copies of every input plus what the method allocates.
+        let scratch = plan.method.scratch_tensors(inputs.models.len()) as u64;
+        let cost = (p.out.shape.iter().product::<usize>() as u64) * 4 * (n_inputs + scratch);
         let held = budget.acquire(cost);
         let result = (|| -> Result<()> {
             if p.copy {
@@ -667,8 +707,12 @@ fn describe_input(m: &InputModel) -> String {
     }
 }
 
-/// Resolve, plan and execute a merge config.
+/// Resolve, plan and execute a merge config. Adapter-level methods (`lora_avg`, `cat`,
+/// `svd`) write a PEFT adapter instead of a model (see [`crate::adapter_merge`]).
 pub fn run(cfg: &MergeConfig, resolver: &Resolver, opts: &MergeOptions) -> Result<MergeReport> {
+    if let Some(method) = crate::adapter_merge::lookup(&cfg.method) {
+        return crate::adapter_merge::run(cfg, method, resolver, opts);
+    }
     let inputs = open_inputs(cfg, resolver)?;
     let plan = plan(cfg, &inputs)?;
     execute(cfg, &plan, &inputs, opts)

@@ -353,4 +353,25 @@ mod tests {
         let err = format!("{:#}", Entry::load(&dir).unwrap_err());
         assert!(err.contains("entry.toml:7:"), "{err}");
     }
+
+    #[test]
+    fn every_shipped_entry_parses() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../submissions");
+        let mut n = 0;
+        let mut stack = vec![root];
+        while let Some(dir) = stack.pop() {
+            for e in std::fs::read_dir(&dir).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else if p.file_name().is_some_and(|f| f == "entry.toml") {
+                    let e = Entry::load(p.parent().unwrap())
+                        .unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
+                    assert!(!e.file.merge.models.is_empty());
+                    n += 1;
+                }
+            }
+        }
+        assert!(n >= 1, "no entries found");
+    }
 }

@@ -1,5 +1,7 @@
 //! `llm-merging`: merge, evaluate, predict and package a competition entry.
 
+mod convert_cmd;
+mod device;
 mod entry;
 mod eval_cmd;
 mod fetch_data;
@@ -26,7 +28,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Merge models as a merge config (TOML) describes.
+    /// Merge models as a merge config (TOML, or mergekit YAML) describes.
     Merge(merge_cmd::MergeArgs),
     /// Evaluate a model on competition files.
     Eval(eval_cmd::EvalArgs),
@@ -40,6 +42,8 @@ enum Command {
     Run(run_cmd::RunArgs),
     /// Package an entry into dist/<entry>/ (running the stages it needs).
     Package(run_cmd::RunArgs),
+    /// Print a mergekit YAML config as the equivalent merge config TOML.
+    Convert(convert_cmd::ConvertArgs),
 }
 
 fn main() -> ExitCode {
@@ -71,6 +75,7 @@ fn main() -> ExitCode {
             dir_name: "LLM-Merging".into(),
         })
         .map(|_| ()),
+        Some(Command::Convert(args)) => convert_cmd::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -11,7 +11,7 @@ use merge_core::MergeConfig;
 /// Arguments of `llm-merging merge`.
 #[derive(Args, Debug)]
 pub struct MergeArgs {
-    /// Merge config (TOML with a `[merge]` table).
+    /// Merge config: TOML with a `[merge]` table, or a mergekit YAML file (`.yml` / `.yaml`).
     pub config: PathBuf,
     /// Output directory for the merged model.
     #[arg(long)]
@@ -28,6 +28,9 @@ pub struct MergeArgs {
     /// Replace the output directory if it exists.
     #[arg(long)]
     pub force: bool,
+    /// Where to compute: auto (CUDA when built with it and a GPU is visible), cpu or cuda.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
 }
 
 /// Parse `5GB`, `500MB`, `64KiB` or a plain byte count.
@@ -56,7 +59,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 
 /// Run `llm-merging merge`.
 pub fn run(args: MergeArgs) -> Result<()> {
-    let cfg = MergeConfig::from_toml_file(&args.config)?;
+    let cfg = MergeConfig::from_file(&args.config)?;
     let config_dir = args
         .config
         .parent()
@@ -67,9 +70,27 @@ pub fn run(args: MergeArgs) -> Result<()> {
         out: args.out.clone(),
         shard_size: args.shard_size,
         max_memory: args.max_memory,
-        device: candle_core_device(),
+        device: crate::device::resolve(&args.device)?,
         overwrite: args.force,
     };
+    if let Some(method) = merge_core::adapter_merge::lookup(&cfg.method) {
+        // LoRA-to-LoRA merges write an adapter, not a model.
+        if args.dry_run {
+            print!(
+                "{}",
+                merge_core::adapter_merge::describe(&cfg, method, &resolver, &opts)?
+            );
+            return Ok(());
+        }
+        let report = merge_core::adapter_merge::run(&cfg, method, &resolver, &opts)?;
+        println!(
+            "merged {} adapter tensors into {} in {:.1}s",
+            report.tensors,
+            report.out.display(),
+            report.seconds
+        );
+        return Ok(());
+    }
     let inputs = merge::open_inputs(&cfg, &resolver)?;
     let plan = merge::plan(&cfg, &inputs)?;
     if args.dry_run {
@@ -85,8 +106,4 @@ pub fn run(args: MergeArgs) -> Result<()> {
         report.seconds
     );
     Ok(())
-}
-
-fn candle_core_device() -> merge_core::merge::Device {
-    merge_core::merge::Device::Cpu
 }

@@ -137,17 +137,6 @@ fn is_weight_file(name: &str) -> bool {
     name.ends_with(".safetensors") || name.ends_with(".bin") || name.ends_with(".index.json")
 }
 
-/// Resolve `auto` to the best device this build can use.
-fn device_name(setting: &str) -> String {
-    match setting {
-        "auto" if cfg!(feature = "cuda") && eval_harness::runner::parse_device("cuda").is_ok() => {
-            "cuda".into()
-        }
-        "auto" => "cpu".into(),
-        other => other.into(),
-    }
-}
-
 /// Run every stage of an entry and package it. Returns the stage reports.
 pub fn run(args: &RunArgs) -> Result<Vec<StageReport>> {
     let total = Instant::now();
@@ -157,6 +146,8 @@ pub fn run(args: &RunArgs) -> Result<Vec<StageReport>> {
     let resolver = Resolver::new(settings).with_base_dir(&entry.dir);
     let cfg = &entry.file.merge;
     let eval = &entry.file.eval;
+    let dev = crate::device::resolve(&eval.device)?;
+    let device = crate::device::name(&dev).to_string();
     let dist = entry.dist_dir();
     let work = dist.join("work");
     std::fs::create_dir_all(&work).with_context(|| format!("{}", work.display()))?;
@@ -208,10 +199,19 @@ pub fn run(args: &RunArgs) -> Result<Vec<StageReport>> {
         }
         _ => {
             let t = Instant::now();
-            let plan = merge::plan(cfg, &inputs)?;
             let mut opts = MergeOptions::new(&merged);
             opts.overwrite = true;
-            merge::execute(cfg, &plan, &inputs, &opts)?;
+            opts.device = dev.clone();
+            match merge_core::adapter_merge::lookup(&cfg.method) {
+                // Adapters in, one adapter out (the kit's llama_avg / flant5_avg).
+                Some(method) => {
+                    merge_core::adapter_merge::run(cfg, method, &resolver, &opts)?;
+                }
+                None => {
+                    let plan = merge::plan(cfg, &inputs)?;
+                    merge::execute(cfg, &plan, &inputs, &opts)?;
+                }
+            }
             let mut models = Vec::new();
             for (role, f) in &input_files {
                 let dir = materialize_weights_dir(f)?;
@@ -241,7 +241,6 @@ pub fn run(args: &RunArgs) -> Result<Vec<StageReport>> {
     };
 
     // ---- eval and predict: one model load for both ----
-    let device = device_name(&eval.device);
     let mut h = Sha256::new();
     h.update(format!("eval;{merge_key};"));
     h.update(toml::to_string(eval)?.as_bytes());
@@ -269,7 +268,6 @@ pub fn run(args: &RunArgs) -> Result<Vec<StageReport>> {
     let mut model = None;
     let load_model = || -> Result<eval_harness::runner::AnyModel> {
         let dtype = eval_harness::runner::parse_dtype(&eval.dtype).map_err(anyhow::Error::msg)?;
-        let dev = eval_harness::runner::parse_device(&device)?;
         // An adapter-level merge evaluates as its base plus the merged adapter.
         if merged.join("adapter_config.json").is_file() {
             let base_files = match &inputs.base {

@@ -366,3 +366,56 @@ fn check_counts_parameters_from_safetensors_headers() {
         "check downloaded into the cache"
     );
 }
+
+#[test]
+fn adapter_entry_merges_adapters_and_evaluates_base_plus_adapter() {
+    let s = setup();
+    let models = s.ws.join("models");
+    write_model(&models.join("base"), 1.0);
+    let shapes = testkit::models::TinyLlama {
+        vocab: 32000,
+        hidden: 16,
+        intermediate: 32,
+        layers: 2,
+        heads: 2,
+        kv_heads: 1,
+        tied: false,
+        dtype: candle_core::DType::F32,
+    };
+    testkit::models::write_lora(&models.join("lora_a"), &shapes, &["q_proj", "v_proj"], 4, 8.0, 1);
+    testkit::models::write_lora(&models.join("lora_b"), &shapes, &["q_proj", "v_proj"], 2, 4.0, 2);
+    let entry = s.ws.join("submissions/adapters");
+    std::fs::create_dir_all(&entry).unwrap();
+    std::fs::write(
+        entry.join("entry.toml"),
+        r#"[merge]
+method = "lora_avg"
+base_model = "../../models/base"
+[[merge.models]]
+model = "../../models/lora_a"
+parameters = { weight = 0.8 }
+[[merge.models]]
+model = "../../models/lora_b"
+parameters = { weight = 0.2 }
+
+[eval]
+datasets = ["${DATA_DIR}/validation/mc.csv", "${DATA_DIR}/validation/gen.csv"]
+max_gen_len = 4
+device = "cpu"
+"#,
+    )
+    .unwrap();
+    let out = s.run(&["run", "--entry", "submissions/adapters"]);
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    let work = s.ws.join("dist/adapters/work/merged");
+    assert!(work.join("adapter_config.json").is_file(), "{log}");
+    assert!(work.join("adapter_model.safetensors").is_file());
+    assert!(s.ws.join("dist/adapters/submission.csv").is_file());
+    // Model weights never go into the tar, even inside the workspace.
+    let tar = std::fs::File::open(s.ws.join("dist/adapters/adapters.tar")).unwrap();
+    for e in tar::Archive::new(tar).entries().unwrap() {
+        let p = e.unwrap().path().unwrap().display().to_string();
+        assert!(!p.ends_with(".safetensors"), "{p}");
+    }
+}

@@ -39,13 +39,24 @@
 //! }
 //! ```
 
+mod geometric_median;
 mod linear;
+mod model_stock;
+mod slerp;
+mod task_arithmetic;
 
 use std::collections::BTreeMap;
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Storage, StorageRef, Tensor};
 
+pub use geometric_median::GeometricMedian;
 pub use linear::Linear;
+pub use model_stock::ModelStock;
+pub use slerp::Slerp;
+pub use task_arithmetic::{
+    Consensus, TaskArithmeticFamily, BREADCRUMBS, BREADCRUMBS_TIES, DARE_LINEAR, DARE_TIES, DELLA,
+    DELLA_LINEAR, TASK_ARITHMETIC, TIES,
+};
 
 /// A declared parameter: its name and default (`None` = required).
 #[derive(Debug, Clone, Copy)]
@@ -122,9 +133,36 @@ pub trait MergeMethod: Send + Sync {
     fn model_parameters(&self) -> &'static [ParamSpec] {
         &[]
     }
-    /// Whether the config must name a `base_model`.
+    /// Whether the config must name a `base_model`. Such methods see the base separately:
+    /// a `[[merge.models]]` entry naming the base model is the base, not an input model (as
+    /// in mergekit, where the base is never among the "non-base" inputs).
     fn requires_base(&self) -> bool {
         false
+    }
+    /// Fewest input models (besides the base) the method accepts.
+    fn min_models(&self) -> usize {
+        1
+    }
+    /// Most input models (besides the base) the method accepts; `None` = no limit.
+    fn max_models(&self) -> Option<usize> {
+        None
+    }
+    /// Tensor-sized f32 buffers the method allocates besides its inputs (for the executor's
+    /// memory budget).
+    fn scratch_tensors(&self, n_models: usize) -> usize {
+        let _ = n_models;
+        2
+    }
+    /// Check parameter values that have a valid range (called once per tensor at planning,
+    /// so bad values fail before anything is written). `params` are the global parameters
+    /// and `model_params` the per-model ones, as resolved for one tensor.
+    fn check_params(
+        &self,
+        params: &Params,
+        model_params: &[Params],
+    ) -> std::result::Result<(), String> {
+        let _ = (params, model_params);
+        Ok(())
     }
     /// Merge one tensor. Inputs are f32; the output must have the base's (or first model's)
     /// shape and is cast to the output dtype by the caller.
@@ -132,7 +170,20 @@ pub trait MergeMethod: Send + Sync {
 }
 
 /// Every method, by name. Adding a method: one file above and one line here.
-pub static REGISTRY: &[&dyn MergeMethod] = &[&Linear];
+pub static REGISTRY: &[&dyn MergeMethod] = &[
+    &Linear,
+    &TASK_ARITHMETIC,
+    &TIES,
+    &DARE_LINEAR,
+    &DARE_TIES,
+    &BREADCRUMBS,
+    &BREADCRUMBS_TIES,
+    &DELLA,
+    &DELLA_LINEAR,
+    &Slerp,
+    &ModelStock,
+    &GeometricMedian,
+];
 
 /// The method called `name`.
 pub fn lookup(name: &str) -> Option<&'static dyn MergeMethod> {
@@ -142,4 +193,67 @@ pub fn lookup(name: &str) -> Option<&'static dyn MergeMethod> {
 /// All method names.
 pub fn names() -> Vec<&'static str> {
     REGISTRY.iter().map(|m| m.name()).collect()
+}
+
+/// Run `f` on the f32 data of `tensors`, without copying when they are contiguous f32 CPU
+/// tensors (the common case: the executor loads every input as f32 on the CPU). Other
+/// tensors (another device, a strided view) are copied to host memory first.
+pub fn with_f32_slices<R>(
+    tensors: &[&Tensor],
+    f: impl FnOnce(&[&[f32]]) -> Result<R>,
+) -> Result<R> {
+    enum Held<'a> {
+        Borrowed(StorageRef<'a>, usize, usize),
+        Owned(Vec<f32>),
+    }
+    let mut held = Vec::with_capacity(tensors.len());
+    for t in tensors {
+        let (storage, layout) = t.storage_and_layout();
+        let borrowed = match (&*storage, layout.contiguous_offsets()) {
+            (Storage::Cpu(_), Some((start, end))) if t.dtype() == DType::F32 => Some((start, end)),
+            _ => None,
+        };
+        match borrowed {
+            Some((start, end)) => held.push(Held::Borrowed(storage, start, end)),
+            None => {
+                drop(storage);
+                held.push(Held::Owned(
+                    t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+                ));
+            }
+        }
+    }
+    let mut slices: Vec<&[f32]> = Vec::with_capacity(held.len());
+    for h in &held {
+        slices.push(match h {
+            Held::Borrowed(storage, start, end) => match &**storage {
+                Storage::Cpu(c) => &c.as_slice::<f32>()?[*start..*end],
+                _ => unreachable!("only CPU storage is borrowed"),
+            },
+            Held::Owned(v) => v.as_slice(),
+        });
+    }
+    f(&slices)
+}
+
+/// A tensor with `like`'s shape and device from f32 data.
+pub fn tensor_like(data: Vec<f32>, like: &Tensor) -> Result<Tensor> {
+    Tensor::from_vec(data, like.shape(), &candle_core::Device::Cpu)?.to_device(like.device())
+}
+
+/// Elements per parallel chunk for elementwise loops within one tensor: large enough that
+/// rayon's overhead vanishes, small enough that a big tensor (an embedding) splits over
+/// every core.
+pub const CHUNK: usize = 1 << 16;
+
+/// Every method name a config may use: the model-level methods above and the adapter-level
+/// ones of [`crate::adapter_merge`].
+pub fn all_names() -> Vec<&'static str> {
+    let mut n = names();
+    n.extend(
+        crate::adapter_merge::ADAPTER_METHODS
+            .iter()
+            .map(|m| m.name()),
+    );
+    n
 }

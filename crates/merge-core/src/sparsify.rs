@@ -1,0 +1,276 @@
+//! Sparsification of task vectors (δ = expert − base), in place on f32 data.
+//!
+//! - [`magnitude`] (TIES): keep the ⌊density·n⌋ largest |δ| (at least one);
+//! - [`magnitude_outliers`] (Model Breadcrumbs): drop the ⌊gamma·n⌋ largest |δ|, then the
+//!   smallest, keeping ⌊density·n⌋;
+//! - [`bernoulli`] (DARE): keep each element with probability `density`;
+//! - [`della_magprune`] (DELLA): keep with a probability that grows with the element's
+//!   magnitude rank in its row, from density − ε to density + ε.
+//!
+//! Magnitude ranks come from selection (`select_nth_unstable`, O(n)), never a full sort; only
+//! DELLA, whose probabilities need every rank, sorts (one row at a time, rows in parallel).
+//! Equal magnitudes are ranked by position, so results never depend on thread scheduling.
+//!
+//! Rescaling: the deterministic methods rescale like mergekit (the kept L1 norm is scaled back
+//! to the original's). The random ones divide each kept element by its keep probability, as in
+//! the DARE and DELLA papers, which keeps the expected value of every element (and so of the
+//! sum) equal to the input; mergekit instead matches L1 norms, which for large tensors is
+//! the same factor up to sampling noise.
+
+use rand::RngCore;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+
+/// Elements per independently seeded random chunk: the mask depends only on the seed and the
+/// chunk index, so it is the same however many threads draw it.
+const RNG_CHUNK: usize = 1 << 16;
+
+/// Mix a seed with a stream index (SplitMix64 finaliser), for independent RNG streams.
+pub fn mix_seed(seed: u64, stream: u64) -> u64 {
+    let mut z = seed ^ stream.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// |x| as an order-preserving integer key (for finite floats and ±inf).
+#[inline]
+fn mag_key(x: f32) -> u32 {
+    x.to_bits() & 0x7fff_ffff
+}
+
+/// Σ|x| in f64.
+fn l1(x: &[f32]) -> f64 {
+    x.par_chunks(RNG_CHUNK)
+        .map(|c| c.iter().map(|v| f64::from(v.abs())).sum::<f64>())
+        .sum()
+}
+
+/// Scale `x` so its L1 norm is `before` again (mergekit's `RescaleNorm.l1`); left as is when
+/// either norm is below 1e-7.
+fn rescale_l1(x: &mut [f32], before: f64) {
+    let after = l1(x);
+    if before < 1e-7 || after < 1e-7 {
+        return;
+    }
+    let f = (before / after) as f32;
+    x.par_iter_mut().for_each(|v| *v *= f);
+}
+
+/// Zero every element whose ascending-|x| rank is outside `lo..hi` (ties ranked by position).
+pub fn keep_rank_range(x: &mut [f32], lo: usize, hi: usize) {
+    let n = x.len();
+    let hi = hi.min(n);
+    if lo == 0 && hi == n {
+        return;
+    }
+    if hi <= lo {
+        x.fill(0.0);
+        return;
+    }
+    let mut keys: Vec<u32> = x.par_iter().map(|v| mag_key(*v)).collect();
+    // The key at rank `lo` and the key at rank `hi − 1`; the second selection only needs
+    // the upper part the first one left.
+    let v_lo = (lo > 0).then(|| *keys.select_nth_unstable(lo).1);
+    let v_hi = (hi < n).then(|| *keys[lo..].select_nth_unstable(hi - 1 - lo).1);
+    drop(keys);
+    // Elements equal to a threshold are ranked by position: rank = (# smaller) + (# equal
+    // seen before).
+    let count_lt = |v: u32| x.par_iter().filter(|e| mag_key(**e) < v).count();
+    let lt_lo = v_lo.map(count_lt);
+    let lt_hi = v_hi.map(count_lt);
+    let (mut seen_lo, mut seen_hi) = (0usize, 0usize);
+    for e in x.iter_mut() {
+        let k = mag_key(*e);
+        let keep = if Some(k) == v_lo {
+            let rank = lt_lo.expect("set with v_lo") + seen_lo;
+            seen_lo += 1;
+            if v_lo == v_hi {
+                seen_hi += 1;
+            }
+            rank >= lo && rank < hi
+        } else if Some(k) == v_hi {
+            let rank = lt_hi.expect("set with v_hi") + seen_hi;
+            seen_hi += 1;
+            rank < hi
+        } else {
+            v_lo.is_none_or(|v| k > v) && v_hi.is_none_or(|v| k < v)
+        };
+        if !keep {
+            *e = 0.0;
+        }
+    }
+}
+
+/// TIES' magnitude pruning: keep the k = max(1, ⌊density·n⌋) largest |x|; with `rescale`,
+/// restore the L1 norm. density ≥ 1 keeps everything, density ≤ 0 nothing.
+pub fn magnitude(x: &mut [f32], density: f64, rescale: bool) {
+    if density >= 1.0 {
+        return;
+    }
+    let n = x.len();
+    if density <= 0.0 || n == 0 {
+        x.fill(0.0);
+        return;
+    }
+    let k = ((density * n as f64) as usize).max(1);
+    let before = if rescale { l1(x) } else { 0.0 };
+    keep_rank_range(x, n - k, n);
+    if rescale {
+        rescale_l1(x, before);
+    }
+}
+
+/// Model Breadcrumbs: drop the ⌊gamma·n⌋ largest |x| (fewer when density needs them), then
+/// the smallest, keeping ⌊density·n⌋; with `rescale`, restore the L1 norm.
+pub fn magnitude_outliers(x: &mut [f32], density: f64, gamma: f64, rescale: bool) {
+    if density >= 1.0 {
+        return;
+    }
+    let n = x.len();
+    let target = (density.max(0.0) * n as f64) as usize;
+    let n_top = (gamma.max(0.0) * n as f64) as usize;
+    let n_bot = n.saturating_sub(target).saturating_sub(n_top);
+    let before = if rescale { l1(x) } else { 0.0 };
+    keep_rank_range(x, n_bot, n_bot + target);
+    if rescale {
+        rescale_l1(x, before);
+    }
+}
+
+/// DARE: keep each element with probability `density` (seeded), dividing kept elements by
+/// `density` when `rescale`.
+pub fn bernoulli(x: &mut [f32], density: f64, rescale: bool, seed: u64) {
+    if density >= 1.0 {
+        return;
+    }
+    if density <= 0.0 {
+        x.fill(0.0);
+        return;
+    }
+    // keep iff a uniform u32 < density·2³²
+    let threshold = (density * 4_294_967_296.0) as u64;
+    let scale = if rescale { (1.0 / density) as f32 } else { 1.0 };
+    x.par_chunks_mut(RNG_CHUNK)
+        .enumerate()
+        .for_each(|(c, chunk)| {
+            let mut rng = ChaCha8Rng::seed_from_u64(mix_seed(seed, c as u64));
+            for v in chunk {
+                if u64::from(rng.next_u32()) < threshold {
+                    *v *= scale;
+                } else {
+                    *v = 0.0;
+                }
+            }
+        });
+}
+
+/// DELLA's MagPrune: within each row of `row_len` elements, rank |x| ascending (0..m−1),
+/// keep with probability p = density − ε + 2ε·rank/(m−1), and divide kept elements by p when
+/// `rescale`. A one-element row keeps with probability `density`.
+///
+/// Errors when density ± ε leaves (0, 1) (for density < 1), as mergekit does.
+pub fn della_magprune(
+    x: &mut [f32],
+    row_len: usize,
+    density: f64,
+    epsilon: f64,
+    rescale: bool,
+    seed: u64,
+) -> Result<(), String> {
+    if density >= 1.0 {
+        return Ok(());
+    }
+    if density <= 0.0 {
+        x.fill(0.0);
+        return Ok(());
+    }
+    if density + epsilon >= 1.0 || density - epsilon <= 0.0 {
+        return Err(format!(
+            "epsilon ({epsilon}) must keep density ± epsilon in (0, 1) (density {density})"
+        ));
+    }
+    let row_len = row_len.max(1);
+    x.par_chunks_mut(row_len).enumerate().for_each(|(r, row)| {
+        let m = row.len();
+        let mut order: Vec<u32> = (0..m as u32).collect();
+        order.sort_by_key(|&i| (mag_key(row[i as usize]), i));
+        let mut rng = ChaCha8Rng::seed_from_u64(mix_seed(seed, r as u64));
+        // Draw in position order so the mask does not depend on the sort.
+        let mut probs = vec![0f64; m];
+        for (rank, &i) in order.iter().enumerate() {
+            let norm = if m > 1 {
+                rank as f64 / (m - 1) as f64
+            } else {
+                0.5
+            };
+            probs[i as usize] = density - epsilon + norm * 2.0 * epsilon;
+        }
+        for (v, p) in row.iter_mut().zip(&probs) {
+            let u = f64::from(rng.next_u32()) / 4_294_967_296.0;
+            if u < *p {
+                if rescale {
+                    *v = (f64::from(*v) / p) as f32;
+                }
+            } else {
+                *v = 0.0;
+            }
+        }
+    });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kept(x: &[f32]) -> Vec<usize> {
+        (0..x.len()).filter(|&i| x[i] != 0.0).collect()
+    }
+
+    #[test]
+    fn magnitude_keeps_the_largest_k() {
+        let mut x = vec![0.1, -5.0, 0.3, 2.0, -0.2, 4.0];
+        magnitude(&mut x, 0.5, false);
+        assert_eq!(kept(&x), vec![1, 3, 5]);
+        assert_eq!(x[1], -5.0);
+        // at least one element survives a tiny density
+        let mut y = vec![1.0, -3.0, 2.0];
+        magnitude(&mut y, 0.01, false);
+        assert_eq!(kept(&y), vec![1]);
+    }
+
+    #[test]
+    fn magnitude_rescale_restores_l1() {
+        let mut x = vec![1.0f32, -2.0, 3.0, -4.0];
+        magnitude(&mut x, 0.5, true);
+        let s: f32 = x.iter().map(|v| v.abs()).sum();
+        assert!((s - 10.0).abs() < 1e-5, "{x:?}");
+        assert_eq!(x[0], 0.0);
+    }
+
+    #[test]
+    fn ties_in_magnitude_are_ranked_by_position() {
+        let mut x = vec![1.0f32, -1.0, 1.0, 1.0, 0.5];
+        keep_rank_range(&mut x, 1, 3); // ranks: 0.5→0, then the four 1s → 1,2,3,4
+        assert_eq!(kept(&x), vec![0, 1]);
+        let mut y = vec![2.0f32, 1.0, 1.0, 1.0, 3.0];
+        keep_rank_range(&mut y, 2, 4); // ranks: idx1→0, idx2→1, idx3→2, idx0→3, idx4→4
+        assert_eq!(kept(&y), vec![0, 3]);
+    }
+
+    #[test]
+    fn breadcrumbs_drops_top_and_bottom() {
+        let mut x: Vec<f32> = (1..=10).map(|v| v as f32).collect();
+        magnitude_outliers(&mut x, 0.5, 0.2, false);
+        // drop top 2 (9, 10) and bottom 3 (1, 2, 3): keep 4..=8
+        assert_eq!(kept(&x), vec![3, 4, 5, 6, 7]);
+    }
+
+    #[test]
+    fn della_rejects_bad_epsilon() {
+        let mut x = vec![1.0f32; 8];
+        assert!(della_magprune(&mut x, 4, 0.9, 0.15, true, 1).is_err());
+    }
+}

@@ -1,0 +1,304 @@
+//! Properties of the methods that have no Python golden: the randomised ones (DARE, DELLA)
+//! and the geometric median.
+
+use candle_core::{Device, Tensor};
+use merge_core::methods::{self, Params, TensorInputs};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+const N: usize = 1 << 20;
+
+fn params(
+    method: &str,
+    global: &[(&'static str, f64)],
+    per_model: &[(&'static str, f64)],
+    k: usize,
+) -> (Params, Vec<Params>) {
+    let m = methods::lookup(method).unwrap();
+    let mut g = Params::new();
+    for s in m.parameters() {
+        g.insert(s.name, s.default.unwrap_or(f64::NAN));
+    }
+    for (k, v) in global {
+        g.insert(*k, *v);
+    }
+    let mut p = Params::new();
+    for s in m.model_parameters() {
+        p.insert(s.name, s.default.unwrap_or(1.0));
+    }
+    for (k, v) in per_model {
+        p.insert(*k, *v);
+    }
+    (g, vec![p; k])
+}
+
+fn run(
+    method: &str,
+    base: &Tensor,
+    models: &[Tensor],
+    g: &Params,
+    p: &[Params],
+    seed: u64,
+) -> Vec<f32> {
+    methods::lookup(method)
+        .unwrap()
+        .merge(&TensorInputs {
+            name: "model.layers.0.mlp.up_proj.weight",
+            base: Some(base),
+            models,
+            params: g,
+            model_params: p,
+            seed,
+        })
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+}
+
+/// A 1024×1024 tensor of values in [lo, hi).
+fn uniform(seed: u64, lo: f32, hi: f32) -> Tensor {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let v: Vec<f32> = (0..N).map(|_| rng.gen_range(lo..hi)).collect();
+    Tensor::from_vec(v, (1024, 1024), &Device::Cpu).unwrap()
+}
+
+const RANDOM: [&str; 4] = ["dare_linear", "dare_ties", "della", "della_linear"];
+
+#[test]
+fn random_methods_are_deterministic_per_seed() {
+    let base = uniform(1, -1.0, 1.0);
+    let models = vec![uniform(2, -1.0, 1.0), uniform(3, -1.0, 1.0)];
+    for method in RANDOM {
+        let (g, p) = params(method, &[], &[("weight", 0.5), ("density", 0.4)], 2);
+        let a = run(method, &base, &models, &g, &p, 7);
+        let b = run(method, &base, &models, &g, &p, 7);
+        let c = run(method, &base, &models, &g, &p, 8);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&a), bits(&b), "{method}: same seed, different output");
+        let differing = a.iter().zip(&c).filter(|(x, y)| x != y).count();
+        assert!(
+            differing > N / 10,
+            "{method}: seeds 7 and 8 differ in only {differing} elements"
+        );
+    }
+}
+
+#[test]
+fn random_methods_keep_density_and_expected_sum() {
+    let base = Tensor::zeros((1024, 1024), candle_core::DType::F32, &Device::Cpu).unwrap();
+    // Positive task vectors, so the sum is far from zero and its relative error is small.
+    let expert = uniform(4, 0.5, 1.5);
+    let total: f64 = expert
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|v| f64::from(*v))
+        .sum();
+    for method in RANDOM {
+        for density in [0.1, 0.3, 0.7] {
+            // della needs density ± epsilon inside (0, 1)
+            let (g, p) = params(
+                method,
+                &[],
+                &[("weight", 1.0), ("density", density), ("epsilon", 0.05)],
+                1,
+            );
+            let out = run(method, &base, std::slice::from_ref(&expert), &g, &p, 11);
+            let kept = out.iter().filter(|v| **v != 0.0).count() as f64 / N as f64;
+            assert!(
+                (kept - density).abs() <= 0.01 * density,
+                "{method} density {density}: kept {kept}"
+            );
+            let sum: f64 = out.iter().map(|v| f64::from(*v)).sum();
+            assert!(
+                ((sum - total) / total).abs() < 0.01,
+                "{method} density {density}: rescaled sum {sum}, input sum {total}"
+            );
+            // Without rescaling the sum shrinks to about density × the input's.
+            let (g, p) = params(
+                method,
+                &[("rescale", 0.0)],
+                &[("weight", 1.0), ("density", density), ("epsilon", 0.05)],
+                1,
+            );
+            let out = run(method, &base, std::slice::from_ref(&expert), &g, &p, 11);
+            let sum: f64 = out.iter().map(|v| f64::from(*v)).sum();
+            assert!(
+                (sum / total - density).abs() < 0.05 * density + 0.01,
+                "{method} density {density}, no rescale: sum ratio {}",
+                sum / total
+            );
+        }
+    }
+}
+
+#[test]
+fn della_keeps_large_magnitudes_more_often() {
+    let base = Tensor::zeros((1024, 1024), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let expert = uniform(5, -1.0, 1.0);
+    let (g, p) = params(
+        "della_linear",
+        &[("rescale", 0.0)],
+        &[("weight", 1.0), ("density", 0.5), ("epsilon", 0.3)],
+        1,
+    );
+    let out = run(
+        "della_linear",
+        &base,
+        std::slice::from_ref(&expert),
+        &g,
+        &p,
+        3,
+    );
+    let input = expert.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let frac = |pred: &dyn Fn(f32) -> bool| {
+        let idx: Vec<usize> = (0..N).filter(|&i| pred(input[i].abs())).collect();
+        idx.iter().filter(|&&i| out[i] != 0.0).count() as f64 / idx.len() as f64
+    };
+    let small = frac(&|a| a < 0.1);
+    let large = frac(&|a| a > 0.9);
+    // p runs from 0.2 (smallest) to 0.8 (largest) within each row
+    assert!((small - 0.23).abs() < 0.03, "small magnitudes kept {small}");
+    assert!((large - 0.77).abs() < 0.03, "large magnitudes kept {large}");
+}
+
+fn small(values: &[f32]) -> Tensor {
+    Tensor::from_vec(values.to_vec(), values.len(), &Device::Cpu).unwrap()
+}
+
+/// Weiszfeld written out plainly in f64, as an independent reference.
+fn reference_median(points: &[Vec<f64>], weights: &[f64], iters: usize) -> Vec<f64> {
+    let dim = points[0].len();
+    let total: f64 = weights.iter().sum();
+    let mut z: Vec<f64> = (0..dim)
+        .map(|j| {
+            points
+                .iter()
+                .zip(weights)
+                .map(|(p, w)| w * p[j])
+                .sum::<f64>()
+                / total
+        })
+        .collect();
+    for _ in 0..iters {
+        let betas: Vec<f64> = points
+            .iter()
+            .zip(weights)
+            .map(|(p, w)| {
+                let d = p
+                    .iter()
+                    .zip(&z)
+                    .map(|(a, b)| (a - b).powi(2))
+                    .sum::<f64>()
+                    .sqrt();
+                w / d.max(1e-12)
+            })
+            .collect();
+        let bt: f64 = betas.iter().sum();
+        z = (0..dim)
+            .map(|j| {
+                points
+                    .iter()
+                    .zip(&betas)
+                    .map(|(p, b)| b * p[j])
+                    .sum::<f64>()
+                    / bt
+            })
+            .collect();
+    }
+    z
+}
+
+#[test]
+fn geometric_median_matches_direct_weiszfeld() {
+    let base = [0.5f32, -1.0, 2.0, 0.0];
+    let experts = [
+        [1.0f32, 0.0, 2.5, 1.0],
+        [0.0, -2.0, 1.0, 0.5],
+        [2.0, -1.5, 3.0, -1.0],
+        [0.7, 0.3, 2.2, 0.2],
+    ];
+    let weights = [1.0, 2.0, 0.5, 1.5];
+    let points: Vec<Vec<f64>> = experts
+        .iter()
+        .map(|e| {
+            e.iter()
+                .zip(&base)
+                .map(|(a, b)| f64::from(*a) - f64::from(*b))
+                .collect()
+        })
+        .collect();
+    let expected = reference_median(&points, &weights, 2000);
+    let models: Vec<Tensor> = experts.iter().map(|e| small(e)).collect();
+    let (mut g, mut p) = params(
+        "geometric_median",
+        &[("eps", 1e-12), ("max_iter", 2000.0)],
+        &[],
+        4,
+    );
+    for (pi, w) in p.iter_mut().zip(weights) {
+        pi.insert("weight", w);
+    }
+    g.insert("eps", 1e-12);
+    let out = run("geometric_median", &small(&base), &models, &g, &p, 0);
+    for j in 0..4 {
+        let want = f64::from(base[j]) + expected[j];
+        assert!(
+            (f64::from(out[j]) - want).abs() < 1e-5,
+            "element {j}: {} vs {want}",
+            out[j]
+        );
+    }
+    // The median is not the weighted mean here (the test would be vacuous otherwise).
+    let mean0: f64 = points
+        .iter()
+        .zip(&weights)
+        .map(|(p, w)| w * p[0])
+        .sum::<f64>()
+        / 5.0;
+    assert!((expected[0] - mean0).abs() > 1e-3);
+}
+
+#[test]
+fn geometric_median_of_two_points_is_their_mean() {
+    let base = small(&[0.0, 0.0, 0.0]);
+    let models = vec![small(&[1.0, 2.0, -3.0]), small(&[3.0, -2.0, 1.0])];
+    let (g, p) = params("geometric_median", &[], &[], 2);
+    let out = run("geometric_median", &base, &models, &g, &p, 0);
+    assert_eq!(out, vec![2.0, 0.0, -1.0]);
+}
+
+#[test]
+fn geometric_median_resists_one_outlier() {
+    // Four experts agree on a task vector near (1, 1, 1, 1); a fifth is far off.
+    let base = small(&[0.0; 4]);
+    let mut models: Vec<Tensor> = [
+        [1.0f32, 1.1, 0.9, 1.0],
+        [0.9, 1.0, 1.0, 1.1],
+        [1.1, 0.9, 1.0, 1.0],
+        [1.0, 1.0, 1.1, 0.9],
+    ]
+    .iter()
+    .map(|v| small(v))
+    .collect();
+    models.push(small(&[100.0, -100.0, 100.0, -100.0]));
+    let (g, p) = params("geometric_median", &[], &[], 5);
+    let median = run("geometric_median", &base, &models, &g, &p, 0);
+    let (g, p) = params(
+        "task_arithmetic",
+        &[("normalize", 1.0)],
+        &[("weight", 1.0)],
+        5,
+    );
+    let mean = run("task_arithmetic", &base, &models, &g, &p, 0);
+    let dist = |v: &[f32]| v.iter().map(|x| (x - 1.0).powi(2)).sum::<f32>().sqrt();
+    assert!(dist(&mean) > 30.0, "the mean is dragged away: {mean:?}");
+    assert!(
+        dist(&median) < 0.5,
+        "the median stays with the majority: {median:?}"
+    );
+}
