@@ -67,6 +67,32 @@ fn expected(g: &Value) -> HashMap<String, String> {
     m
 }
 
+/// Writes adapter `which` (1 or 2) of the flant5_avg stand-in: rank 16 on every `q`/`v`.
+fn write_adapter(dir: &Path, cfg: &T5Config, adapter_config: &Value, which: usize) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("adapter_config.json"), adapter_config.to_string()).unwrap();
+    let f = t5_qv_lora_factors(cfg, which, 16).unwrap();
+    candle_core::safetensors::save(&f, dir.join("adapter_model.safetensors")).unwrap();
+}
+
+/// The golden rows in the test schema (no target column).
+fn write_test_csv(path: &Path) {
+    let ds = eval_harness::dataset::load(&goldens().join("rows.csv")).unwrap();
+    let mut w = csv::Writer::from_path(path).unwrap();
+    w.write_record(["id", "input", "eval_type", "answer_choices"])
+        .unwrap();
+    for e in &ds.examples {
+        let choices = if e.answer_choices.is_empty() {
+            String::new()
+        } else {
+            format!("{:?}", e.answer_choices)
+        };
+        w.write_record([&e.id, &e.input, e.eval_type.as_str(), &choices])
+            .unwrap();
+    }
+    w.flush().unwrap();
+}
+
 #[test]
 fn eval_and_predict_pick_t5_from_config_and_fold_the_averaged_adapter() {
     let tmp = tempfile::tempdir().unwrap();
@@ -121,20 +147,7 @@ fn eval_and_predict_pick_t5_from_config_and_fold_the_averaged_adapter() {
 
     // predict on a test-schema file (no target column), base model without adapter.
     let test = tmp.path().join("test.csv");
-    let ds = eval_harness::dataset::load(&rows).unwrap();
-    let mut w = csv::Writer::from_path(&test).unwrap();
-    w.write_record(["id", "input", "eval_type", "answer_choices"])
-        .unwrap();
-    for e in &ds.examples {
-        let choices = if e.answer_choices.is_empty() {
-            String::new()
-        } else {
-            format!("{:?}", e.answer_choices)
-        };
-        w.write_record([&e.id, &e.input, e.eval_type.as_str(), &choices])
-            .unwrap();
-    }
-    w.flush().unwrap();
+    write_test_csv(&test);
     let sub = tmp.path().join("submission.csv");
     run(&[
         "predict",
@@ -146,4 +159,81 @@ fn eval_and_predict_pick_t5_from_config_and_fold_the_averaged_adapter() {
         sub.to_str().unwrap(),
     ]);
     assert_eq!(predictions(&sub), expected(&base));
+}
+
+/// `llm-merging run` on a flant5_avg-shaped entry: `lora_avg` of two rank-16 q/v adapters on a
+/// tiny T5 base, evaluated as base + merged adapter with no `max_gen_len` (the generation
+/// config's length), predictions equal to peft's on the same averaged adapter.
+#[test]
+fn run_merges_flant5_avg_standin_and_evaluates_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ws = tmp.path().join("ws");
+    std::fs::create_dir_all(ws.join("src")).unwrap();
+    std::fs::write(ws.join("Cargo.toml"), "[workspace]\nmembers = []\n").unwrap();
+    std::fs::write(ws.join("src/lib.rs"), "// participant code\n").unwrap();
+    std::fs::create_dir_all(ws.join("data/validation")).unwrap();
+    std::fs::copy(
+        goldens().join("rows.csv"),
+        ws.join("data/validation/rows.csv"),
+    )
+    .unwrap();
+    write_test_csv(&ws.join("data/test.csv"));
+    let base = golden("t5_v11");
+    let lora = golden("t5_lora");
+    let cfg = T5Config::from_json(&base["config"]).unwrap();
+    let models = ws.join("models");
+    write_t5_model_dir(
+        &models.join("flan-t5-tiny"),
+        &base["config"],
+        &goldens().join("t5-tokenizer"),
+    )
+    .unwrap();
+    write_adapter(&models.join("lora_a"), &cfg, &lora["adapter_config"], 1);
+    write_adapter(&models.join("lora_b"), &cfg, &lora["adapter_config"], 2);
+    let entry = ws.join("submissions/flant5_tiny");
+    std::fs::create_dir_all(&entry).unwrap();
+    std::fs::write(
+        entry.join("entry.toml"),
+        r#"[merge]
+method = "lora_avg"
+base_model = "../../models/flan-t5-tiny"
+[[merge.models]]
+model = "../../models/lora_a"
+parameters = { weight = 0.5 }
+[[merge.models]]
+model = "../../models/lora_b"
+parameters = { weight = 0.5 }
+
+[eval]
+datasets = ["${DATA_DIR}/validation/rows.csv"]
+batch_size = 2
+device = "cpu"
+"#,
+    )
+    .unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_llm-merging"))
+        .current_dir(&ws)
+        .env("HF_HOME", tmp.path().join("hf"))
+        .env("HF_HUB_OFFLINE", "1")
+        .env_remove("LLM_MERGING_DATA")
+        .args(["run", "--entry", "submissions/flant5_tiny"])
+        .output()
+        .unwrap();
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(o.status.success(), "{log}");
+    let dist = ws.join("dist/flant5_tiny");
+    assert!(
+        dist.join("work/merged/adapter_config.json").is_file(),
+        "{log}"
+    );
+    let want = expected(&lora);
+    assert_eq!(
+        predictions(&dist.join("work/eval/predictions/rows.csv")),
+        want
+    );
+    assert_eq!(predictions(&dist.join("submission.csv")), want);
 }
