@@ -421,3 +421,32 @@ fn half_precision_runs() {
         );
     }
 }
+
+#[test]
+fn embedding_may_be_stored_under_a_stack_name() {
+    // Deduplicating safetensors converters may keep `encoder.embed_tokens.weight` (or the
+    // decoder's) instead of `shared.weight`: same model.
+    let f = fixture("t5_orig");
+    let cfg = f.model.config().clone();
+    let mut w = t5_weights(&cfg, cfg.eos_token_id).unwrap();
+    let shared = w.remove("shared.weight").unwrap();
+    w.insert("decoder.embed_tokens.weight".into(), shared);
+    let m = T5::load(cfg, &w, DType::F32, &Device::Cpu).unwrap();
+    let input = f.tok.encode("Hello").unwrap();
+    let enc = |m: &T5| {
+        m.encode(std::slice::from_ref(&input), &[vec![true; input.len()]])
+            .unwrap()
+            .hidden
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    assert_eq!(enc(&m), enc(&f.model));
+    let mut w = t5_weights(f.model.config(), 1).unwrap();
+    w.remove("shared.weight");
+    let err = T5::load(f.model.config().clone(), &w, DType::F32, &Device::Cpu)
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("shared.weight"), "{err}");
+}

@@ -407,11 +407,16 @@ impl T5 {
                 bidirectional: !decoder,
             })
         };
-        // Checkpoints always carry `shared.weight`; some writers keep only the per-stack copy.
-        let shared_name = ["shared.weight", "encoder.embed_tokens.weight"]
-            .into_iter()
-            .find(|n| src.contains(n))
-            .unwrap_or("shared.weight");
+        // The three embedding names are one tied matrix; safetensors conversions that drop
+        // duplicates may keep any one of them.
+        let shared_name = [
+            "shared.weight",
+            "encoder.embed_tokens.weight",
+            "decoder.embed_tokens.weight",
+        ]
+        .into_iter()
+        .find(|n| src.contains(n))
+        .unwrap_or("shared.weight");
         let shared_w = get(shared_name, &[cfg.vocab_size, d], dtype)?;
         let lm_head = if cfg.tie_word_embeddings {
             Linear::new(shared_w.clone(), None)
