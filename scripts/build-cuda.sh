@@ -58,9 +58,11 @@ for crate in candle-core candle-kernels; do
   tar xzf "$crate_file" -C "$work"
   patch_args+=(--config "patch.crates-io.$crate.path=\"$work/$crate-$version\"")
 done
-python3 - "$work"/candle-core-*/Cargo.toml "$work"/candle-kernels-*/build.rs <<'PY'
+cudart_static="$(find /usr/lib /usr/local/cuda* -name libcudart_static.a 2>/dev/null | head -1)"
+[[ -n "$cudart_static" ]] || { echo "build-cuda: libcudart_static.a not found" >&2; exit 1; }
+python3 - "$work"/candle-core-*/Cargo.toml "$work"/candle-kernels-*/build.rs "$(dirname "$cudart_static")" <<'PY'
 import sys
-core, kernels = sys.argv[1], sys.argv[2]
+core, kernels, cudart_dir = sys.argv[1], sys.argv[2], sys.argv[3]
 # candle-core: cudarc loads the CUDA libraries at run time instead of linking them.
 text = open(core).read()
 start = text.index("[dependencies.cudarc]")
@@ -75,7 +77,8 @@ text = open(kernels).read()
 old = 'println!("cargo:rustc-link-lib=dylib=cudart");'
 if old not in text:
     sys.exit("build-cuda: candle-kernels' build script changed; update this script")
-new = ('println!("cargo:rustc-link-lib=static=cudart_static"); '
+new = (f'println!("cargo:rustc-link-search=native={cudart_dir}"); '
+       'println!("cargo:rustc-link-lib=static=cudart_static"); '
        'println!("cargo:rustc-link-lib=dylib=rt"); '
        'println!("cargo:rustc-link-lib=dylib=dl"); '
        'println!("cargo:rustc-link-lib=dylib=pthread");')
