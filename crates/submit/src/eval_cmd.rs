@@ -120,7 +120,15 @@ fn load_datasets(paths: &[PathBuf]) -> Result<Vec<dataset::Dataset>> {
 pub fn run_eval(args: EvalArgs) -> Result<()> {
     let paths = if args.data.is_empty() {
         let d = Path::new("data/validation");
-        vec![d.join("cosmos_qa.csv"), d.join("xsum.csv")]
+        let paths = vec![d.join("cosmos_qa.csv"), d.join("xsum.csv")];
+        if let Some(missing) = paths.iter().find(|p| !p.is_file()) {
+            bail!(
+                "{} not found: without --data, eval reads the official validation files from \
+                 data/validation/ (fetch them as data/README describes, or pass --data FILE...)",
+                missing.display()
+            );
+        }
+        paths
     } else {
         args.data.clone()
     };

@@ -1,6 +1,7 @@
 //! Model implementations on candle.
 
 pub mod decoder;
+pub mod linear;
 pub mod t5;
 
 pub use decoder::{Decoder, DecoderConfig, KvCache};
