@@ -18,7 +18,9 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{Embedding, Linear};
+use candle_nn::Embedding;
+
+use super::linear::Lin;
 
 use crate::error::{Error, Result};
 use crate::weights::WeightSource;
@@ -208,22 +210,15 @@ pub fn relative_position_bucket(
 }
 
 struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
+    q: Lin,
+    k: Lin,
+    v: Lin,
+    o: Lin,
 }
 
 enum FeedForward {
-    Plain {
-        wi: Linear,
-        wo: Linear,
-    },
-    Gated {
-        wi0: Linear,
-        wi1: Linear,
-        wo: Linear,
-    },
+    Plain { wi: Lin, wo: Lin },
+    Gated { wi0: Lin, wi1: Lin, wo: Lin },
 }
 
 struct Block {
@@ -318,7 +313,7 @@ pub struct T5 {
     shared: Embedding,
     encoder: Stack,
     decoder: Stack,
-    lm_head: Linear,
+    lm_head: Lin,
     device: Device,
     dtype: DType,
 }
@@ -344,11 +339,8 @@ impl T5 {
             }
             Ok(t.to_dtype(dt)?.to_device(device)?)
         };
-        let lin = |name: &str, out: usize, inp: usize| -> Result<Linear> {
-            Ok(Linear::new(
-                get(&format!("{name}.weight"), &[out, inp], dtype)?,
-                None,
-            ))
+        let lin = |name: &str, out: usize, inp: usize| -> Result<Lin> {
+            Lin::new(get(&format!("{name}.weight"), &[out, inp], dtype)?, None)
         };
         let (d, inner, ff) = (cfg.d_model, cfg.num_heads * cfg.d_kv, cfg.d_ff);
         let attn = |p: &str| -> Result<Attention> {
@@ -419,7 +411,7 @@ impl T5 {
         .unwrap_or("shared.weight");
         let shared_w = get(shared_name, &[cfg.vocab_size, d], dtype)?;
         let lm_head = if cfg.tie_word_embeddings {
-            Linear::new(shared_w.clone(), None)
+            Lin::new(shared_w.clone(), None)?
         } else if src.contains("lm_head.weight") {
             lin("lm_head", cfg.vocab_size, d)?
         } else {
