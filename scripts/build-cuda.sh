@@ -58,7 +58,7 @@ for crate in candle-core candle-kernels; do
   tar xzf "$crate_file" -C "$work"
   patch_args+=(--config "patch.crates-io.$crate.path=\"$work/$crate-$version\"")
 done
-cudart_static="$(find /usr/lib /usr/local/cuda* -name libcudart_static.a 2>/dev/null | head -1)"
+cudart_static="$(find /usr/lib /usr/local/cuda* -name libcudart_static.a -print -quit 2>/dev/null || true)"
 [[ -n "$cudart_static" ]] || { echo "build-cuda: libcudart_static.a not found" >&2; exit 1; }
 python3 - "$work"/candle-core-*/Cargo.toml "$work"/candle-kernels-*/build.rs "$(dirname "$cudart_static")" <<'PY'
 import sys
