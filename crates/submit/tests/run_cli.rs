@@ -382,8 +382,22 @@ fn adapter_entry_merges_adapters_and_evaluates_base_plus_adapter() {
         tied: false,
         dtype: candle_core::DType::F32,
     };
-    testkit::models::write_lora(&models.join("lora_a"), &shapes, &["q_proj", "v_proj"], 4, 8.0, 1);
-    testkit::models::write_lora(&models.join("lora_b"), &shapes, &["q_proj", "v_proj"], 2, 4.0, 2);
+    testkit::models::write_lora(
+        &models.join("lora_a"),
+        &shapes,
+        &["q_proj", "v_proj"],
+        4,
+        8.0,
+        1,
+    );
+    testkit::models::write_lora(
+        &models.join("lora_b"),
+        &shapes,
+        &["q_proj", "v_proj"],
+        2,
+        4.0,
+        2,
+    );
     let entry = s.ws.join("submissions/adapters");
     std::fs::create_dir_all(&entry).unwrap();
     std::fs::write(
