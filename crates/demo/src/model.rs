@@ -103,7 +103,7 @@ impl TinyConfig {
 }
 
 /// Uniform values in [-a, a) from the recipe's generator.
-fn uniform(rng: &mut ChaCha8Rng, n: usize, a: f32) -> Vec<f32> {
+pub(crate) fn uniform(rng: &mut ChaCha8Rng, n: usize, a: f32) -> Vec<f32> {
     (0..n).map(|_| rng.gen_range(-a..a)).collect()
 }
 

@@ -10,6 +10,8 @@ use merge_core::checkpoint::{CheckpointWriter, OutputTensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
+#[cfg(test)]
+use crate::model::uniform;
 use crate::model::{init_weights, Batch, LoraSet, Params, TinyConfig};
 use crate::tasks::{self, Example, Skill};
 use crate::tokenizer;
@@ -386,4 +388,102 @@ fn write_lora(dir: &Path, lora: &LoraSet) -> Result<()> {
     });
     merge_core::lora::write_adapter(dir, &config, &tensors, DType::F32, false)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::IndexOp;
+    use eval_harness::models::{Decoder, DecoderConfig};
+    use eval_harness::weights::CheckpointSource;
+
+    fn tiny() -> TinyConfig {
+        TinyConfig {
+            vocab_size: 40,
+            hidden_size: 16,
+            intermediate_size: 24,
+            num_layers: 2,
+            num_heads: 2,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10000.0,
+            bos_id: 1,
+            eos_id: 2,
+        }
+    }
+
+    /// Hidden states → logits of the harness's decoder for one unpadded row.
+    fn harness_logits(dir: &Path, adapter: Option<&Path>, ids: &[u32]) -> Vec<Vec<f32>> {
+        let cfg = DecoderConfig::from_file(&dir.join("config.json")).unwrap();
+        let src = CheckpointSource::open(dir, adapter).unwrap();
+        let d = Decoder::load(cfg, &src, DType::F32, &Device::Cpu).unwrap();
+        let mut cache = d.new_cache();
+        let h = d
+            .forward(&[ids.to_vec()], &[vec![true; ids.len()]], &mut cache)
+            .unwrap();
+        d.logits(&h).unwrap().i(0).unwrap().to_vec2().unwrap()
+    }
+
+    fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+        a.iter()
+            .flatten()
+            .zip(b.iter().flatten())
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    /// The training forward and the eval harness's decoder compute the same logits for the
+    /// same weights, with and without a LoRA adapter (which the harness folds into the
+    /// weights, PEFT's way): what training optimises is what evaluation measures.
+    #[test]
+    fn training_forward_matches_the_harness() {
+        let cfg = tiny();
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let params = init_weights(&cfg, &mut rng).unwrap();
+        // Norm weights away from 1 so a wrong norm formula shows.
+        let mut params = params;
+        for (n, t) in params.iter_mut() {
+            if n.ends_with("norm.weight") {
+                *t = (t.clone() * 1.3).unwrap();
+            }
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("m");
+        let side = [("config.json", pretty(&cfg.hf_config()))];
+        write_model(&dir, &cfg, &params, &side).unwrap();
+        let ids: Vec<u32> = vec![1, 5, 9, 33, 12, 7, 7, 20, 3, 39, 2];
+        let input = Tensor::new(ids.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let ours: Vec<Vec<f32>> = crate::model::forward(&cfg, &params, None, &input)
+            .unwrap()
+            .i(0)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        let theirs = harness_logits(&dir, None, &ids);
+        let d = max_diff(&ours, &theirs);
+        assert!(d < 1e-4, "full model: max |diff| {d}");
+
+        let lora = LoraSet::init(&cfg, &params, 4, 8.0, &mut rng).unwrap();
+        for f in lora.modules.values() {
+            let (o, r) = f.b.as_tensor().dims2().unwrap();
+            let b = Tensor::from_vec(uniform(&mut rng, o * r, 0.3), (o, r), &Device::Cpu).unwrap();
+            f.b.set(&b).unwrap();
+        }
+        let adapter = tmp.path().join("adapter");
+        write_lora(&adapter, &lora).unwrap();
+        let ours: Vec<Vec<f32>> = crate::model::forward(&cfg, &params, Some(&lora), &input)
+            .unwrap()
+            .i(0)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        let theirs = harness_logits(&dir, Some(&adapter), &ids);
+        let d = max_diff(&ours, &theirs);
+        assert!(d < 1e-4, "with LoRA: max |diff| {d}");
+        // The adapter changes the logits: the comparison above is not vacuous.
+        let plain = harness_logits(&dir, None, &ids);
+        assert!(max_diff(&plain, &theirs) > 1e-2);
+    }
 }
