@@ -9,14 +9,19 @@ use demo::{Recipe, Table};
 
 /// The default family, built once and shared with the other test binaries (the CLI test)
 /// through the target directory; the stamp's recipe hash decides whether it is current.
+/// Tests of this binary run in parallel: the first one builds, the others wait for it.
 fn default_family() -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("demo-family");
-    let t = std::time::Instant::now();
-    let built = demo::ensure(&dir, &Recipe::default()).unwrap();
-    if built {
-        eprintln!("built the family in {:.1}s", t.elapsed().as_secs_f64());
-    }
-    dir
+    static FAMILY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    FAMILY
+        .get_or_init(|| {
+            let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("demo-family");
+            let t = std::time::Instant::now();
+            if demo::ensure(&dir, &Recipe::default()).unwrap() {
+                eprintln!("built the family in {:.1}s", t.elapsed().as_secs_f64());
+            }
+            dir
+        })
+        .clone()
 }
 
 fn score(t: &Table, row: &str, skill: Skill) -> f64 {
