@@ -2,6 +2,7 @@
 //! demo --example recipe -- DIR '{"expert_lr": 5e-4}'`. A tool for tuning the recipe.
 
 fn main() -> anyhow::Result<()> {
+    demo::single_threaded_compute();
     let mut args = std::env::args().skip(1);
     let dir = std::path::PathBuf::from(args.next().expect("output dir"));
     let mut recipe = serde_json::to_value(demo::Recipe::default())?;

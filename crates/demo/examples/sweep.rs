@@ -3,6 +3,7 @@
 //! tuning the reference merges of the demo table.
 
 fn main() -> anyhow::Result<()> {
+    demo::single_threaded_compute();
     let mut args = std::env::args().skip(1);
     let dir = std::path::PathBuf::from(args.next().expect("demo dir"));
     for spec in args {

@@ -153,6 +153,18 @@ pub fn ensure(dir: &Path, recipe: &Recipe) -> Result<bool> {
     Ok(true)
 }
 
+/// Makes candle compute each product on one thread. Call it first thing in `main`, before any
+/// thread starts (it sets `RAYON_NUM_THREADS`, which candle reads per product, unless the user
+/// set it). The demo's matrices are tiny: splitting them over threads costs more in hand-offs
+/// than it saves — building the family measured 6× slower with 2 threads on 2 busy cores —
+/// and the results are the same bits either way (products are split by output block, not
+/// along the sum).
+pub fn single_threaded_compute() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        std::env::set_var("RAYON_NUM_THREADS", "1");
+    }
+}
+
 /// The validation CSV of a skill inside a demo directory.
 pub fn validation_csv(dir: &Path, skill: tasks::Skill) -> PathBuf {
     dir.join("data")

@@ -51,6 +51,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, None | Some(Command::Demo(_))) {
+        // Before any thread starts: the demo's tiny models train and run fastest on one.
+        demo::single_threaded_compute();
+    }
     let level = match cli.verbose {
         0 => "warn",
         1 => "info",
