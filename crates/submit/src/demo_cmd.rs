@@ -30,7 +30,7 @@ fn ensure(dir: &Path) -> Result<()> {
     let recipe = demo::Recipe::default();
     if demo::cached(dir, &recipe).is_none() {
         println!(
-            "building the demo model family in {} (once; about a minute on 2 cores)",
+            "building the demo model family in {} (once; under a minute on 2 cores)",
             dir.display()
         );
         demo::build(dir, &recipe)?;
