@@ -6,6 +6,9 @@
 //! `HUGGINGFACE_HUB_CACHE`, else `$HF_HOME/hub` (default `~/.cache/huggingface/hub`);
 //! `HF_ENDPOINT` for the server; `HF_HUB_OFFLINE=1` resolves from the cache only.
 //!
+//! `demo:NAME` names a member of the offline demo family (`llm-merging demo`): the directory
+//! `NAME` inside [`demo_dir`].
+//!
 //! Files are fetched lazily, one by one, when a step asks for them, so a merge downloads
 //! config, index and shards, and nothing else.
 
@@ -121,6 +124,37 @@ impl HubSettings {
     }
 }
 
+/// Prefix of references to the offline demo family (`demo:base`, `demo:largest`, ...).
+pub const DEMO_PREFIX: &str = "demo:";
+
+/// The workspace root above `start`: the nearest directory whose `Cargo.toml` declares a
+/// `[workspace]`.
+pub fn find_workspace(start: &Path) -> Option<PathBuf> {
+    let start = start.canonicalize().unwrap_or_else(|_| start.to_path_buf());
+    start.ancestors().find_map(|d| {
+        let text = std::fs::read_to_string(d.join("Cargo.toml")).ok()?;
+        text.contains("[workspace]").then(|| d.to_path_buf())
+    })
+}
+
+/// Where the demo family lives: `LLM_MERGING_DEMO_DIR`, else `.cache/demo` in the workspace
+/// above `start` (or above the working directory).
+pub fn demo_dir(start: Option<&Path>) -> Result<PathBuf> {
+    if let Some(d) = env("LLM_MERGING_DEMO_DIR") {
+        return Ok(PathBuf::from(d));
+    }
+    let cwd = std::env::current_dir().ok();
+    start
+        .and_then(find_workspace)
+        .or_else(|| cwd.as_deref().and_then(find_workspace))
+        .map(|w| w.join(".cache").join("demo"))
+        .ok_or_else(|| Error::Config {
+            path: "demo:".into(),
+            message: "cannot find the workspace for `demo:` models; set LLM_MERGING_DEMO_DIR"
+                .into(),
+        })
+}
+
 /// Resolves model references to file providers.
 pub struct Resolver {
     settings: HubSettings,
@@ -175,6 +209,16 @@ impl Resolver {
 
     /// Resolve a reference: a local directory as it is, a hub id to a pinned commit.
     pub fn resolve(&self, r: &ModelRef) -> Result<ModelFiles> {
+        if let Some(name) = r.model.strip_prefix(DEMO_PREFIX) {
+            let dir = demo_dir(self.base_dir.as_deref())?.join(name);
+            if !dir.is_dir() {
+                return Err(Error::MissingFile {
+                    path: dir,
+                    hint: Some("demo model; build the demo family with `llm-merging demo`".into()),
+                });
+            }
+            return Ok(ModelFiles::local(r.clone(), dir));
+        }
         if let Some(dir) = self.local_dir(&r.model)? {
             if r.revision.is_some() {
                 tracing::warn!(

@@ -239,6 +239,10 @@ impl Entry {
             ),
             "ENTRY_DIR" => Some(self.dir.display().to_string()),
             "WORKSPACE" => Some(self.workspace.display().to_string()),
+            // The offline demo family's directory (`llm-merging demo`).
+            "DEMO_DIR" => merge_core::source::demo_dir(Some(&self.workspace))
+                .ok()
+                .map(|d| d.display().to_string()),
             other => std::env::var(other).ok(),
         })
         .with_context(|| format!("{}: path `{p}`", self.dir.join("entry.toml").display()))?;

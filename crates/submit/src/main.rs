@@ -1,6 +1,7 @@
 //! `llm-merging`: merge, evaluate, predict and package a competition entry.
 
 mod convert_cmd;
+mod demo_cmd;
 mod device;
 mod entry;
 mod eval_cmd;
@@ -44,10 +45,16 @@ enum Command {
     Package(run_cmd::RunArgs),
     /// Print a mergekit YAML config as the equivalent merge config TOML.
     Convert(convert_cmd::ConvertArgs),
+    /// Build the offline demo model family (cached) and print base, experts and merges scored.
+    Demo(demo_cmd::DemoArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, None | Some(Command::Demo(_))) {
+        // Before any thread starts: the demo's tiny models train and run fastest on one.
+        demo::single_threaded_compute();
+    }
     let level = match cli.verbose {
         0 => "warn",
         1 => "info",
@@ -69,12 +76,8 @@ fn main() -> ExitCode {
         Some(Command::FetchData(args)) => fetch_data::run(args),
         Some(Command::Check(args)) => rules::run(args),
         Some(Command::Run(args)) | Some(Command::Package(args)) => run_cmd::run(&args).map(|_| ()),
-        None => run_cmd::run(&run_cmd::RunArgs {
-            entry: "submissions/demo".into(),
-            force: false,
-            dir_name: "LLM-Merging".into(),
-        })
-        .map(|_| ()),
+        None => demo_cmd::run_default(std::path::Path::new("submissions/demo")),
+        Some(Command::Demo(args)) => demo_cmd::run(&args),
         Some(Command::Convert(args)) => convert_cmd::run(args),
     };
     match result {

@@ -141,6 +141,8 @@ fn is_weight_file(name: &str) -> bool {
 pub fn run(args: &RunArgs) -> Result<Vec<StageReport>> {
     let total = Instant::now();
     let entry = Entry::load(&args.entry)?;
+    // An entry over the offline demo family builds it first (once; cached by recipe).
+    crate::demo_cmd::ensure_for_entry(&entry)?;
     let settings = HubSettings::from_env();
     let token = settings.token.clone();
     let resolver = Resolver::new(settings).with_base_dir(&entry.dir);

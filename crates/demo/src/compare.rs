@@ -1,0 +1,213 @@
+//! The demo table: base, each expert and reference merges, scored on every skill's validation
+//! CSV with the eval harness. Merged models and scores are cached inside the demo directory
+//! (which a recipe change replaces whole), keyed by the merge config and eval settings.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device};
+use eval_harness::runner::{EvalOptions, LoadedModel};
+use eval_harness::score::Scoring;
+use merge_core::config::MergeConfig;
+use merge_core::merge::{self, MergeOptions};
+use merge_core::source::Resolver;
+use sha2::{Digest, Sha256};
+
+use crate::tasks::Skill;
+use crate::{BASE, EXPERT_LARGEST, EXPERT_REVERSE, LORA_OPPOSITE};
+
+/// Evaluation settings of the demo (the demo entry uses the same).
+pub fn eval_options() -> EvalOptions {
+    EvalOptions {
+        batch_size: 16,
+        // Four words and EOS are five tokens; a little slack shows run-on answers as errors.
+        max_gen_len: 8,
+        limit: None,
+        // Every choice token scored: the kit's rule leaves only log p(EOS | choice) for
+        // one-token answers, which measures how an answer ends, not whether it is right.
+        scoring: Scoring::Full,
+        progress: false,
+    }
+}
+
+/// The merge parameters of the reference rows, as merge config TOML bodies (after
+/// `[merge]`'s `method` and `base_model`, which are filled in).
+pub const REFERENCE_MERGES: [(&str, &str); 3] = [
+    ("ties", "[merge.parameters]\ndensity = 0.5\nweight = 1.0\n"),
+    ("task_arithmetic", "[merge.parameters]\nweight = 1.0\n"),
+    ("linear", "[merge.parameters]\nweight = 1.0\n"),
+];
+
+/// A merge config over the demo family in `dir` with local paths.
+pub fn merge_config_toml(dir: &Path, method: &str, params: &str) -> String {
+    let p = |n: &str| dir.join(n).display().to_string().replace('\\', "/");
+    let base = if method == "linear" {
+        String::new()
+    } else {
+        format!("base_model = \"{}\"\n", p(BASE))
+    };
+    let mut s = format!("[merge]\nmethod = \"{method}\"\n{base}dtype = \"float32\"\n{params}");
+    for m in [EXPERT_LARGEST, EXPERT_REVERSE, LORA_OPPOSITE] {
+        s.push_str(&format!("[[merge.models]]\nmodel = \"{}\"\n", p(m)));
+    }
+    if method == "linear" {
+        // linear needs a base for the adapter expert: name it for the adapter only.
+        s = s.replacen("dtype", &format!("base_model = \"{}\"\ndtype", p(BASE)), 1);
+    }
+    s
+}
+
+/// One table row.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Row {
+    /// Model name.
+    pub name: String,
+    /// Score per skill, in [`Skill::ALL`] order.
+    pub scores: Vec<f64>,
+}
+
+impl Row {
+    /// Mean of the skill scores.
+    pub fn average(&self) -> f64 {
+        self.scores.iter().sum::<f64>() / self.scores.len().max(1) as f64
+    }
+}
+
+/// The comparison.
+#[derive(Debug, Clone)]
+pub struct Table {
+    /// Rows in display order.
+    pub rows: Vec<Row>,
+}
+
+impl Table {
+    /// The row named `name`.
+    pub fn row(&self, name: &str) -> Option<&Row> {
+        self.rows.iter().find(|r| r.name == name)
+    }
+
+    /// Plain-text rendering: one column per skill (its metric in the header) and the average.
+    pub fn render(&self) -> String {
+        let mut s = format!("{:<22}", "model");
+        for k in Skill::ALL {
+            s.push_str(&format!(
+                " {:>18}",
+                format!("{} ({})", k.name(), k.metric())
+            ));
+        }
+        s.push_str(&format!(" {:>8}\n", "average"));
+        for r in &self.rows {
+            s.push_str(&format!("{:<22}", r.name));
+            for v in &r.scores {
+                s.push_str(&format!(" {:>18.3}", v));
+            }
+            s.push_str(&format!(" {:>8.3}\n", r.average()));
+        }
+        s
+    }
+}
+
+/// Scores a loaded model on every skill's validation CSV of `dir`.
+pub fn score_model(dir: &Path, m: &LoadedModel) -> Result<Vec<f64>> {
+    let opts = eval_options();
+    let mut out = Vec::new();
+    for k in Skill::ALL {
+        let path = crate::validation_csv(dir, k);
+        let ds = eval_harness::dataset::load(&path)?;
+        let r = eval_harness::runner::evaluate(m, &ds, &opts)?;
+        out.push(
+            *r.scores
+                .get(k.metric())
+                .with_context(|| format!("{}: no {} score", path.display(), k.metric()))?,
+        );
+    }
+    Ok(out)
+}
+
+fn cached_scores(
+    cache: &Path,
+    name: &str,
+    key: &str,
+    f: impl FnOnce() -> Result<Vec<f64>>,
+) -> Result<Row> {
+    let file = cache.join(format!("{name}.json"));
+    if let Ok(text) = std::fs::read_to_string(&file) {
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+            if v["key"] == key {
+                if let Ok(row) = serde_json::from_value::<Row>(v["row"].clone()) {
+                    return Ok(row);
+                }
+            }
+        }
+    }
+    let row = Row {
+        name: name.to_string(),
+        scores: f()?,
+    };
+    std::fs::create_dir_all(cache)?;
+    std::fs::write(
+        &file,
+        serde_json::to_string_pretty(&serde_json::json!({ "key": key, "row": row }))?,
+    )?;
+    Ok(row)
+}
+
+fn key(parts: &[&str]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update(p.as_bytes());
+        h.update([0]);
+    }
+    h.update(format!("{:?}", eval_options()).as_bytes());
+    format!("{:x}", h.finalize())
+}
+
+/// Merges the family in `dir` with a merge config (TOML text) into `out`.
+pub fn run_merge(toml: &str, out: &Path) -> Result<()> {
+    let cfg = MergeConfig::from_toml_str(toml, "demo merge")?;
+    let inputs = merge::open_inputs(&cfg, &Resolver::from_env())?;
+    let plan = merge::plan(&cfg, &inputs)?;
+    let mut opts = MergeOptions::new(out);
+    opts.overwrite = true;
+    merge::execute(&cfg, &plan, &inputs, &opts)?;
+    Ok(())
+}
+
+/// The demo table for the family in `dir`: base, the three experts, and the reference merges
+/// ([`REFERENCE_MERGES`]). Cached per row in `dir/compare/`.
+pub fn compare(dir: &Path) -> Result<Table> {
+    let cache = dir.join("compare");
+    let load = |model: &Path, adapter: Option<&Path>| -> Result<LoadedModel> {
+        Ok(LoadedModel::load(model, adapter, DType::F32, &Device::Cpu)?)
+    };
+    let mut rows = Vec::new();
+    for (name, model, adapter) in [
+        (BASE, BASE, None),
+        (EXPERT_LARGEST, EXPERT_LARGEST, None),
+        (EXPERT_REVERSE, EXPERT_REVERSE, None),
+        (LORA_OPPOSITE, BASE, Some(LORA_OPPOSITE)),
+    ] {
+        let k = key(&["model", name]);
+        rows.push(cached_scores(&cache, name, &k, || {
+            let adapter: Option<PathBuf> = adapter.map(|a| dir.join(a));
+            score_model(dir, &load(&dir.join(model), adapter.as_deref())?)
+        })?);
+    }
+    for (method, params) in REFERENCE_MERGES {
+        let toml = merge_config_toml(dir, method, params);
+        let name = format!("merge: {method}");
+        let k = key(&["merge", &toml]);
+        rows.push(cached_scores(
+            &cache,
+            &format!("merge-{method}"),
+            &k,
+            || {
+                let out = cache.join(format!("merged-{method}"));
+                run_merge(&toml, &out)?;
+                score_model(dir, &load(&out, None)?)
+            },
+        )?);
+        rows.last_mut().expect("pushed").name = name;
+    }
+    Ok(Table { rows })
+}
