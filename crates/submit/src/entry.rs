@@ -163,25 +163,38 @@ pub fn workspace_root(start: &Path) -> PathBuf {
 impl Entry {
     /// Load `DIR/entry.toml` (DIR may also be a name under `submissions/`).
     pub fn load(dir: &Path) -> Result<Self> {
-        let dir = if dir.is_dir() || dir.components().count() > 1 {
-            dir.to_path_buf()
+        // An entry is a directory with entry.toml, or one .toml file (the examples in
+        // submissions/examples/ are entries of a [merge] table only); its name is then the
+        // file's stem.
+        let (dir, path, file_stem) = if dir.is_file() {
+            let parent = dir
+                .parent()
+                .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+            let stem = dir.file_stem().map(|s| s.to_string_lossy().into_owned());
+            (parent, dir.to_path_buf(), stem)
         } else {
-            Path::new("submissions").join(dir)
+            let d = if dir.is_dir() || dir.components().count() > 1 {
+                dir.to_path_buf()
+            } else {
+                Path::new("submissions").join(dir)
+            };
+            let p = d.join("entry.toml");
+            (d, p, None)
         };
-        let path = dir.join("entry.toml");
         if !dir.is_dir() {
             bail!("entry {}: no such directory", dir.display());
         }
         let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("entry {}: cannot read entry.toml", dir.display()))?;
+            .with_context(|| format!("entry {}: cannot read {}", dir.display(), path.display()))?;
         let origin = path.display().to_string();
         let file: EntryFile = toml::from_str(&text).map_err(|e| toml_error(&origin, &text, &e))?;
         file.merge.validate(&origin)?;
         let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
-        let name = dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "entry".into());
+        let name = file_stem.unwrap_or_else(|| {
+            dir.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "entry".into())
+        });
         let entry = Entry {
             workspace: workspace_root(&dir),
             dir,
@@ -377,5 +390,20 @@ mod tests {
             }
         }
         assert!(n >= 1, "no entries found");
+        // Every example config is an entry too (one file, named by its stem).
+        let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../submissions/examples");
+        let mut m = 0;
+        for e in std::fs::read_dir(examples).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "toml") {
+                let e = Entry::load(&p).unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
+                assert_eq!(
+                    Some(e.name.as_str()),
+                    p.file_stem().and_then(|s| s.to_str())
+                );
+                m += 1;
+            }
+        }
+        assert!(m >= 15, "one example per method expected, found {m}");
     }
 }
