@@ -16,8 +16,10 @@
 #    12). cudarc's `dynamic-loading` instead dlopens the libraries at run time (`libcublas.so`
 #    then versioned names, following LD_LIBRARY_PATH). The two features cannot be combined, so
 #    this script builds against a copy of candle-core unpacked from cargo's registry cache whose
-#    manifest asks for `dynamic-loading`, via a `[patch]` given on the command line. Nothing
-#    is vendored into the repository; Cargo.lock is restored afterwards.
+#    manifest asks for `dynamic-loading`, via a `[patch]` given on the command line. Likewise
+#    candle-kernels' build script links libcudart.so.11 for its statically built kernels; the
+#    patched copy links the static CUDA runtime instead. Nothing is vendored into the
+#    repository; Cargo.lock is restored afterwards.
 # 3. Output: target/cuda/release/llm-merging; the script prints its size and the shared
 #    libraries it needs (expected: only the C runtime) and fails if CUDA libraries are linked.
 set -euo pipefail
@@ -44,32 +46,48 @@ SRC
 fi
 nvcc --version | tail -2
 
-# candle-core from the registry cache, with cudarc's runtime loading.
+# candle-core and candle-kernels from the registry cache, patched (see the header).
 cargo fetch --locked >/dev/null
-version="$(cargo metadata --format-version 1 --locked | python3 -c 'import json,sys; print(next(p["version"] for p in json.load(sys.stdin)["packages"] if p["name"]=="candle-core"))')"
-crate_file="$(ls "${CARGO_HOME:-$HOME/.cargo}"/registry/cache/*/candle-core-"$version".crate | head -1)"
 work="${CUDA_PATCH_DIR:-${TMPDIR:-/tmp}/llm-merging-cuda-patch}"
-patched="$work/candle-core-$version"
-rm -rf "$patched"
 mkdir -p "$work"
-tar xzf "$crate_file" -C "$work"
-python3 - "$patched/Cargo.toml" <<'PY'
-import re, sys
-path = sys.argv[1]
-text = open(path).read()
+patch_args=()
+for crate in candle-core candle-kernels; do
+  version="$(cargo metadata --format-version 1 --locked --features submit/cuda | python3 -c "import json,sys; print(next(p['version'] for p in json.load(sys.stdin)['packages'] if p['name']=='$crate'))")"
+  crate_file="$(ls "${CARGO_HOME:-$HOME/.cargo}"/registry/cache/*/"$crate-$version".crate | head -1)"
+  rm -rf "$work/$crate-$version"
+  tar xzf "$crate_file" -C "$work"
+  patch_args+=(--config "patch.crates-io.$crate.path=\"$work/$crate-$version\"")
+done
+cudart_static="$(find /usr/lib /usr/local/cuda* -name libcudart_static.a -print -quit 2>/dev/null || true)"
+[[ -n "$cudart_static" ]] || { echo "build-cuda: libcudart_static.a not found" >&2; exit 1; }
+python3 - "$work"/candle-core-*/Cargo.toml "$work"/candle-kernels-*/build.rs "$(dirname "$cudart_static")" <<'PY'
+import sys
+core, kernels, cudart_dir = sys.argv[1], sys.argv[2], sys.argv[3]
+# candle-core: cudarc loads the CUDA libraries at run time instead of linking them.
+text = open(core).read()
 start = text.index("[dependencies.cudarc]")
 end = text.index("\n[", start + 1)
 block = text[start:end]
 if '"dynamic-linking"' not in block:
     sys.exit("build-cuda: candle-core's cudarc features changed; update this script")
-text = text[:start] + block.replace('"dynamic-linking"', '"dynamic-loading"') + text[end:]
-open(path, "w").write(text)
+open(core, "w").write(text[:start] + block.replace('"dynamic-linking"', '"dynamic-loading"') + text[end:])
+# candle-kernels: its statically built MoE/GGUF kernels need the CUDA runtime; link the
+# static runtime (it finds libcuda at run time itself) instead of libcudart.so.11.
+text = open(kernels).read()
+old = 'println!("cargo:rustc-link-lib=dylib=cudart");'
+if old not in text:
+    sys.exit("build-cuda: candle-kernels' build script changed; update this script")
+new = (f'println!("cargo:rustc-link-search=native={cudart_dir}"); '
+       'println!("cargo:rustc-link-lib=static=cudart_static"); '
+       'println!("cargo:rustc-link-lib=dylib=rt"); '
+       'println!("cargo:rustc-link-lib=dylib=dl"); '
+       'println!("cargo:rustc-link-lib=dylib=pthread");')
+open(kernels, "w").write(text.replace(old, new))
 PY
 
 cp Cargo.lock "$work/Cargo.lock.orig"
 trap 'cp "$work/Cargo.lock.orig" Cargo.lock' EXIT
-cargo "$mode" --release -p submit --features cuda --target-dir target/cuda \
-  --config "patch.crates-io.candle-core.path=\"$patched\""
+cargo "$mode" --release -p submit --features cuda --target-dir target/cuda "${patch_args[@]}"
 
 if [[ "$mode" == "build" ]]; then
   bin=target/cuda/release/llm-merging

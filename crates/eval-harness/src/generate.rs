@@ -51,9 +51,11 @@ pub fn greedy_batch(
         .map(|p| (0..width).map(|j| j >= width - p.len()).collect())
         .collect();
     let mut cache = model.new_cache();
-    let hidden = model.forward(&rows, &valid, &mut cache)?;
-    // Only the last position needs the vocabulary projection.
-    let mut next = argmax_rows(&model.logits(&hidden.i((.., width - 1))?)?)?;
+    // Only the last position's hidden state (and vocabulary projection) is needed.
+    let hidden = model
+        .forward_last(&rows, &valid, &mut cache, 1)?
+        .ok_or_else(|| crate::error::Error::Msg("empty prompt batch".into()))?;
+    let mut next = argmax_rows(&model.logits(&hidden.i((.., 0))?)?)?;
     // Rows of the running batch, as indices into `prompts`.
     let mut active: Vec<usize> = (0..prompts.len()).collect();
     for step in 0..max_new {

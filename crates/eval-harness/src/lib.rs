@@ -1,5 +1,6 @@
 //! A checkpoint in, predictions and scores out: the competition's local evaluation of decoder
-//! models with the official starter kit's semantics (see docs/starter-kit-semantics.md).
+//! and encoder-decoder (T5) models with the official starter kit's semantics (see
+//! docs/starter-kit-semantics.md).
 
 pub mod dataset;
 pub mod error;
@@ -13,4 +14,5 @@ pub mod generate;
 pub mod report;
 pub mod runner;
 pub mod score;
+pub mod seq2seq;
 pub mod synthetic;

@@ -24,8 +24,10 @@ use crate::weights::{CheckpointSource, WeightSource};
 pub struct EvalOptions {
     /// Generation rows decoded together (multiple choice batches the choices of one example).
     pub batch_size: usize,
-    /// Most new tokens per generation (the kit's max_gen_len).
-    pub max_gen_len: usize,
+    /// Most new tokens per generation (the kit's max_gen_len). `None`: decoders use
+    /// [`DEFAULT_MAX_GEN_LEN`], encoder-decoders the model's generation config (as the kit's
+    /// `flant5_avg`, which sets none).
+    pub max_gen_len: Option<usize>,
     /// Only the first N rows of each dataset.
     pub limit: Option<usize>,
     /// Multiple-choice scoring rule.
@@ -38,13 +40,16 @@ impl Default for EvalOptions {
     fn default() -> Self {
         EvalOptions {
             batch_size: 8,
-            max_gen_len: 64,
+            max_gen_len: None,
             limit: None,
             scoring: Scoring::StarterKit,
             progress: true,
         }
     }
 }
+
+/// New tokens per generation for decoder-only models when none is set (the kit's baselines).
+pub const DEFAULT_MAX_GEN_LEN: usize = 64;
 
 /// Parses `f32|float32|bf16|bfloat16|f16|float16`.
 pub fn parse_dtype(s: &str) -> std::result::Result<DType, String> {
@@ -114,7 +119,54 @@ impl LoadedModel {
     }
 }
 
-fn progress(n: usize, name: &str, show: bool) -> ProgressBar {
+/// A loaded model of either kind, chosen from `config.json`'s `model_type`, so callers need
+/// no flag to tell T5 from a decoder.
+pub enum AnyModel {
+    /// Decoder-only (Llama, Mistral, Qwen2, Gemma).
+    Decoder(LoadedModel),
+    /// Encoder-decoder (T5, Flan-T5, mT5).
+    Seq2Seq(crate::seq2seq::Seq2SeqModel),
+}
+
+impl AnyModel {
+    /// Loads a model directory, optionally folding a PEFT LoRA adapter into the weights.
+    pub fn load(dir: &Path, adapter: Option<&Path>, dtype: DType, device: &Device) -> Result<Self> {
+        let p = dir.join("config.json");
+        let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Config {
+            path: p.clone(),
+            message: format!("invalid JSON: {e}"),
+        })?;
+        let model_type = v.get("model_type").and_then(|x| x.as_str()).unwrap_or("");
+        if crate::models::t5::T5_MODEL_TYPES.contains(&model_type) {
+            Ok(AnyModel::Seq2Seq(crate::seq2seq::Seq2SeqModel::load(
+                dir, adapter, dtype, device,
+            )?))
+        } else {
+            Ok(AnyModel::Decoder(LoadedModel::load(
+                dir, adapter, dtype, device,
+            )?))
+        }
+    }
+
+    /// Evaluates one dataset with whichever evaluation the model's kind needs.
+    pub fn evaluate(&self, ds: &Dataset, opts: &EvalOptions) -> Result<DatasetOutcome> {
+        match self {
+            AnyModel::Decoder(m) => evaluate(m, ds, opts),
+            AnyModel::Seq2Seq(m) => crate::seq2seq::evaluate(m, ds, opts),
+        }
+    }
+
+    /// `decoder` or `encoder-decoder`, for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AnyModel::Decoder(_) => "decoder",
+            AnyModel::Seq2Seq(_) => "encoder-decoder",
+        }
+    }
+}
+
+pub(crate) fn progress(n: usize, name: &str, show: bool) -> ProgressBar {
     let pb = ProgressBar::with_draw_target(
         Some(n as u64),
         if show {
@@ -191,7 +243,7 @@ pub fn evaluate(m: &LoadedModel, ds: &Dataset, opts: &EvalOptions) -> Result<Dat
         let outs = greedy_batch(
             &m.model,
             &prompts,
-            opts.max_gen_len,
+            opts.max_gen_len.unwrap_or(DEFAULT_MAX_GEN_LEN),
             m.tok.eos_id(),
             m.tok.pad_id(),
         )

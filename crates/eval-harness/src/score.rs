@@ -90,12 +90,19 @@ pub fn score_choices(
     }
     let n = ids.len();
     let mut cache = model.new_cache();
-    let hidden = model.forward(std::slice::from_ref(&ids), &[vec![true; n]], &mut cache)?;
+    // Starter-kit scoring needs no prompt logits at all; full scoring only the last position's.
+    let keep = usize::from(mode == Scoring::Full);
+    let hidden = model.forward_last(
+        std::slice::from_ref(&ids),
+        &[vec![true; n]],
+        &mut cache,
+        keep,
+    )?;
     let mut scores = vec![0f64; choices.len()];
 
-    if mode == Scoring::Full {
+    if let Some(hidden) = hidden {
         // The prompt's last position predicts each choice's first token.
-        let last = hidden.i((0, n - 1..n))?;
+        let last = hidden.i((0, 0..1))?;
         let lp = candle_nn::ops::log_softmax(&model.logits(&last)?, D::Minus1)?;
         let lp: Vec<f32> = lp.squeeze(0)?.to_vec1()?;
         for (s, c) in scores.iter_mut().zip(&cids) {

@@ -158,6 +158,156 @@ fn put_raw(
     Ok(())
 }
 
+/// Every tensor of a T5 with `cfg`'s shapes, with the HF names. Norm weights are `1 + 0.25u`,
+/// the shared embedding `u` (`0.25u` when the head is tied), relative position biases `0.5u`, projections and the untied head
+/// `0.125u`; the head row of `eos` (the shared row when the head is tied) is multiplied by 4 so
+/// random models do stop.
+pub fn t5_weights(cfg: &crate::models::T5Config, eos: u32) -> Result<HashMap<String, Tensor>> {
+    let dev = Device::Cpu;
+    let mut m = HashMap::new();
+    let (d, inner, ff, v) = (
+        cfg.d_model,
+        cfg.num_heads * cfg.d_kv,
+        cfg.d_ff,
+        cfg.vocab_size,
+    );
+    let boost = |mut t: Vec<f32>| -> Vec<f32> {
+        let r = eos as usize * d;
+        t[r..r + d].iter_mut().for_each(|x| *x *= 4.0);
+        t
+    };
+    // A tied head reads the embedding back: a smaller embedding keeps random models from
+    // echoing their input token.
+    let scale = if cfg.tie_word_embeddings { 0.25 } else { 1.0 };
+    let shared = values("shared.weight", v * d, scale, 0.0);
+    let shared = if cfg.tie_word_embeddings {
+        boost(shared)
+    } else {
+        shared
+    };
+    put_raw(&mut m, "shared.weight", shared, &[v, d])?;
+    if !cfg.tie_word_embeddings {
+        let w = boost(values("lm_head.weight", v * d, 0.125, 0.0));
+        put_raw(&mut m, "lm_head.weight", w, &[v, d])?;
+    }
+    let mut put = |name: String, shape: &[usize], scale: f32, offset: f32| -> Result<()> {
+        let n = shape.iter().product();
+        let vals = values(&name, n, scale, offset);
+        m.insert(name, Tensor::from_vec(vals, shape, &dev)?);
+        Ok(())
+    };
+    for (stack, n, decoder) in [
+        ("encoder", cfg.num_layers, false),
+        ("decoder", cfg.num_decoder_layers, true),
+    ] {
+        put(format!("{stack}.final_layer_norm.weight"), &[d], 0.25, 1.0)?;
+        put(
+            format!("{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"),
+            &[cfg.relative_attention_num_buckets, cfg.num_heads],
+            0.5,
+            0.0,
+        )?;
+        for l in 0..n {
+            let p = format!("{stack}.block.{l}.layer");
+            let mut attn = vec![(0, "SelfAttention")];
+            if decoder {
+                attn.push((1, "EncDecAttention"));
+            }
+            for (i, a) in attn {
+                put(format!("{p}.{i}.layer_norm.weight"), &[d], 0.25, 1.0)?;
+                for x in ["q", "k", "v"] {
+                    put(format!("{p}.{i}.{a}.{x}.weight"), &[inner, d], 0.125, 0.0)?;
+                }
+                put(format!("{p}.{i}.{a}.o.weight"), &[d, inner], 0.125, 0.0)?;
+            }
+            let f = if decoder { 2 } else { 1 };
+            put(format!("{p}.{f}.layer_norm.weight"), &[d], 0.25, 1.0)?;
+            let wi: &[&str] = if cfg.gated {
+                &["wi_0", "wi_1"]
+            } else {
+                &["wi"]
+            };
+            for w in wi {
+                put(
+                    format!("{p}.{f}.DenseReluDense.{w}.weight"),
+                    &[ff, d],
+                    0.125,
+                    0.0,
+                )?;
+            }
+            put(
+                format!("{p}.{f}.DenseReluDense.wo.weight"),
+                &[d, ff],
+                0.125,
+                0.0,
+            )?;
+        }
+    }
+    Ok(m)
+}
+
+/// Writes a loadable T5 model directory: `config.json` (the given JSON), `model.safetensors`
+/// with [`t5_weights`] (the EOS from `config.json`), and the tokenizer files copied from
+/// `tokenizer_dir`.
+pub fn write_t5_model_dir(
+    dir: &std::path::Path,
+    config: &serde_json::Value,
+    tokenizer_dir: &std::path::Path,
+) -> Result<()> {
+    use crate::error::Error;
+    let cfg = crate::models::T5Config::from_json(config).map_err(Error::Msg)?;
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        let src = tokenizer_dir.join(f);
+        std::fs::copy(&src, dir.join(f)).map_err(|e| Error::io(&src, e))?;
+    }
+    let w = t5_weights(&cfg, cfg.eos_token_id)?;
+    candle_core::safetensors::save(&w, dir.join("model.safetensors"))?;
+    let text = serde_json::to_string_pretty(config).map_err(|e| Error::Msg(e.to_string()))?;
+    let p = dir.join("config.json");
+    std::fs::write(&p, text).map_err(|e| Error::io(&p, e))?;
+    Ok(())
+}
+
+/// The factors of a PEFT LoRA adapter of rank `rank` on every `q` and `v` of a T5 (encoder
+/// and decoder self attention, decoder cross attention: what `target_modules = ["q", "v"]`
+/// adapts, as in lorahub's flan-t5 adapters), named `base_model.model.<module>.lora_A.weight`
+/// (`rank × d_model`) and `…lora_B.weight` (`heads·d_kv × rank`), values `0.125u` from the
+/// stream `adapter<which>.<key>`. Mirrors `lora_factors` in scripts/goldens/t5_goldens.py.
+pub fn t5_qv_lora_factors(
+    cfg: &crate::models::T5Config,
+    which: usize,
+    rank: usize,
+) -> Result<HashMap<String, Tensor>> {
+    let (d, inner) = (cfg.d_model, cfg.num_heads * cfg.d_kv);
+    let mut mods = Vec::new();
+    for l in 0..cfg.num_layers {
+        for x in ["q", "v"] {
+            mods.push(format!("encoder.block.{l}.layer.0.SelfAttention.{x}"));
+        }
+    }
+    for l in 0..cfg.num_decoder_layers {
+        for x in ["q", "v"] {
+            mods.push(format!("decoder.block.{l}.layer.0.SelfAttention.{x}"));
+            mods.push(format!("decoder.block.{l}.layer.1.EncDecAttention.{x}"));
+        }
+    }
+    let mut out = HashMap::new();
+    for m in mods {
+        for (part, shape) in [("lora_A", [rank, d]), ("lora_B", [inner, rank])] {
+            let key = format!("base_model.model.{m}.{part}.weight");
+            let v = values(
+                &format!("adapter{which}.{key}"),
+                shape[0] * shape[1],
+                0.125,
+                0.0,
+            );
+            put_raw(&mut out, &key, v, &shape)?;
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -59,7 +59,7 @@ fn batch_size_does_not_change_predictions() {
         assert!(longest.unwrap() > m.model.config().max_position_embeddings);
         let opts = |b: usize| EvalOptions {
             batch_size: b,
-            max_gen_len: g["max_gen_len"].as_u64().unwrap() as usize,
+            max_gen_len: Some(g["max_gen_len"].as_u64().unwrap() as usize),
             limit: None,
             scoring: Scoring::StarterKit,
             progress: false,
@@ -110,7 +110,7 @@ fn writes_outputs_and_honours_limit_and_full_scoring() {
     let ds = dataset::load(&goldens().join("rows.csv")).unwrap();
     let opts = EvalOptions {
         batch_size: 4,
-        max_gen_len: 4,
+        max_gen_len: Some(4),
         limit: Some(5),
         scoring: Scoring::Full,
         progress: false,
@@ -141,7 +141,7 @@ fn bf16_runs() {
     let ds = dataset::load(&goldens().join("rows.csv")).unwrap();
     let opts = EvalOptions {
         batch_size: 8,
-        max_gen_len: 3,
+        max_gen_len: Some(3),
         limit: None,
         scoring: Scoring::StarterKit,
         progress: false,

@@ -7,8 +7,9 @@
 //! - [`della_magprune`] (DELLA): keep with a probability that grows with the element's
 //!   magnitude rank in its row, from density − ε to density + ε.
 //!
-//! Magnitude ranks come from selection (`select_nth_unstable`, O(n)), never a full sort; only
-//! DELLA, whose probabilities need every rank, sorts (one row at a time, rows in parallel).
+//! Magnitude ranks come from selection (a parallel two-pass radix select on the bits of |δ|,
+//! O(n)), never a full sort; only DELLA, whose probabilities need every rank, sorts (one row
+//! at a time, rows in parallel).
 //! Equal magnitudes are ranked by position, so results never depend on thread scheduling.
 //!
 //! Rescaling: the deterministic methods rescale like mergekit (the kept L1 norm is scaled back
@@ -58,6 +59,57 @@ fn rescale_l1(x: &mut [f32], before: f64) {
     x.par_iter_mut().for_each(|v| *v *= f);
 }
 
+/// Elements per chunk of the parallel passes of the rank selection.
+const SELECT_CHUNK: usize = 1 << 18;
+
+/// Histogram of 16 bits of the magnitude keys (`shift` 16: the high half; 0: the low half of
+/// keys whose high half is `high`), counted in parallel.
+fn histogram(x: &[f32], shift: u32, high: Option<u32>) -> Vec<usize> {
+    x.par_chunks(SELECT_CHUNK)
+        .map(|c| {
+            let mut h = vec![0usize; 1 << 16];
+            for v in c {
+                let k = mag_key(*v);
+                match high {
+                    None => h[(k >> shift) as usize] += 1,
+                    Some(hi) if k >> 16 == hi => h[(k & 0xffff) as usize] += 1,
+                    Some(_) => {}
+                }
+            }
+            h
+        })
+        .reduce(
+            || vec![0usize; 1 << 16],
+            |mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                a
+            },
+        )
+}
+
+/// The magnitude key at ascending rank `rank` (< x.len()) and how many keys are smaller.
+///
+/// A two-pass radix selection (16 bits per pass, parallel histograms): O(n), no copy of the
+/// data, and unlike `select_nth_unstable` it splits across cores.
+pub fn key_at_rank(x: &[f32], rank: usize) -> (u32, usize) {
+    let locate = |h: &[usize], mut rank: usize| -> (usize, usize) {
+        let mut below = 0;
+        for (bin, &n) in h.iter().enumerate() {
+            if rank < n {
+                return (bin, below);
+            }
+            rank -= n;
+            below += n;
+        }
+        unreachable!("rank < number of elements")
+    };
+    let h1 = histogram(x, 16, None);
+    let (high, below_high) = locate(&h1, rank);
+    let h2 = histogram(x, 0, Some(high as u32));
+    let (low, below_low) = locate(&h2, rank - below_high);
+    (((high as u32) << 16) | low as u32, below_high + below_low)
+}
+
 /// Zero every element whose ascending-|x| rank is outside `lo..hi` (ties ranked by position).
 pub fn keep_rank_range(x: &mut [f32], lo: usize, hi: usize) {
     let n = x.len();
@@ -69,38 +121,70 @@ pub fn keep_rank_range(x: &mut [f32], lo: usize, hi: usize) {
         x.fill(0.0);
         return;
     }
-    let mut keys: Vec<u32> = x.par_iter().map(|v| mag_key(*v)).collect();
-    // The key at rank `lo` and the key at rank `hi − 1`; the second selection only needs
-    // the upper part the first one left.
-    let v_lo = (lo > 0).then(|| *keys.select_nth_unstable(lo).1);
-    let v_hi = (hi < n).then(|| *keys[lo..].select_nth_unstable(hi - 1 - lo).1);
-    drop(keys);
+    // The key at rank `lo` and the key at rank `hi − 1`, with how many keys are smaller.
+    let lower = (lo > 0).then(|| key_at_rank(x, lo));
+    let upper = (hi < n).then(|| key_at_rank(x, hi - 1));
     // Elements equal to a threshold are ranked by position: rank = (# smaller) + (# equal
-    // seen before).
-    let count_lt = |v: u32| x.par_iter().filter(|e| mag_key(**e) < v).count();
-    let lt_lo = v_lo.map(count_lt);
-    let lt_hi = v_hi.map(count_lt);
-    let (mut seen_lo, mut seen_hi) = (0usize, 0usize);
-    for e in x.iter_mut() {
-        let k = mag_key(*e);
-        let keep = if Some(k) == v_lo {
-            let rank = lt_lo.expect("set with v_lo") + seen_lo;
-            seen_lo += 1;
-            if v_lo == v_hi {
-                seen_hi += 1;
-            }
-            rank >= lo && rank < hi
-        } else if Some(k) == v_hi {
-            let rank = lt_hi.expect("set with v_hi") + seen_hi;
-            seen_hi += 1;
-            rank < hi
-        } else {
-            v_lo.is_none_or(|v| k > v) && v_hi.is_none_or(|v| k < v)
-        };
-        if !keep {
-            *e = 0.0;
-        }
+    // before it). Count the equal ones per chunk, then give each chunk its starting count.
+    let is_tie = |k: u32| lower.is_some_and(|l| l.0 == k) || upper.is_some_and(|u| u.0 == k);
+    let per_chunk: Vec<usize> = x
+        .par_chunks(SELECT_CHUNK)
+        .map(|c| c.iter().filter(|v| is_tie(mag_key(**v))).count())
+        .collect();
+    let mut starts = Vec::with_capacity(per_chunk.len());
+    let mut acc = 0usize;
+    for c in &per_chunk {
+        starts.push(acc);
+        acc += c;
     }
+    // With two distinct thresholds, ties of each are counted apart: recount per key below.
+    let two_keys = matches!((lower, upper), (Some(l), Some(u)) if l.0 != u.0);
+    let starts_for = |key: u32| -> Vec<usize> {
+        if !two_keys {
+            return starts.clone();
+        }
+        let counts: Vec<usize> = x
+            .par_chunks(SELECT_CHUNK)
+            .map(|c| c.iter().filter(|v| mag_key(**v) == key).count())
+            .collect();
+        let mut s = Vec::with_capacity(counts.len());
+        let mut acc = 0usize;
+        for c in counts {
+            s.push(acc);
+            acc += c;
+        }
+        s
+    };
+    let lower_starts = lower.map(|l| starts_for(l.0));
+    let upper_starts = upper.map(|u| starts_for(u.0));
+    x.par_chunks_mut(SELECT_CHUNK)
+        .enumerate()
+        .for_each(|(c, chunk)| {
+            let mut seen_lo = lower_starts.as_ref().map_or(0, |s| s[c]);
+            let mut seen_hi = upper_starts.as_ref().map_or(0, |s| s[c]);
+            for e in chunk.iter_mut() {
+                let k = mag_key(*e);
+                let keep = match (lower, upper) {
+                    (Some((lk, lb)), _) if k == lk => {
+                        let rank = lb + seen_lo;
+                        seen_lo += 1;
+                        if upper.is_some_and(|u| u.0 == k) {
+                            seen_hi += 1;
+                        }
+                        rank >= lo && rank < hi
+                    }
+                    (_, Some((uk, ub))) if k == uk => {
+                        let rank = ub + seen_hi;
+                        seen_hi += 1;
+                        rank < hi
+                    }
+                    _ => lower.is_none_or(|l| k > l.0) && upper.is_none_or(|u| k < u.0),
+                };
+                if !keep {
+                    *e = 0.0;
+                }
+            }
+        });
 }
 
 /// TIES' magnitude pruning: keep the k = max(1, ⌊density·n⌋) largest |x|; with `rescale`,
@@ -258,6 +342,30 @@ mod tests {
         let mut y = vec![2.0f32, 1.0, 1.0, 1.0, 3.0];
         keep_rank_range(&mut y, 2, 4); // ranks: idx1→0, idx2→1, idx3→2, idx0→3, idx4→4
         assert_eq!(kept(&y), vec![0, 3]);
+    }
+
+    #[test]
+    fn radix_selection_agrees_with_sorting() {
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        // Many ties (few distinct values) and both signs, across several chunks.
+        let x: Vec<f32> = (0..(SELECT_CHUNK * 2 + 1234))
+            .map(|_| ((rng.next_u32() % 2001) as f32 - 1000.0) / 7.0)
+            .collect();
+        let mut order: Vec<usize> = (0..x.len()).collect();
+        order.sort_by_key(|&i| (mag_key(x[i]), i));
+        for (lo, hi) in [(0, 10), (100, x.len()), (x.len() / 3, x.len() / 2), (5, 6)] {
+            let (key, below) = key_at_rank(&x, lo);
+            assert_eq!(key, mag_key(x[order[lo]]));
+            assert_eq!(below, x.iter().filter(|v| mag_key(**v) < key).count());
+            let mut y = x.clone();
+            keep_rank_range(&mut y, lo, hi);
+            let want: Vec<usize> = {
+                let mut w: Vec<usize> = order[lo..hi].to_vec();
+                w.sort();
+                w.into_iter().filter(|&i| x[i] != 0.0).collect()
+            };
+            assert_eq!(kept(&y), want, "ranks {lo}..{hi}");
+        }
     }
 
     #[test]

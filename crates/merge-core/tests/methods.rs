@@ -302,3 +302,14 @@ fn geometric_median_resists_one_outlier() {
         "the median stays with the majority: {median:?}"
     );
 }
+
+#[test]
+fn every_method_has_a_parsing_example_config() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../submissions/examples");
+    for name in methods::all_names() {
+        let path = dir.join(format!("{name}.toml"));
+        let cfg = merge_core::MergeConfig::from_toml_file(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert_eq!(cfg.method, name, "{}", path.display());
+    }
+}

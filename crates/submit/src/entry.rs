@@ -11,7 +11,7 @@
 //! [eval]
 //! datasets = ["${DATA_DIR}/validation/cosmos_qa.csv", "${DATA_DIR}/validation/xsum.csv"]
 //! scoring = "starter-kit"      # or "full"
-//! max_gen_len = 64
+//! max_gen_len = 64             # unset: 64 (decoders) / generation config (T5)
 //! batch_size = 8
 //! dtype = "float32"            # float32 | bfloat16 | float16
 //! device = "auto"              # auto | cpu | cuda (never a device id)
@@ -56,9 +56,10 @@ pub struct EvalSettings {
     /// `starter-kit` (exact) or `full`.
     #[serde(default = "default_scoring")]
     pub scoring: String,
-    /// Most new tokens per generation.
-    #[serde(default = "default_max_gen_len")]
-    pub max_gen_len: usize,
+    /// Most new tokens per generation; unset: 64 for decoders, the model's generation config
+    /// for encoder-decoders (the kit's `flant5_avg` sets none: 19 new tokens for flan-t5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_gen_len: Option<usize>,
     /// Rows evaluated together.
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
@@ -78,7 +79,7 @@ impl Default for EvalSettings {
         EvalSettings {
             datasets: default_datasets(),
             scoring: default_scoring(),
-            max_gen_len: default_max_gen_len(),
+            max_gen_len: None,
             batch_size: default_batch_size(),
             dtype: default_dtype(),
             device: default_device(),
@@ -112,9 +113,6 @@ fn default_datasets() -> Vec<String> {
 }
 fn default_scoring() -> String {
     "starter-kit".into()
-}
-fn default_max_gen_len() -> usize {
-    64
 }
 fn default_batch_size() -> usize {
     8

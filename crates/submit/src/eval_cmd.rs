@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use eval_harness::dataset;
 use eval_harness::report::{self, DatasetOutcome};
-use eval_harness::runner::{self, EvalOptions, LoadedModel};
+use eval_harness::runner::{self, AnyModel, EvalOptions};
 use eval_harness::score::Scoring;
 
 /// Options shared by `eval` and `predict`.
@@ -22,9 +22,10 @@ pub struct ModelArgs {
     /// Generation rows decoded together.
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
-    /// Most new tokens per generation (the kit's max_gen_len).
-    #[arg(long, default_value_t = 64)]
-    pub max_gen_len: usize,
+    /// Most new tokens per generation (the kit's max_gen_len) [default: 64 for decoders; for
+    /// encoder-decoders the model's generation config, 19 new tokens for flan-t5].
+    #[arg(long)]
+    pub max_gen_len: Option<usize>,
     /// Only the first N rows of each file.
     #[arg(long)]
     pub limit: Option<usize>,
@@ -76,21 +77,26 @@ fn options(a: &ModelArgs) -> EvalOptions {
     }
 }
 
-fn load_model(a: &ModelArgs) -> Result<LoadedModel> {
+fn load_model(a: &ModelArgs) -> Result<AnyModel> {
     let dtype = runner::parse_dtype(&a.dtype).map_err(anyhow::Error::msg)?;
     let device = runner::parse_device(&a.device)?;
     let t = Instant::now();
-    let m = LoadedModel::load(&a.model, a.adapter.as_deref(), dtype, &device).with_context(
-        || match &a.adapter {
+    let m =
+        AnyModel::load(&a.model, a.adapter.as_deref(), dtype, &device).with_context(|| match &a
+            .adapter
+        {
             Some(ad) => format!(
                 "loading {} with adapter {}",
                 a.model.display(),
                 ad.display()
             ),
             None => format!("loading the model from {}", a.model.display()),
-        },
-    )?;
-    tracing::info!("model loaded in {:.1}s", t.elapsed().as_secs_f64());
+        })?;
+    tracing::info!(
+        "{} model loaded in {:.1}s",
+        m.kind(),
+        t.elapsed().as_secs_f64()
+    );
     Ok(m)
 }
 
@@ -114,7 +120,15 @@ fn load_datasets(paths: &[PathBuf]) -> Result<Vec<dataset::Dataset>> {
 pub fn run_eval(args: EvalArgs) -> Result<()> {
     let paths = if args.data.is_empty() {
         let d = Path::new("data/validation");
-        vec![d.join("cosmos_qa.csv"), d.join("xsum.csv")]
+        let paths = vec![d.join("cosmos_qa.csv"), d.join("xsum.csv")];
+        if let Some(missing) = paths.iter().find(|p| !p.is_file()) {
+            bail!(
+                "{} not found: without --data, eval reads the official validation files from \
+                 data/validation/ (fetch them as data/README describes, or pass --data FILE...)",
+                missing.display()
+            );
+        }
+        paths
     } else {
         args.data.clone()
     };
@@ -124,7 +138,7 @@ pub fn run_eval(args: EvalArgs) -> Result<()> {
     let opts = options(&args.model);
     let mut results: Vec<DatasetOutcome> = Vec::new();
     for ds in &datasets {
-        let r = runner::evaluate(&m, ds, &opts)?;
+        let r = m.evaluate(ds, &opts)?;
         eprintln!(
             "{}: {} rows in {:.1}s ({:.2} rows/s)",
             r.name,
@@ -145,7 +159,7 @@ pub fn run_eval(args: EvalArgs) -> Result<()> {
 pub fn run_predict(args: PredictArgs) -> Result<()> {
     let ds = dataset::load(&args.data)?;
     let m = load_model(&args.model)?;
-    let r = runner::evaluate(&m, &ds, &options(&args.model))?;
+    let r = m.evaluate(&ds, &options(&args.model))?;
     report::write_atomic(&args.out, |p| report::write_predictions_csv(p, &r.examples))
         .with_context(|| format!("writing {}", args.out.display()))?;
     eprintln!(

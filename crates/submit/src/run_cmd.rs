@@ -268,7 +268,7 @@ pub fn run(args: &RunArgs) -> Result<Vec<StageReport>> {
         .filter(|s| !args.force && s.key == predict_key && predict_csv.is_file());
 
     let mut model = None;
-    let load_model = || -> Result<eval_harness::runner::LoadedModel> {
+    let load_model = || -> Result<eval_harness::runner::AnyModel> {
         let dtype = eval_harness::runner::parse_dtype(&eval.dtype).map_err(anyhow::Error::msg)?;
         // An adapter-level merge evaluates as its base plus the merged adapter.
         if merged.join("adapter_config.json").is_file() {
@@ -277,14 +277,14 @@ pub fn run(args: &RunArgs) -> Result<Vec<StageReport>> {
                 None => inputs.reference.files().clone(),
             };
             let base_dir = materialize(&base_files)?;
-            Ok(eval_harness::runner::LoadedModel::load(
+            Ok(eval_harness::runner::AnyModel::load(
                 &base_dir,
                 Some(&merged),
                 dtype,
                 &dev,
             )?)
         } else {
-            Ok(eval_harness::runner::LoadedModel::load(
+            Ok(eval_harness::runner::AnyModel::load(
                 &merged, None, dtype, &dev,
             )?)
         }
@@ -317,7 +317,7 @@ pub fn run(args: &RunArgs) -> Result<Vec<StageReport>> {
             };
             let mut results = Vec::new();
             for ds in &loaded {
-                results.push(eval_harness::runner::evaluate(&m, ds, &opts)?);
+                results.push(m.evaluate(ds, &opts)?);
             }
             model = Some(m);
             if eval_dir.exists() {
@@ -354,7 +354,7 @@ pub fn run(args: &RunArgs) -> Result<Vec<StageReport>> {
             };
             let mut test_opts = opts.clone();
             test_opts.limit = None;
-            let r = eval_harness::runner::evaluate(&m, &ds, &test_opts)?;
+            let r = m.evaluate(&ds, &test_opts)?;
             std::fs::create_dir_all(predict_csv.parent().expect("has parent"))?;
             eval_harness::report::write_atomic(&predict_csv, |p| {
                 eval_harness::report::write_predictions_csv(p, &r.examples)

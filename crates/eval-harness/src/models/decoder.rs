@@ -11,7 +11,9 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Embedding, Linear};
+use candle_nn::Embedding;
+
+use super::linear::Lin as Linear;
 
 use crate::error::{Error, Result};
 use crate::weights::WeightSource;
@@ -431,7 +433,7 @@ impl Decoder {
             } else {
                 None
             };
-            Ok(Linear::new(w, b))
+            Linear::new(w, b)
         };
         // Gemma's RMSNorm multiplies by (1 + w); fold the 1 in once, in f32.
         let norm = |name: &str| -> Result<Tensor> {
@@ -503,7 +505,7 @@ impl Decoder {
             });
         }
         let lm_head = if cfg.tie_word_embeddings {
-            Linear::new(embed_w.clone(), None)
+            Linear::new(embed_w.clone(), None)?
         } else if src.contains("lm_head.weight") {
             lin("lm_head", cfg.vocab_size, h, false)?
         } else {
@@ -556,8 +558,25 @@ impl Decoder {
         valid: &[Vec<bool>],
         cache: &mut KvCache,
     ) -> Result<Tensor> {
+        let t = ids.first().map_or(0, Vec::len);
+        self.forward_last(ids, valid, cache, t)?
+            .ok_or_else(|| Error::Msg("forward called with an empty batch".into()))
+    }
+
+    /// Like [`Decoder::forward`], but returns hidden states only for the last `keep` positions
+    /// (`None` when `keep` is 0). The last layer then computes keys and values for every
+    /// position (the cache needs them) but queries, attention output and MLP only for the kept
+    /// positions: with a prompt whose logits are not needed that skips most of a layer.
+    pub fn forward_last(
+        &self,
+        ids: &[Vec<u32>],
+        valid: &[Vec<bool>],
+        cache: &mut KvCache,
+        keep: usize,
+    ) -> Result<Option<Tensor>> {
         let b = ids.len();
         let t = ids.first().map_or(0, Vec::len);
+        let keep = keep.min(t);
         if b == 0 || t == 0 {
             return Err(Error::Msg("forward called with an empty batch".into()));
         }
@@ -618,9 +637,19 @@ impl Decoder {
 
         let mask = Mask::new(&cache.valid, past, total, self.cfg.sliding_window);
 
-        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+        let last = self.layers.len() - 1;
+        for (i, (layer, kv)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.input_norm, self.cfg.rms_norm_eps as f32)?;
-            let a = self.attention(&layer.attn, &h, &cos, &sin, &mask, kv)?;
+            // Earlier layers feed every position to the next layer's keys and values; the last
+            // one only has to produce the kept positions.
+            let q_start = if i == last { t - keep } else { 0 };
+            let a = self.attention(&layer.attn, &h, (&cos, &sin), &mask, kv, q_start)?;
+            let Some(a) = a else {
+                return Ok(None);
+            };
+            if q_start > 0 {
+                x = x.narrow(1, q_start, keep)?;
+            }
             x = (x + a)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.post_norm, self.cfg.rms_norm_eps as f32)?;
             let m = &layer.mlp;
@@ -633,11 +662,11 @@ impl Decoder {
             let y = m.down.forward(&(g * m.up.forward(&h)?)?)?;
             x = (x + y)?;
         }
-        Ok(candle_nn::ops::rms_norm(
+        Ok(Some(candle_nn::ops::rms_norm(
             &x,
             &self.norm,
             self.cfg.rms_norm_eps as f32,
-        )?)
+        )?))
     }
 
     /// Projects hidden states (any leading shape, last dim = hidden) to f32 vocabulary logits.
@@ -649,38 +678,52 @@ impl Decoder {
         &self,
         a: &Attention,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
+        (cos, sin): (&Tensor, &Tensor),
         mask: &Mask,
         kv: &mut Option<(Tensor, Tensor)>,
-    ) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
+        q_start: usize,
+    ) -> Result<Option<Tensor>> {
+        let (b, t_all, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
-        let q =
-            a.q.forward(x)?
-                .reshape((b, t, nh, hd))?
-                .transpose(1, 2)?
-                .contiguous()?;
         let k =
             a.k.forward(x)?
-                .reshape((b, t, nkv, hd))?
+                .reshape((b, t_all, nkv, hd))?
                 .transpose(1, 2)?
                 .contiguous()?;
         let v =
             a.v.forward(x)?
-                .reshape((b, t, nkv, hd))?
+                .reshape((b, t_all, nkv, hd))?
                 .transpose(1, 2)?
                 .contiguous()?;
-        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
         let (k, v) = match kv.take() {
             Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
             None => (k, v),
         };
         *kv = Some((k.clone(), v.clone()));
+        let t = t_all - q_start;
+        if t == 0 {
+            return Ok(None);
+        }
+        let (xq, cq, sq) = if q_start == 0 {
+            (x.clone(), cos.clone(), sin.clone())
+        } else {
+            (
+                x.narrow(1, q_start, t)?,
+                cos.narrow(1, q_start, t)?.contiguous()?,
+                sin.narrow(1, q_start, t)?.contiguous()?,
+            )
+        };
+        let q =
+            a.q.forward(&xq)?
+                .reshape((b, t, nh, hd))?
+                .transpose(1, 2)?
+                .contiguous()?;
+        let q = candle_nn::rotary_emb::rope(&q, &cq, &sq)?;
         let tk = k.dim(2)?;
         let rep = nh / nkv;
-        let kt = k.transpose(2, 3)?.contiguous()?;
+        // Transposed view: the matmul reads the column-major layout without a copy.
+        let kt = k.transpose(2, 3)?;
         let scale = 1.0 / (hd as f64).sqrt();
         // Queries in chunks so the score matrix stays bounded for long prompts.
         let chunk = (SCORE_BUDGET / (b * nh * tk).max(1)).clamp(1, t);
@@ -694,7 +737,7 @@ impl Decoder {
             let qg = qc.contiguous()?.reshape((b, nkv, rep * len, hd))?;
             let s = (qg.matmul(&kt)? * scale)?.to_dtype(DType::F32)?;
             let s = s.reshape((b, nkv, rep, len, tk))?;
-            let s = match mask.chunk(start, len, &self.device)? {
+            let s = match mask.chunk(q_start + start, len, &self.device)? {
                 Some(m) => s.broadcast_add(&m)?,
                 None => s,
             };
@@ -710,7 +753,7 @@ impl Decoder {
             Tensor::cat(&outs, 2)?
         };
         let o = o.transpose(1, 2)?.contiguous()?.reshape((b, t, nh * hd))?;
-        Ok(a.o.forward(&o)?)
+        Ok(Some(a.o.forward(&o)?))
     }
 }
 

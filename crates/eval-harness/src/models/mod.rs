@@ -1,5 +1,8 @@
 //! Model implementations on candle.
 
 pub mod decoder;
+pub mod linear;
+pub mod t5;
 
 pub use decoder::{Decoder, DecoderConfig, KvCache};
+pub use t5::{EncoderOutput, T5Cache, T5Config, T5};

@@ -18,7 +18,9 @@
 
 use candle_core::{Result, Tensor};
 
-use super::{MergeMethod, ParamSpec, TensorInputs};
+use rayon::prelude::*;
+
+use super::{tensor_like, with_f32_slices, MergeMethod, ParamSpec, TensorInputs, CHUNK};
 
 /// Weighted average; see the module docs.
 pub struct Linear;
@@ -38,21 +40,42 @@ impl MergeMethod for Linear {
         P
     }
 
+    fn scratch_tensors(&self, _n_models: usize) -> usize {
+        1
+    }
+
     fn merge(&self, x: &TensorInputs) -> Result<Tensor> {
-        let weights: Vec<f64> = (0..x.models.len())
-            .map(|i| x.model_param(i, "weight"))
+        let weights: Vec<f32> = (0..x.models.len())
+            .map(|i| x.model_param(i, "weight") as f32)
             .collect();
-        let mut acc = x.models[0].affine(weights[0], 0.0)?;
-        for (m, w) in x.models.iter().zip(&weights).skip(1) {
-            acc = (acc + m.affine(*w, 0.0)?)?;
-        }
-        if x.param("normalize") != 0.0 {
-            let total: f64 = weights.iter().sum();
+        let divisor = if x.param("normalize") != 0.0 {
+            let total: f32 = weights.iter().sum();
             if total.abs() < 1e-12 {
                 candle_core::bail!("linear: the weights sum to zero, cannot normalize");
             }
-            acc = acc.affine(1.0 / total, 0.0)?;
-        }
-        Ok(acc)
+            Some(total)
+        } else {
+            None
+        };
+        let inputs: Vec<&Tensor> = x.models.iter().collect();
+        // One fused pass into one buffer: no per-model temporaries.
+        let out = with_f32_slices(&inputs, |models| {
+            let mut out = vec![0f32; models[0].len()];
+            out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
+                let off = c * CHUNK;
+                for (j, o) in o.iter_mut().enumerate() {
+                    let mut acc = 0f32;
+                    for (m, w) in models.iter().zip(&weights) {
+                        acc += m[off + j] * w;
+                    }
+                    *o = match divisor {
+                        Some(d) => acc / d,
+                        None => acc,
+                    };
+                }
+            });
+            Ok(out)
+        })?;
+        tensor_like(out, &x.models[0])
     }
 }

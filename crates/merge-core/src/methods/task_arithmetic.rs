@@ -296,43 +296,66 @@ impl MergeMethod for TaskArithmeticFamily {
                     sparsify::mix_seed(x.seed, i as u64),
                 )
                 .map_err(candle_core::Error::msg)?;
-                let w = weights[i];
-                d.par_iter_mut().for_each(|v| *v *= w);
                 deltas.push(d);
             }
-            // Combine into the first buffer (each element is read before it is written).
+            // Combine into the first buffer, a block at a time, expert by expert (vectorisable
+            // loops; each element is read before it is written). Weights are applied here,
+            // after sparsification, as mergekit does.
             let (first, rest) = deltas.split_first_mut().expect("at least one model");
             let consensus = self.consensus.is_some();
-            first.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
-                let off = c * CHUNK;
-                let mut vals = vec![0f32; k];
-                for (j, o) in o.iter_mut().enumerate() {
-                    let jj = off + j;
-                    vals[0] = *o;
-                    for (v, r) in vals[1..].iter_mut().zip(rest.iter()) {
-                        *v = r[jj];
+            const BLOCK: usize = 4096;
+            first.par_chunks_mut(BLOCK).enumerate().for_each(|(c, o)| {
+                let off = c * BLOCK;
+                let len = o.len();
+                let base = &b[off..off + len];
+                let others: Vec<&[f32]> = rest.iter().map(|r| &r[off..off + len]).collect();
+                let w0 = weights[0];
+                // Σᵢ wᵢδᵢ, in expert order
+                let mut total: Vec<f32> = o.iter().map(|v| v * w0).collect();
+                for (r, w) in others.iter().zip(&weights[1..]) {
+                    for (t, v) in total.iter_mut().zip(r.iter()) {
+                        *t += v * w;
                     }
-                    let (mut mixed, div) = if consensus {
-                        let total: f32 = vals.iter().sum();
-                        let positive = total >= 0.0;
-                        let (mut mixed, mut div) = (0f32, 0f32);
-                        for (v, w) in vals.iter().zip(&weights) {
-                            if (positive && *v > 0.0) || (!positive && *v < 0.0) {
-                                mixed += v;
-                                div += w;
-                            }
+                }
+                if !consensus {
+                    for ((o, t), b) in o.iter_mut().zip(&total).zip(base) {
+                        let mut mixed = *t;
+                        if normalize {
+                            mixed /= linear_div;
                         }
-                        (mixed, if div == 0.0 { 1.0 } else { div })
-                    } else {
-                        (vals.iter().sum(), linear_div)
-                    };
+                        if lambda != 1.0 {
+                            mixed *= lambda;
+                        }
+                        *o = b + mixed;
+                    }
+                    return;
+                }
+                // TIES: only values whose sign agrees with the elected sign count.
+                let mut mixed = vec![0f32; len];
+                let mut div = vec![0f32; len];
+                let mut add = |d: &[f32], w: f32| {
+                    for j in 0..len {
+                        let v = d[j] * w;
+                        let agree = if total[j] >= 0.0 { v > 0.0 } else { v < 0.0 };
+                        if agree {
+                            mixed[j] += v;
+                            div[j] += w;
+                        }
+                    }
+                };
+                add(o, w0);
+                for (r, w) in others.iter().zip(&weights[1..]) {
+                    add(r, *w);
+                }
+                for j in 0..len {
+                    let mut m = mixed[j];
                     if normalize {
-                        mixed /= div;
+                        m /= if div[j] == 0.0 { 1.0 } else { div[j] };
                     }
                     if lambda != 1.0 {
-                        mixed *= lambda;
+                        m *= lambda;
                     }
-                    *o = b[jj] + mixed;
+                    o[j] = base[j] + m;
                 }
             });
             deltas.truncate(1);
