@@ -21,7 +21,7 @@ pub fn eval_options() -> EvalOptions {
     EvalOptions {
         batch_size: 16,
         // Four words and EOS are five tokens; a little slack shows run-on answers as errors.
-        max_gen_len: 8,
+        max_gen_len: Some(8),
         limit: None,
         // Every choice token scored: the kit's rule leaves only log p(EOS | choice) for
         // one-token answers, which measures how an answer ends, not whether it is right.
