@@ -38,21 +38,17 @@ pub const REFERENCE_MERGES: [(&str, &str); 3] = [
     ("linear", "[merge.parameters]\nweight = 1.0\n"),
 ];
 
-/// A merge config over the demo family in `dir` with local paths.
+/// A merge config over the demo family in `dir` with local paths. `base_model` is named for
+/// every method: task-vector methods subtract it, and for the others (`linear`) it is only the
+/// base of the LoRA expert, not an input of the merge.
 pub fn merge_config_toml(dir: &Path, method: &str, params: &str) -> String {
     let p = |n: &str| dir.join(n).display().to_string().replace('\\', "/");
-    let base = if method == "linear" {
-        String::new()
-    } else {
-        format!("base_model = \"{}\"\n", p(BASE))
-    };
-    let mut s = format!("[merge]\nmethod = \"{method}\"\n{base}dtype = \"float32\"\n{params}");
+    let mut s = format!(
+        "[merge]\nmethod = \"{method}\"\nbase_model = \"{}\"\ndtype = \"float32\"\n{params}",
+        p(BASE)
+    );
     for m in [EXPERT_LARGEST, EXPERT_REVERSE, LORA_OPPOSITE] {
         s.push_str(&format!("[[merge.models]]\nmodel = \"{}\"\n", p(m)));
-    }
-    if method == "linear" {
-        // linear needs a base for the adapter expert: name it for the adapter only.
-        s = s.replacen("dtype", &format!("base_model = \"{}\"\ndtype", p(BASE)), 1);
     }
     s
 }

@@ -511,6 +511,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn demo_models_live_under_the_workspace() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ws = tmp.path().canonicalize().unwrap();
+        std::fs::write(ws.join("Cargo.toml"), "[workspace]\nmembers = []\n").unwrap();
+        let entry = ws.join("submissions").join("demo");
+        std::fs::create_dir_all(&entry).unwrap();
+        assert_eq!(find_workspace(&entry), Some(ws.clone()));
+        // A missing family says how to build it (whatever LLM_MERGING_DEMO_DIR says).
+        let r = Resolver::from_env().with_base_dir(&entry);
+        let err = r
+            .resolve(&ModelRef::new("demo:no-such-model"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("llm-merging demo"), "{err}");
+        if std::env::var_os("LLM_MERGING_DEMO_DIR").is_none() {
+            std::fs::create_dir_all(ws.join(".cache/demo/base")).unwrap();
+            let f = r.resolve(&ModelRef::new("demo:base")).unwrap();
+            assert_eq!(f.local_dir(), Some(ws.join(".cache/demo/base").as_path()));
+            assert_eq!(f.commit, None);
+        }
+    }
+
+    #[test]
     fn commit_ids_are_recognised() {
         assert!(is_commit_sha("f67f7cf6a907e567552b946699a9b9b45394fc46"));
         assert!(!is_commit_sha("main"));
