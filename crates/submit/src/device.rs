@@ -10,6 +10,9 @@ pub fn resolve(setting: &str) -> Result<Device> {
     match setting {
         "cpu" => Ok(Device::Cpu),
         "cuda" => Device::new_cuda(0).map_err(|e| {
+            // candle appends a backtrace to some errors; the first line says what went wrong.
+            let e = e.to_string();
+            let e = e.lines().next().unwrap_or_default().to_string();
             anyhow::anyhow!(
                 "cannot use CUDA: {e}{}",
                 if cfg!(feature = "cuda") {
