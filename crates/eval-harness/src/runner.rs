@@ -166,6 +166,34 @@ impl AnyModel {
     }
 }
 
+/// The generation rows of `rows`, tokenized with `encode` and sorted longest first so batches
+/// carry little padding: (row index, ids). An empty tokenization is an error naming the row.
+pub(crate) fn generation_inputs(
+    ds: &Dataset,
+    rows: &[crate::dataset::Example],
+    encode: impl Fn(&str) -> Result<Vec<u32>>,
+) -> Result<Vec<(usize, Vec<u32>)>> {
+    let with_ctx = |e: Error, id: &str, line: u64| {
+        Error::Msg(format!("{}:{line}: row id `{id}`: {e}", ds.path.display()))
+    };
+    let mut gen = Vec::new();
+    for (i, e) in rows.iter().enumerate() {
+        if e.eval_type == EvalType::Generation {
+            let ids = encode(&e.input).map_err(|err| with_ctx(err, &e.id, e.line))?;
+            if ids.is_empty() {
+                return Err(with_ctx(
+                    Error::Msg("the input tokenizes to no tokens".into()),
+                    &e.id,
+                    e.line,
+                ));
+            }
+            gen.push((i, ids));
+        }
+    }
+    gen.sort_by_key(|(_, ids)| std::cmp::Reverse(ids.len()));
+    Ok(gen)
+}
+
 pub(crate) fn progress(n: usize, name: &str, show: bool) -> ProgressBar {
     let pb = ProgressBar::with_draw_target(
         Some(n as u64),
@@ -219,24 +247,7 @@ pub fn evaluate(m: &LoadedModel, ds: &Dataset, opts: &EvalOptions) -> Result<Dat
     }
 
     // Generation: tokenize, sort by length so batches carry little padding, decode in batches.
-    let mut gen: Vec<(usize, Vec<u32>)> = Vec::new();
-    for (i, e) in rows.iter().enumerate() {
-        if e.eval_type == EvalType::Generation {
-            let ids = m
-                .tok
-                .encode_input(&e.input)
-                .map_err(|err| with_ctx(err, &e.id, e.line))?;
-            if ids.is_empty() {
-                return Err(with_ctx(
-                    Error::Msg("the input tokenizes to no tokens".into()),
-                    &e.id,
-                    e.line,
-                ));
-            }
-            gen.push((i, ids));
-        }
-    }
-    gen.sort_by_key(|(_, ids)| std::cmp::Reverse(ids.len()));
+    let gen = generation_inputs(ds, rows, |t| m.tok.encode_input(t))?;
     for batch in gen.chunks(opts.batch_size.max(1)) {
         let t = Instant::now();
         let prompts: Vec<Vec<u32>> = batch.iter().map(|(_, ids)| ids.clone()).collect();

@@ -23,7 +23,7 @@ use crate::dataset::{Dataset, EvalType};
 use crate::error::{Error, Result};
 use crate::models::t5::{T5Config, T5};
 use crate::report::{DatasetOutcome, ExampleOutcome};
-use crate::runner::{compute_scores, progress, EvalOptions};
+use crate::runner::{compute_scores, generation_inputs, progress, EvalOptions};
 use crate::score::{first_argmax, ChoiceResult, Scoring};
 use crate::tokenize::clean_up_tokenization;
 use crate::weights::{CheckpointSource, WeightSource};
@@ -497,24 +497,7 @@ pub fn evaluate(m: &Seq2SeqModel, ds: &Dataset, opts: &EvalOptions) -> Result<Da
 
     // Generation: sort by length so batches carry little padding.
     let max_new = m.generation.new_tokens(opts.max_gen_len);
-    let mut gen: Vec<(usize, Vec<u32>)> = Vec::new();
-    for (i, e) in rows.iter().enumerate() {
-        if e.eval_type == EvalType::Generation {
-            let ids = m
-                .tok
-                .encode(&e.input)
-                .map_err(|err| with_ctx(err, &e.id, e.line))?;
-            if ids.is_empty() {
-                return Err(with_ctx(
-                    Error::Msg("the input tokenizes to no tokens".into()),
-                    &e.id,
-                    e.line,
-                ));
-            }
-            gen.push((i, ids));
-        }
-    }
-    gen.sort_by_key(|(_, ids)| std::cmp::Reverse(ids.len()));
+    let gen = generation_inputs(ds, rows, |t| m.tok.encode(t))?;
     for batch in gen.chunks(opts.batch_size.max(1)) {
         let t = Instant::now();
         let inputs: Vec<Vec<u32>> = batch.iter().map(|(_, ids)| ids.clone()).collect();
