@@ -13,7 +13,7 @@
 //! scoring = "starter-kit"      # or "full"
 //! max_gen_len = 64             # unset: 64 (decoders) / generation config (T5)
 //! batch_size = 8
-//! dtype = "float32"            # float32 | bfloat16 | float16
+//! dtype = "float32"            # auto (bf16 on a GPU, f32 on the CPU) | float32 | bfloat16 | float16
 //! device = "auto"              # auto | cpu | cuda (never a device id)
 //!
 //! [predict]
@@ -118,7 +118,7 @@ fn default_batch_size() -> usize {
     8
 }
 fn default_dtype() -> String {
-    "float32".into()
+    "auto".into()
 }
 fn default_device() -> String {
     "auto".into()
@@ -234,9 +234,9 @@ impl Entry {
         }
         if !matches!(
             self.file.eval.dtype.as_str(),
-            "float32" | "f32" | "bfloat16" | "bf16" | "float16" | "f16"
+            "auto" | "float32" | "f32" | "bfloat16" | "bf16" | "float16" | "f16"
         ) {
-            bail!("{origin}: `eval.dtype` must be float32, bfloat16 or float16");
+            bail!("{origin}: `eval.dtype` must be auto, float32, bfloat16 or float16");
         }
         Ok(())
     }

@@ -33,11 +33,13 @@ pub struct ModelArgs {
     /// choice token scored; adds accuracy_norm).
     #[arg(long, default_value = "starter-kit")]
     pub scoring: Scoring,
-    /// Compute dtype: f32 (exact reproduction), bf16 or f16.
-    #[arg(long, default_value = "f32")]
+    /// Compute dtype: auto (bf16 on a GPU, f32 on the CPU), f32 (the kit's exact numbers), bf16
+    /// or f16.
+    #[arg(long, default_value = "auto")]
     pub dtype: String,
-    /// cpu, cuda or cuda:N (cuda needs the `cuda` feature).
-    #[arg(long, default_value = "cpu")]
+    /// auto (the GPU when this binary has the `cuda` feature and one is visible), cpu or cuda.
+    /// No device ids: select the GPU with CUDA_VISIBLE_DEVICES.
+    #[arg(long, default_value = "auto")]
     pub device: String,
 }
 
@@ -78,8 +80,8 @@ fn options(a: &ModelArgs) -> EvalOptions {
 }
 
 fn load_model(a: &ModelArgs) -> Result<AnyModel> {
-    let dtype = runner::parse_dtype(&a.dtype).map_err(anyhow::Error::msg)?;
-    let device = runner::parse_device(&a.device)?;
+    let device = crate::device::resolve(&a.device)?;
+    let dtype = runner::resolve_dtype(&a.dtype, &device).map_err(anyhow::Error::msg)?;
     let t = Instant::now();
     let m =
         AnyModel::load(&a.model, a.adapter.as_deref(), dtype, &device).with_context(|| match &a

@@ -269,7 +269,8 @@ pub fn run(args: &RunArgs) -> Result<Vec<StageReport>> {
 
     let mut model = None;
     let load_model = || -> Result<eval_harness::runner::AnyModel> {
-        let dtype = eval_harness::runner::parse_dtype(&eval.dtype).map_err(anyhow::Error::msg)?;
+        let dtype =
+            eval_harness::runner::resolve_dtype(&eval.dtype, &dev).map_err(anyhow::Error::msg)?;
         // An adapter-level merge evaluates as its base plus the merged adapter.
         if merged.join("adapter_config.json").is_file() {
             let base_files = match &inputs.base {
