@@ -49,18 +49,22 @@ nvcc --version | tail -2
 # candle-core and candle-kernels from the registry cache, patched (see the header).
 cargo fetch --locked >/dev/null
 work="${CUDA_PATCH_DIR:-${TMPDIR:-/tmp}/llm-merging-cuda-patch}"
-mkdir -p "$work"
+# Unpacked and patched in $work/fresh, then moved into place only when different from the last
+# build's copy: an unchanged copy keeps its timestamps, so cargo does not rebuild the kernels.
+rm -rf "$work/fresh"
+mkdir -p "$work/fresh"
 patch_args=()
+crates=()
 for crate in candle-core candle-kernels; do
   version="$(cargo metadata --format-version 1 --locked --features submit/cuda | python3 -c "import json,sys; print(next(p['version'] for p in json.load(sys.stdin)['packages'] if p['name']=='$crate'))")"
   crate_file="$(ls "${CARGO_HOME:-$HOME/.cargo}"/registry/cache/*/"$crate-$version".crate | head -1)"
-  rm -rf "$work/$crate-$version"
-  tar xzf "$crate_file" -C "$work"
+  tar xzf "$crate_file" -C "$work/fresh"
+  crates+=("$crate-$version")
   patch_args+=(--config "patch.crates-io.$crate.path=\"$work/$crate-$version\"")
 done
 cudart_static="$(find /usr/lib /usr/local/cuda* -name libcudart_static.a -print -quit 2>/dev/null || true)"
 [[ -n "$cudart_static" ]] || { echo "build-cuda: libcudart_static.a not found" >&2; exit 1; }
-python3 - "$work"/candle-core-*/Cargo.toml "$work"/candle-kernels-*/build.rs "$(dirname "$cudart_static")" <<'PY'
+python3 - "$work"/fresh/candle-core-*/Cargo.toml "$work"/fresh/candle-kernels-*/build.rs "$(dirname "$cudart_static")" <<'PY'
 import sys
 core, kernels, cudart_dir = sys.argv[1], sys.argv[2], sys.argv[3]
 # candle-core: cudarc loads the CUDA libraries at run time instead of linking them.
@@ -92,6 +96,13 @@ if old not in text:
 text = text.replace(old, old + '\n        .arg("-Xfatbin").arg("-compress-all")')
 open(kernels, "w").write(text)
 PY
+for c in "${crates[@]}"; do
+  if ! diff -rq "$work/fresh/$c" "$work/$c" >/dev/null 2>&1; then
+    rm -rf "$work/$c"
+    mv "$work/fresh/$c" "$work/$c"
+  fi
+done
+rm -rf "$work/fresh"
 
 cp Cargo.lock "$work/Cargo.lock.orig"
 trap 'cp "$work/Cargo.lock.orig" Cargo.lock' EXIT
