@@ -187,7 +187,8 @@ class KitTokenizer:
         self.flag = self.cfg.get("tokenizer_class") in FLAG_CLASSES
         self.bos = self.tok.token_to_id(self.cfg["bos_token"])
         self.eos = self.tok.token_to_id(self.cfg["eos_token"])
-        self.clean = self.cfg.get("clean_up_tokenization_spaces", False)
+        # transformers 4.39 (the kit's) cleans up unless the config says false.
+        self.clean = self.cfg.get("clean_up_tokenization_spaces", True)
 
     def input(self, s):
         if not self.flag:

@@ -2,7 +2,8 @@
 //! an *input* tokenizer (the model's own special tokens, e.g. BOS) and a *target* tokenizer
 //! (`add_bos_token=False, add_eos_token=True`), where those flags only act for the tokenizer
 //! classes that implement them in transformers 4.39 (Llama, CodeLlama, Gemma). Decoding skips
-//! special tokens and applies `clean_up_tokenization_spaces` when the config asks for it.
+//! special tokens and applies `clean_up_tokenization_spaces` unless the config sets it false
+//! (transformers 4.39 defaults it to true).
 
 use std::path::Path;
 
@@ -137,7 +138,8 @@ impl EvalTokenizer {
             bos_id,
             eos_id,
             pad_id,
-            clean_up_spaces: flag("clean_up_tokenization_spaces", false),
+            // transformers 4.39 (the kit's) cleans up unless the config says false.
+            clean_up_spaces: flag("clean_up_tokenization_spaces", true),
         })
     }
 
@@ -274,6 +276,33 @@ pub(crate) mod tests {
         assert_eq!(ids[1], t.tok.token_to_id("A").unwrap());
         let ids = t.encode_input("yes , it is n't").unwrap();
         assert_eq!(t.decode(&ids).unwrap(), "yes, it isn't");
+    }
+
+    #[test]
+    fn clean_up_is_on_when_the_config_does_not_say() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tokenizer_dir("llama2");
+        std::fs::copy(
+            src.join("tokenizer.json"),
+            tmp.path().join("tokenizer.json"),
+        )
+        .unwrap();
+        let mut cfg: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(src.join("tokenizer_config.json")).unwrap(),
+        )
+        .unwrap();
+        cfg.as_object_mut()
+            .unwrap()
+            .remove("clean_up_tokenization_spaces")
+            .expect("llama2's config sets the key");
+        std::fs::write(
+            tmp.path().join("tokenizer_config.json"),
+            serde_json::to_string(&cfg).unwrap(),
+        )
+        .unwrap();
+        let t = EvalTokenizer::from_dir(tmp.path(), None).unwrap();
+        let ids = t.encode_target("yes , it is").unwrap();
+        assert_eq!(t.decode(&ids).unwrap(), "yes, it is");
     }
 
     #[test]
