@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use candle_core::{DType, Tensor};
+use rayon::prelude::*;
 
 use super::dtype_to_safetensors;
 use crate::error::{Error, Result};
@@ -177,13 +178,17 @@ impl CheckpointWriter {
         Ok(())
     }
 
+    fn slot(&self, name: &str) -> Result<&Slot> {
+        self.slots.get(name).ok_or_else(|| Error::Write {
+            path: self.target.clone(),
+            message: format!("tensor `{name}` was not planned"),
+        })
+    }
+
     /// Write one planned tensor (converted to the planned dtype). Safe to call from many
     /// threads at once, for different tensors.
     pub fn write(&self, name: &str, tensor: &Tensor) -> Result<()> {
-        let slot = self.slots.get(name).ok_or_else(|| Error::Write {
-            path: self.target.clone(),
-            message: format!("tensor `{name}` was not planned"),
-        })?;
+        let slot = self.slot(name)?;
         if tensor.dims() != slot.shape.as_slice() {
             return Err(Error::Write {
                 path: self.target.clone(),
@@ -194,12 +199,81 @@ impl CheckpointWriter {
                 ),
             });
         }
+        if tensor.dtype() == DType::F32 && float_out(slot.dtype) {
+            // Converted and written a chunk at a time, from the tensor's own buffer.
+            let data = tensor
+                .to_device(&candle_core::Device::Cpu)
+                .and_then(|t| t.flatten_all())
+                .map_err(|e| Error::tensor(name, e))?;
+            let done = crate::methods::with_f32_slices(&[&data], |s| {
+                Ok(s[0]
+                    .par_chunks(WRITE_CHUNK)
+                    .enumerate()
+                    .try_for_each(|(c, chunk)| self.write_f32_range(name, c * WRITE_CHUNK, chunk)))
+            })
+            .map_err(|e| Error::tensor(name, e))?;
+            done?;
+            return self.mark_written(name);
+        }
         let bytes = tensor_bytes(tensor, slot.dtype).map_err(|e| Error::tensor(name, e))?;
         debug_assert_eq!(bytes.len() as u64, slot.len);
-        let path = self.tmp.path().join(&self.shard_names[slot.shard]);
+        self.write_bytes(slot, 0, &bytes)?;
+        self.mark_written(name)
+    }
+
+    fn write_bytes(&self, slot: &Slot, at: u64, bytes: &[u8]) -> Result<()> {
+        let path = || self.tmp.path().join(&self.shard_names[slot.shard]);
+        if at + bytes.len() as u64 > slot.len {
+            return Err(Error::Write {
+                path: path(),
+                message: "write past the end of a tensor".into(),
+            });
+        }
         self.files[slot.shard]
-            .write_all_at(&bytes, slot.offset)
-            .map_err(|e| Error::io(&path, e))?;
+            .write_all_at(bytes, slot.offset + at)
+            .map_err(|e| Error::io(path(), e))
+    }
+
+    /// Write elements `first .. first + data.len()` of a planned floating-point tensor,
+    /// converted to its planned dtype (through a reused per-thread byte buffer). Safe to call
+    /// from many threads at once for disjoint ranges; call
+    /// [`CheckpointWriter::mark_written`] once every range of the tensor is written.
+    pub fn write_f32_range(&self, name: &str, first: usize, data: &[f32]) -> Result<()> {
+        let slot = self.slot(name)?;
+        if !float_out(slot.dtype) {
+            return Err(Error::Write {
+                path: self.target.clone(),
+                message: format!("tensor `{name}` is planned as {:?}, not a float", slot.dtype),
+            });
+        }
+        let size = slot.dtype.size_in_bytes();
+        thread_local! {
+            static BYTES: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+        }
+        let mut bytes = BYTES.with(|b| b.take());
+        bytes.clear();
+        bytes.reserve(data.len() * size);
+        match slot.dtype {
+            DType::BF16 => bytes.extend(
+                data.iter()
+                    .flat_map(|v| half::bf16::from_f32(*v).to_bits().to_le_bytes()),
+            ),
+            DType::F16 => bytes.extend(
+                data.iter()
+                    .flat_map(|v| half::f16::from_f32(*v).to_bits().to_le_bytes()),
+            ),
+            DType::F32 => bytes.extend(data.iter().flat_map(|v| v.to_le_bytes())),
+            DType::F64 => bytes.extend(data.iter().flat_map(|v| f64::from(*v).to_le_bytes())),
+            _ => unreachable!("checked by float_out"),
+        }
+        let result = self.write_bytes(slot, (first * size) as u64, &bytes);
+        BYTES.with(|b| b.set(bytes));
+        result
+    }
+
+    /// Record that every byte of `name` has been written (by [`CheckpointWriter::write_f32_range`]).
+    pub fn mark_written(&self, name: &str) -> Result<()> {
+        self.slot(name)?;
         let idx = self.order.iter().position(|n| n == name).expect("planned");
         self.written.lock().expect("not poisoned")[idx] = true;
         Ok(())
@@ -248,6 +322,14 @@ impl CheckpointWriter {
         Ok(self.target)
     }
 }
+
+/// Output dtypes [`CheckpointWriter::write_f32_range`] converts f32 to.
+fn float_out(dtype: DType) -> bool {
+    matches!(dtype, DType::BF16 | DType::F16 | DType::F32 | DType::F64)
+}
+
+/// Elements per chunk when a whole f32 tensor is converted and written in parallel.
+const WRITE_CHUNK: usize = 1 << 20;
 
 /// A shard's header text, its data length, and each tensor's (start, end) data offsets.
 struct ShardLayout {

@@ -50,8 +50,155 @@
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
-use super::{tensor_like, with_f32_slices, MergeMethod, ParamSpec, Params, TensorInputs, CHUNK};
-use crate::sparsify;
+use super::{
+    fold_chunks, map_chunks, stream_chunks, tensor_like, with_f32_slices, ChunkSink, MergeMethod,
+    ParamSpec, Params, Source, StreamInputs, TensorInputs, VecSink, CHUNK, STREAM_CHUNK,
+};
+use crate::sparsify::{self, mag_key, RNG_CHUNK};
+
+// Streamed masks are cut at chunk boundaries: random blocks must not straddle them.
+const _: () = assert!(STREAM_CHUNK.is_multiple_of(RNG_CHUNK));
+
+/// How one expert's task vector is masked while streaming (what [`sparsify`] does to a
+/// whole tensor, decided per element).
+enum Mask {
+    /// Keep every element.
+    All,
+    /// Zero every element.
+    Nothing,
+    /// Magnitude selection: keep |δ| keys above `key`; of the keys equal to it, drop the
+    /// first `skip` in position order (`starts[c]`: how many equal keys precede chunk `c`).
+    Threshold {
+        key: u32,
+        skip: usize,
+        starts: Vec<usize>,
+    },
+    /// DARE's Bernoulli mask, drawn per `RNG_CHUNK` block from `seed`.
+    Random {
+        density: f64,
+        rescale: bool,
+        seed: u64,
+    },
+}
+
+impl Mask {
+    /// Apply to chunk `index` (whose first element is `first`) of a task vector.
+    fn apply(&self, d: &mut [f32], index: usize, first: usize) {
+        match self {
+            Mask::All => {}
+            Mask::Nothing => d.fill(0.0),
+            Mask::Threshold { key, skip, starts } => {
+                let mut seen = starts[index];
+                for v in d.iter_mut() {
+                    let k = mag_key(*v);
+                    let keep = if k == *key {
+                        seen += 1;
+                        seen > *skip
+                    } else {
+                        k > *key
+                    };
+                    if !keep {
+                        *v = 0.0;
+                    }
+                }
+            }
+            Mask::Random {
+                density,
+                rescale,
+                seed,
+            } => {
+                for (b, block) in d.chunks_mut(RNG_CHUNK).enumerate() {
+                    sparsify::bernoulli_block(
+                        block,
+                        first / RNG_CHUNK + b,
+                        *density,
+                        *rescale,
+                        *seed,
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The magnitude-selection masks for `select` (expert index, ascending rank of the smallest
+/// kept key) over the task vectors of `x`: two parallel radix passes over the streamed
+/// inputs, like [`sparsify::key_at_rank`] — a histogram of the high 16 bits of every key,
+/// then the low 16 bits of the keys in the bin that holds the rank, kept per chunk so the
+/// equal keys before each chunk are counted without a third pass.
+fn magnitude_masks(x: &StreamInputs, select: &[(usize, usize)]) -> Vec<Mask> {
+    let e = select.len();
+    let high = fold_chunks(
+        x,
+        || vec![0u64; e << 16],
+        |mut h, c| {
+            let b = c.base.as_deref().expect("requires_base");
+            for (s, &(i, _)) in select.iter().enumerate() {
+                let h = &mut h[s << 16..(s + 1) << 16];
+                for (m, b) in c.models[i].iter().zip(b) {
+                    h[(mag_key(m - b) >> 16) as usize] += 1;
+                }
+            }
+            h
+        },
+        |mut a, b| {
+            a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+            a
+        },
+    );
+    let bins: Vec<(u32, usize)> = select
+        .iter()
+        .enumerate()
+        .map(|(s, &(_, rank))| {
+            let (bin, below) = sparsify::locate(&high[s << 16..(s + 1) << 16], rank);
+            (bin as u32, below)
+        })
+        .collect();
+    drop(high);
+    // Per chunk and expert: the low halves of the keys in the selected bin, in order.
+    let lows: Vec<Vec<Vec<u16>>> = map_chunks(x, |c| {
+        let b = c.base.as_deref().expect("requires_base");
+        select
+            .iter()
+            .zip(&bins)
+            .map(|(&(i, _), &(bin, _))| {
+                c.models[i]
+                    .iter()
+                    .zip(b)
+                    .filter_map(|(m, b)| {
+                        let k = mag_key(m - b);
+                        (k >> 16 == bin).then_some((k & 0xffff) as u16)
+                    })
+                    .collect()
+            })
+            .collect()
+    });
+    select
+        .iter()
+        .zip(&bins)
+        .enumerate()
+        .map(|(s, (&(_, rank), &(bin, below_high)))| {
+            let mut h = vec![0u64; 1 << 16];
+            for chunk in &lows {
+                for &l in &chunk[s] {
+                    h[l as usize] += 1;
+                }
+            }
+            let (low, below_low) = sparsify::locate(&h, rank - below_high);
+            let mut starts = Vec::with_capacity(lows.len());
+            let mut acc = 0usize;
+            for chunk in &lows {
+                starts.push(acc);
+                acc += chunk[s].iter().filter(|&&l| l as usize == low).count();
+            }
+            Mask::Threshold {
+                key: (bin << 16) | low as u32,
+                skip: rank - below_high - below_low,
+                starts,
+            }
+        })
+        .collect()
+}
 
 /// How task vectors are sparsified before they are combined.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -199,7 +346,128 @@ impl TaskArithmeticFamily {
     }
 }
 
+impl TaskArithmeticFamily {
+    /// Each expert's streaming mask, or `None` when the sparsification needs the whole tensor
+    /// (breadcrumbs, DELLA, or L1 rescaling after magnitude selection).
+    fn stream_masks(&self, x: &StreamInputs) -> Option<Vec<Mask>> {
+        let n = x.len();
+        let rescale = x.param("rescale") != 0.0;
+        let mut masks = Vec::with_capacity(x.models.len());
+        let mut select = Vec::new();
+        for i in 0..x.models.len() {
+            let density = x.model_param(i, "density");
+            let mask = match self.sparsification {
+                Sparsification::None => Mask::All,
+                _ if density >= 1.0 => Mask::All,
+                Sparsification::Random if density <= 0.0 => Mask::Nothing,
+                Sparsification::Random => Mask::Random {
+                    density,
+                    rescale,
+                    seed: sparsify::mix_seed(x.seed, i as u64),
+                },
+                Sparsification::Magnitude if rescale => return None,
+                Sparsification::Magnitude if density <= 0.0 || n == 0 => Mask::Nothing,
+                Sparsification::Magnitude => {
+                    let k = ((density * n as f64) as usize).max(1);
+                    if k >= n {
+                        Mask::All
+                    } else {
+                        select.push((i, n - k));
+                        Mask::All // replaced below
+                    }
+                }
+                Sparsification::MagnitudeOutliers | Sparsification::DellaMagprune => {
+                    return None
+                }
+            };
+            masks.push(mask);
+        }
+        if !select.is_empty() {
+            for (&(i, _), m) in select.iter().zip(magnitude_masks(x, &select)) {
+                masks[i] = m;
+            }
+        }
+        Some(masks)
+    }
+
+    /// The streaming merge, given the masks.
+    fn stream(&self, x: &StreamInputs, masks: &[Mask], sink: &dyn ChunkSink) -> Result<()> {
+        let k = x.models.len();
+        let weights: Vec<f32> = (0..k).map(|i| x.model_param(i, "weight") as f32).collect();
+        let normalize = x.param("normalize") != 0.0;
+        let lambda = x.param("lambda") as f32;
+        let sum_w: f32 = weights.iter().sum();
+        let linear_div = if sum_w.abs() < 1e-8 { 1.0 } else { sum_w };
+        let consensus = self.consensus.is_some();
+        let plain = self.sparsification == Sparsification::None && !consensus;
+        stream_chunks(x, sink, |mut c, out| {
+            let b: &[f32] = c.base.as_deref().expect("requires_base");
+            if plain {
+                // θ₀ + λ·Σ wᵢ(θᵢ − θ₀), one pass.
+                for (j, o) in out.iter_mut().enumerate() {
+                    let mut mixed = 0f32;
+                    for (m, w) in c.models.iter().zip(&weights) {
+                        mixed += (m[j] - b[j]) * w;
+                    }
+                    if normalize {
+                        mixed /= linear_div;
+                    }
+                    if lambda != 1.0 {
+                        mixed *= lambda;
+                    }
+                    *o = b[j] + mixed;
+                }
+                return Ok(());
+            }
+            // Task vectors in place of the models' chunks, sparsified.
+            for (m, mask) in c.models.iter_mut().zip(masks) {
+                m.iter_mut().zip(b).for_each(|(m, b)| *m -= b);
+                mask.apply(m, c.index, c.first);
+            }
+            let d = &c.models;
+            for (j, o) in out.iter_mut().enumerate() {
+                // Σᵢ wᵢδᵢ, in expert order
+                let mut total = d[0][j] * weights[0];
+                for (r, w) in d[1..].iter().zip(&weights[1..]) {
+                    total += r[j] * w;
+                }
+                let mut m = if consensus {
+                    // TIES: only values whose sign agrees with the elected sign count.
+                    let (mut mixed, mut div) = (0f32, 0f32);
+                    for (r, w) in d.iter().zip(&weights) {
+                        let v = r[j] * w;
+                        let agree = if total >= 0.0 { v > 0.0 } else { v < 0.0 };
+                        if agree {
+                            mixed += v;
+                            div += w;
+                        }
+                    }
+                    if normalize {
+                        mixed /= if div == 0.0 { 1.0 } else { div };
+                    }
+                    mixed
+                } else {
+                    if normalize {
+                        total /= linear_div;
+                    }
+                    total
+                };
+                if lambda != 1.0 {
+                    m *= lambda;
+                }
+                *o = b[j] + m;
+            }
+            Ok(())
+        })
+    }
+}
+
 impl MergeMethod for TaskArithmeticFamily {
+    fn merge_streaming(&self, x: &StreamInputs, out: &dyn ChunkSink) -> Option<Result<()>> {
+        let masks = self.stream_masks(x)?;
+        Some(self.stream(x, &masks, out))
+    }
+
     fn name(&self) -> &'static str {
         self.name
     }
@@ -259,6 +527,14 @@ impl MergeMethod for TaskArithmeticFamily {
         all.extend(x.models.iter());
         let out = with_f32_slices(&all, |s| {
             let (b, models) = (s[0], &s[1..]);
+            // The streaming implementation on these whole tensors, where it applies.
+            let sources: Vec<Source> = models.iter().map(|m| Source::F32(m)).collect();
+            let stream = x.streaming(Some(Source::F32(b)), &sources);
+            if let Some(masks) = self.stream_masks(&stream) {
+                let sink = VecSink::new(b.len());
+                self.stream(&stream, &masks, &sink)?;
+                return Ok(sink.into_inner());
+            }
             let n = b.len();
             let sum_w: f32 = weights.iter().sum();
             let linear_div = if sum_w.abs() < 1e-8 { 1.0 } else { sum_w };
