@@ -6,6 +6,7 @@
 //! `pytorch_model.bin.index.json` (PyTorch's zip pickle format). Tied embeddings
 //! (`tie_word_embeddings`) read `lm_head.weight` as the input embedding.
 
+mod convert;
 mod mapped;
 mod pth;
 mod safetensors_file;
@@ -307,7 +308,8 @@ impl Checkpoint {
             const CHUNK: usize = 1 << 20;
             data.par_chunks_mut(CHUNK)
                 .enumerate()
-                .for_each(|(c, out)| m.read_f32(c * CHUNK, out));
+                .try_for_each(|(c, out)| m.read_f32(c * CHUNK, out))
+                .map_err(|e| Error::io(m.path, e))?;
             return Tensor::from_vec(data, shape, &Device::Cpu)
                 .and_then(|t| t.to_device(device))
                 .map_err(|e| Error::tensor(name, e));

@@ -11,6 +11,8 @@ use crate::error::{Error, Result};
 pub(super) struct SafetensorsFile {
     path: PathBuf,
     mmap: Mmap,
+    /// The open file, for reading ranges with `pread`.
+    file: std::fs::File,
     /// Start of the data section (8 + header length).
     data_start: usize,
     tensors: Vec<(String, TensorInfo, usize, usize)>,
@@ -51,6 +53,7 @@ impl SafetensorsFile {
         Ok(SafetensorsFile {
             path: path.to_path_buf(),
             mmap,
+            file,
             data_start: 8 + header_len,
             tensors,
         })
@@ -84,7 +87,8 @@ impl SafetensorsFile {
     pub(super) fn mapped(&self, name: &str) -> Result<MappedTensor<'_>> {
         let (info, start, end) = self.locate(name)?;
         Ok(MappedTensor {
-            mmap: &self.mmap,
+            file: &self.file,
+            path: &self.path,
             start,
             end,
             dtype: info.dtype,

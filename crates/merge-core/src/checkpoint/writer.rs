@@ -243,37 +243,61 @@ impl CheckpointWriter {
         if !float_out(slot.dtype) {
             return Err(Error::Write {
                 path: self.target.clone(),
-                message: format!("tensor `{name}` is planned as {:?}, not a float", slot.dtype),
+                message: format!(
+                    "tensor `{name}` is planned as {:?}, not a float",
+                    slot.dtype
+                ),
             });
         }
-        let size = slot.dtype.size_in_bytes();
-        thread_local! {
-            static BYTES: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+        let at = (first * slot.dtype.size_in_bytes()) as u64;
+        // SAFETY (both views): plain numeric buffers seen as their bytes, which is the
+        // little-endian safetensors layout on this (little-endian, checked below) host.
+        fn as_bytes<T>(v: &[T]) -> &[u8] {
+            unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
         }
-        let mut bytes = BYTES.with(|b| b.take());
-        bytes.clear();
-        bytes.reserve(data.len() * size);
+        thread_local! {
+            static HALVES: std::cell::Cell<Vec<u16>> = const { std::cell::Cell::new(Vec::new()) };
+        }
         match slot.dtype {
-            DType::BF16 => bytes.extend(
-                data.iter()
-                    .flat_map(|v| half::bf16::from_f32(*v).to_bits().to_le_bytes()),
-            ),
-            DType::F16 => bytes.extend(
-                data.iter()
-                    .flat_map(|v| half::f16::from_f32(*v).to_bits().to_le_bytes()),
-            ),
-            DType::F32 => bytes.extend(data.iter().flat_map(|v| v.to_le_bytes())),
-            DType::F64 => bytes.extend(data.iter().flat_map(|v| f64::from(*v).to_le_bytes())),
+            DType::F32 => self.write_bytes(slot, at, as_bytes(data)),
+            DType::BF16 | DType::F16 => {
+                let mut halves = HALVES.with(|b| b.take());
+                halves.clear();
+                if slot.dtype == DType::BF16 {
+                    halves.extend(data.iter().map(|v| super::convert::f32_to_bf16(*v)));
+                } else {
+                    halves.extend(data.iter().map(|v| half::f16::from_f32(*v).to_bits()));
+                }
+                let result = self.write_bytes(slot, at, as_bytes(&halves));
+                HALVES.with(|b| b.set(halves));
+                result
+            }
+            DType::F64 => {
+                let wide: Vec<f64> = data.iter().map(|v| f64::from(*v)).collect();
+                self.write_bytes(slot, at, as_bytes(&wide))
+            }
             _ => unreachable!("checked by float_out"),
         }
-        let result = self.write_bytes(slot, (first * size) as u64, &bytes);
-        BYTES.with(|b| b.set(bytes));
-        result
     }
 
     /// Record that every byte of `name` has been written (by [`CheckpointWriter::write_f32_range`]).
     pub fn mark_written(&self, name: &str) -> Result<()> {
-        self.slot(name)?;
+        let slot = self.slot(name)?;
+        // Start writing the tensor back to disk now, without waiting, so the final fsync in
+        // `finish` has little left to do instead of all of the model.
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd;
+            // SAFETY: a plain syscall on an open descriptor; it only schedules writeback.
+            unsafe {
+                libc::sync_file_range(
+                    self.files[slot.shard].as_raw_fd(),
+                    slot.offset as libc::off64_t,
+                    slot.len as libc::off64_t,
+                    libc::SYNC_FILE_RANGE_WRITE,
+                );
+            }
+        }
         let idx = self.order.iter().position(|n| n == name).expect("planned");
         self.written.lock().expect("not poisoned")[idx] = true;
         Ok(())

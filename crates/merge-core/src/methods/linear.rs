@@ -44,17 +44,17 @@ impl Linear {
         Ok((weights, divisor))
     }
 
-    /// One chunk: a fused weighted sum, no temporaries.
+    /// One chunk: a weighted sum accumulated in the output, model by model (vectorised
+    /// loops, no temporaries).
     fn kernel(c: &Chunk, out: &mut [f32], weights: &[f32], divisor: Option<f32>) {
-        for (j, o) in out.iter_mut().enumerate() {
-            let mut acc = 0f32;
-            for (m, w) in c.models.iter().zip(weights) {
-                acc += m[j] * w;
+        out.fill(0.0);
+        for (m, &w) in c.models.iter().zip(weights) {
+            for (o, v) in out.iter_mut().zip(m.iter()) {
+                *o += v * w;
             }
-            *o = match divisor {
-                Some(d) => acc / d,
-                None => acc,
-            };
+        }
+        if let Some(d) = divisor {
+            out.iter_mut().for_each(|o| *o /= d);
         }
     }
 }

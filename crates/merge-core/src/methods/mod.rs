@@ -62,7 +62,8 @@ pub use linear::Linear;
 pub use model_stock::ModelStock;
 pub use slerp::Slerp;
 pub use stream::{
-    fold_chunks, map_chunks, stream_chunks, Chunk, ChunkSink, Source, StreamInputs, VecSink, STREAM_CHUNK,
+    fold_chunks, map_chunks, stream_chunks, Chunk, ChunkSink, Source, StreamInputs, VecSink,
+    STREAM_CHUNK,
 };
 pub use task_arithmetic::{
     Consensus, TaskArithmeticFamily, BREADCRUMBS, BREADCRUMBS_TIES, DARE_LINEAR, DARE_TIES, DELLA,

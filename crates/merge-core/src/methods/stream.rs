@@ -17,10 +17,10 @@ use rayon::prelude::*;
 use super::Params;
 use crate::checkpoint::MappedTensor;
 
-/// Elements per chunk (4 MB of f32): large enough that per-chunk overhead vanishes, small
-/// enough that a big tensor splits over every core. A multiple of the sparsifiers' random
+/// Elements per chunk (256 KB of f32): large enough that per-chunk overhead vanishes, small
+/// enough that a chunk's buffers stay in cache between reading and writing. A multiple of the sparsifiers' random
 /// and selection chunks, so chunked results equal whole-tensor ones.
-pub const STREAM_CHUNK: usize = 1 << 20;
+pub const STREAM_CHUNK: usize = 1 << 16;
 
 /// Where one input tensor is read from.
 #[derive(Debug, Clone, Copy)]
@@ -46,10 +46,13 @@ impl Source<'_> {
     }
 
     /// Elements `first .. first + out.len()` (flattened, row-major) as f32.
-    pub fn read(&self, first: usize, out: &mut [f32]) {
+    pub fn read(&self, first: usize, out: &mut [f32]) -> Result<()> {
         match self {
-            Source::Mapped(m) => m.read_f32(first, out),
-            Source::F32(s) => out.copy_from_slice(&s[first..first + out.len()]),
+            Source::Mapped(m) => m.read_f32(first, out).map_err(candle_core::Error::msg),
+            Source::F32(s) => {
+                out.copy_from_slice(&s[first..first + out.len()]);
+                Ok(())
+            }
         }
     }
 }
@@ -166,7 +169,11 @@ thread_local! {
 
 /// Run `f` on chunk `index` of every input, read into this thread's reused buffers (plus one
 /// more buffer of the chunk's length for output).
-fn with_chunk<R>(x: &StreamInputs, index: usize, f: impl FnOnce(Chunk, &mut [f32]) -> R) -> R {
+fn with_chunk<R>(
+    x: &StreamInputs,
+    index: usize,
+    f: impl FnOnce(Chunk, &mut [f32]) -> Result<R>,
+) -> Result<R> {
     let first = index * STREAM_CHUNK;
     let len = STREAM_CHUNK.min(x.len() - first);
     let n_in = x.models.len() + usize::from(x.base.is_some());
@@ -181,24 +188,23 @@ fn with_chunk<R>(x: &StreamInputs, index: usize, f: impl FnOnce(Chunk, &mut [f32
             b.resize(len, 0.0);
         }
     }
-    let result = {
+    let result = (|| {
         let (out, inputs) = bufs.split_first_mut().expect("one buffer at least");
         let mut inputs = inputs.iter_mut();
-        let base = x.base.map(|s| {
-            let buf = &mut inputs.next().expect("sized above")[..len];
-            s.read(first, buf);
-            buf
-        });
-        let models = x
-            .models
-            .iter()
-            .zip(inputs)
-            .map(|(s, buf)| {
-                let buf = &mut buf[..len];
-                s.read(first, buf);
-                buf
-            })
-            .collect();
+        let base = match x.base {
+            Some(s) => {
+                let buf = &mut inputs.next().expect("sized above")[..len];
+                s.read(first, buf)?;
+                Some(buf)
+            }
+            None => None,
+        };
+        let mut models = Vec::with_capacity(x.models.len());
+        for (s, buf) in x.models.iter().zip(inputs) {
+            let buf = &mut buf[..len];
+            s.read(first, buf)?;
+            models.push(buf);
+        }
         f(
             Chunk {
                 index,
@@ -208,7 +214,7 @@ fn with_chunk<R>(x: &StreamInputs, index: usize, f: impl FnOnce(Chunk, &mut [f32
             },
             &mut out[..len],
         )
-    };
+    })();
     BUFFERS.with(|b| b.set(bufs));
     result
 }
@@ -216,10 +222,10 @@ fn with_chunk<R>(x: &StreamInputs, index: usize, f: impl FnOnce(Chunk, &mut [f32
 /// Read every chunk of the inputs (in parallel) and map it with `f`; the results in chunk
 /// order. For methods that need a statistic of the whole tensor (a magnitude threshold)
 /// before they stream the output.
-pub fn map_chunks<T: Send>(x: &StreamInputs, f: impl Fn(Chunk) -> T + Sync) -> Vec<T> {
+pub fn map_chunks<T: Send>(x: &StreamInputs, f: impl Fn(Chunk) -> T + Sync) -> Result<Vec<T>> {
     (0..x.n_chunks())
         .into_par_iter()
-        .map(|i| with_chunk(x, i, |c, _| f(c)))
+        .map(|i| with_chunk(x, i, |c, _| Ok(f(c))))
         .collect()
 }
 
@@ -230,11 +236,13 @@ pub fn fold_chunks<T: Send>(
     identity: impl Fn() -> T + Sync + Send,
     fold: impl Fn(T, Chunk) -> T + Sync + Send,
     reduce: impl Fn(T, T) -> T + Sync + Send,
-) -> T {
+) -> Result<T> {
     (0..x.n_chunks())
         .into_par_iter()
-        .fold(&identity, |acc, i| with_chunk(x, i, |c, _| fold(acc, c)))
-        .reduce(&identity, reduce)
+        .try_fold(&identity, |acc, i| {
+            with_chunk(x, i, |c, _| Ok(fold(acc, c)))
+        })
+        .try_reduce(&identity, |a, b| Ok(reduce(a, b)))
 }
 
 /// Stream the output: for every chunk (in parallel), `kernel` fills the output chunk from

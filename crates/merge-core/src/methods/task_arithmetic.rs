@@ -67,7 +67,8 @@ enum Mask {
     /// Zero every element.
     Nothing,
     /// Magnitude selection: keep |δ| keys above `key`; of the keys equal to it, drop the
-    /// first `skip` in position order (`starts[c]`: how many equal keys precede chunk `c`).
+    /// first `skip` in position order (`starts[c]`: how many equal keys precede chunk `c`;
+    /// one entry more than there are chunks, the last the total).
     Threshold {
         key: u32,
         skip: usize,
@@ -88,18 +89,31 @@ impl Mask {
             Mask::All => {}
             Mask::Nothing => d.fill(0.0),
             Mask::Threshold { key, skip, starts } => {
-                let mut seen = starts[index];
-                for v in d.iter_mut() {
-                    let k = mag_key(*v);
-                    let keep = if k == *key {
-                        seen += 1;
-                        seen > *skip
-                    } else {
-                        k > *key
-                    };
-                    if !keep {
-                        *v = 0.0;
+                let (key, skip) = (*key, *skip);
+                let (before, after) = (starts[index], starts[index + 1]);
+                // Whether the keys equal to the threshold are kept: all of them in this chunk,
+                // none, or (in the one chunk where the count of dropped ties runs out) the
+                // later ones, decided element by element.
+                let keep_ties = if before >= skip {
+                    true
+                } else if after <= skip {
+                    false
+                } else {
+                    let mut seen = before;
+                    for v in d.iter_mut() {
+                        let k = mag_key(*v);
+                        let tie = k == key;
+                        let keep = (k > key) | (tie & (seen >= skip));
+                        seen += usize::from(tie);
+                        *v = f32::from_bits(v.to_bits() & 0u32.wrapping_sub(u32::from(keep)));
                     }
+                    return;
+                };
+                // Branch-free (whether an element is kept is as good as random), vectorised.
+                let floor = if keep_ties { key } else { key + 1 };
+                for v in d.iter_mut() {
+                    let keep = mag_key(*v) >= floor;
+                    *v = f32::from_bits(v.to_bits() & 0u32.wrapping_sub(u32::from(keep)));
                 }
             }
             Mask::Random {
@@ -121,23 +135,39 @@ impl Mask {
     }
 }
 
+/// Adds the high 16 bits of the keys |m − b| to `h` (65536 bins). Two count lanes, so runs
+/// of equal keys (common in task vectors of bf16 models) do not wait on one counter.
+fn add_high_histogram(h: &mut [u32], m: &[f32], b: &[f32]) {
+    const BINS: usize = 1 << 16;
+    let (lane0, lane1) = h.split_at_mut(BINS);
+    let mut pairs_m = m.chunks_exact(2);
+    let mut pairs_b = b.chunks_exact(2);
+    for (pm, pb) in (&mut pairs_m).zip(&mut pairs_b) {
+        lane0[(mag_key(pm[0] - pb[0]) >> 16) as usize] += 1;
+        lane1[(mag_key(pm[1] - pb[1]) >> 16) as usize] += 1;
+    }
+    for (m, b) in pairs_m.remainder().iter().zip(pairs_b.remainder()) {
+        lane0[(mag_key(m - b) >> 16) as usize] += 1;
+    }
+}
+
 /// The magnitude-selection masks for `select` (expert index, ascending rank of the smallest
 /// kept key) over the task vectors of `x`: two parallel radix passes over the streamed
 /// inputs, like [`sparsify::key_at_rank`] — a histogram of the high 16 bits of every key,
 /// then the low 16 bits of the keys in the bin that holds the rank, kept per chunk so the
 /// equal keys before each chunk are counted without a third pass.
-fn magnitude_masks(x: &StreamInputs, select: &[(usize, usize)]) -> Vec<Mask> {
+fn magnitude_masks(x: &StreamInputs, select: &[(usize, usize)]) -> Result<Vec<Mask>> {
+    const BINS: usize = 1 << 16;
     let e = select.len();
+    // Per thread: two u32 lanes per expert (`stream_masks` only streams tensors of fewer
+    // than 2³² elements), summed at the end.
     let high = fold_chunks(
         x,
-        || vec![0u64; e << 16],
+        || vec![0u32; 2 * BINS * e],
         |mut h, c| {
             let b = c.base.as_deref().expect("requires_base");
             for (s, &(i, _)) in select.iter().enumerate() {
-                let h = &mut h[s << 16..(s + 1) << 16];
-                for (m, b) in c.models[i].iter().zip(b) {
-                    h[(mag_key(m - b) >> 16) as usize] += 1;
-                }
+                add_high_histogram(&mut h[2 * BINS * s..2 * BINS * (s + 1)], &c.models[i], b);
             }
             h
         },
@@ -145,16 +175,25 @@ fn magnitude_masks(x: &StreamInputs, select: &[(usize, usize)]) -> Vec<Mask> {
             a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
             a
         },
-    );
+    )?;
+    let mut totals = vec![0u64; BINS * e];
+    for s in 0..e {
+        let lanes = &high[2 * BINS * s..2 * BINS * (s + 1)];
+        let t = &mut totals[BINS * s..BINS * (s + 1)];
+        for (bin, t) in t.iter_mut().enumerate() {
+            *t = u64::from(lanes[bin]) + u64::from(lanes[BINS + bin]);
+        }
+    }
+    drop(high);
     let bins: Vec<(u32, usize)> = select
         .iter()
         .enumerate()
         .map(|(s, &(_, rank))| {
-            let (bin, below) = sparsify::locate(&high[s << 16..(s + 1) << 16], rank);
+            let (bin, below) = sparsify::locate(&totals[BINS * s..BINS * (s + 1)], rank);
             (bin as u32, below)
         })
         .collect();
-    drop(high);
+    drop(totals);
     // Per chunk and expert: the low halves of the keys in the selected bin, in order.
     let lows: Vec<Vec<Vec<u16>>> = map_chunks(x, |c| {
         let b = c.base.as_deref().expect("requires_base");
@@ -172,32 +211,33 @@ fn magnitude_masks(x: &StreamInputs, select: &[(usize, usize)]) -> Vec<Mask> {
                     .collect()
             })
             .collect()
-    });
-    select
+    })?;
+    Ok(select
         .iter()
         .zip(&bins)
         .enumerate()
         .map(|(s, (&(_, rank), &(bin, below_high)))| {
-            let mut h = vec![0u64; 1 << 16];
+            let mut h = vec![0u64; BINS];
             for chunk in &lows {
                 for &l in &chunk[s] {
                     h[l as usize] += 1;
                 }
             }
             let (low, below_low) = sparsify::locate(&h, rank - below_high);
-            let mut starts = Vec::with_capacity(lows.len());
+            let mut starts = Vec::with_capacity(lows.len() + 1);
             let mut acc = 0usize;
             for chunk in &lows {
                 starts.push(acc);
                 acc += chunk[s].iter().filter(|&&l| l as usize == low).count();
             }
+            starts.push(acc);
             Mask::Threshold {
                 key: (bin << 16) | low as u32,
                 skip: rank - below_high - below_low,
                 starts,
             }
         })
-        .collect()
+        .collect())
 }
 
 /// How task vectors are sparsified before they are combined.
@@ -349,7 +389,7 @@ impl TaskArithmeticFamily {
 impl TaskArithmeticFamily {
     /// Each expert's streaming mask, or `None` when the sparsification needs the whole tensor
     /// (breadcrumbs, DELLA, or L1 rescaling after magnitude selection).
-    fn stream_masks(&self, x: &StreamInputs) -> Option<Vec<Mask>> {
+    fn stream_masks(&self, x: &StreamInputs) -> Option<Result<Vec<Mask>>> {
         let n = x.len();
         let rescale = x.param("rescale") != 0.0;
         let mut masks = Vec::with_capacity(x.models.len());
@@ -367,6 +407,8 @@ impl TaskArithmeticFamily {
                 },
                 Sparsification::Magnitude if rescale => return None,
                 Sparsification::Magnitude if density <= 0.0 || n == 0 => Mask::Nothing,
+                // Selection counts in u32.
+                Sparsification::Magnitude if n >= u32::MAX as usize => return None,
                 Sparsification::Magnitude => {
                     let k = ((density * n as f64) as usize).max(1);
                     if k >= n {
@@ -376,18 +418,20 @@ impl TaskArithmeticFamily {
                         Mask::All // replaced below
                     }
                 }
-                Sparsification::MagnitudeOutliers | Sparsification::DellaMagprune => {
-                    return None
-                }
+                Sparsification::MagnitudeOutliers | Sparsification::DellaMagprune => return None,
             };
             masks.push(mask);
         }
         if !select.is_empty() {
-            for (&(i, _), m) in select.iter().zip(magnitude_masks(x, &select)) {
+            let selected = match magnitude_masks(x, &select) {
+                Ok(m) => m,
+                Err(e) => return Some(Err(e)),
+            };
+            for (&(i, _), m) in select.iter().zip(selected) {
                 masks[i] = m;
             }
         }
-        Some(masks)
+        Some(Ok(masks))
     }
 
     /// The streaming merge, given the masks.
@@ -403,19 +447,22 @@ impl TaskArithmeticFamily {
         stream_chunks(x, sink, |mut c, out| {
             let b: &[f32] = c.base.as_deref().expect("requires_base");
             if plain {
-                // θ₀ + λ·Σ wᵢ(θᵢ − θ₀), one pass.
-                for (j, o) in out.iter_mut().enumerate() {
-                    let mut mixed = 0f32;
-                    for (m, w) in c.models.iter().zip(&weights) {
-                        mixed += (m[j] - b[j]) * w;
+                // θ₀ + λ·Σ wᵢ(θᵢ − θ₀), accumulated in the output model by model.
+                out.fill(0.0);
+                for (m, &w) in c.models.iter().zip(&weights) {
+                    for ((o, m), b) in out.iter_mut().zip(m.iter()).zip(b) {
+                        *o += (m - b) * w;
                     }
+                }
+                for (o, b) in out.iter_mut().zip(b) {
+                    let mut mixed = *o;
                     if normalize {
                         mixed /= linear_div;
                     }
                     if lambda != 1.0 {
                         mixed *= lambda;
                     }
-                    *o = b[j] + mixed;
+                    *o = b + mixed;
                 }
                 return Ok(());
             }
@@ -424,38 +471,73 @@ impl TaskArithmeticFamily {
                 m.iter_mut().zip(b).for_each(|(m, b)| *m -= b);
                 mask.apply(m, c.index, c.first);
             }
+            // Combine a block at a time, expert by expert (vectorisable loops).
+            const BLOCK: usize = 2048;
             let d = &c.models;
-            for (j, o) in out.iter_mut().enumerate() {
+            let mut total = [0f32; BLOCK];
+            let mut mixed = [0f32; BLOCK];
+            let mut div = [0f32; BLOCK];
+            for (bi, o) in out.chunks_mut(BLOCK).enumerate() {
+                let off = bi * BLOCK;
+                let len = o.len();
+                let base = &b[off..off + len];
+                let total = &mut total[..len];
                 // Σᵢ wᵢδᵢ, in expert order
-                let mut total = d[0][j] * weights[0];
-                for (r, w) in d[1..].iter().zip(&weights[1..]) {
-                    total += r[j] * w;
+                for (t, v) in total.iter_mut().zip(&d[0][off..off + len]) {
+                    *t = v * weights[0];
                 }
-                let mut m = if consensus {
-                    // TIES: only values whose sign agrees with the elected sign count.
-                    let (mut mixed, mut div) = (0f32, 0f32);
-                    for (r, w) in d.iter().zip(&weights) {
-                        let v = r[j] * w;
-                        let agree = if total >= 0.0 { v > 0.0 } else { v < 0.0 };
-                        if agree {
-                            mixed += v;
-                            div += w;
+                for (r, &w) in d[1..].iter().zip(&weights[1..]) {
+                    for (t, v) in total.iter_mut().zip(&r[off..off + len]) {
+                        *t += v * w;
+                    }
+                }
+                if !consensus {
+                    for ((o, t), b) in o.iter_mut().zip(total.iter()).zip(base) {
+                        let mut m = *t;
+                        if normalize {
+                            m /= linear_div;
                         }
+                        if lambda != 1.0 {
+                            m *= lambda;
+                        }
+                        *o = b + m;
                     }
-                    if normalize {
-                        mixed /= if div == 0.0 { 1.0 } else { div };
-                    }
-                    mixed
-                } else {
-                    if normalize {
-                        total /= linear_div;
-                    }
-                    total
-                };
-                if lambda != 1.0 {
-                    m *= lambda;
+                    continue;
                 }
-                *o = b[j] + m;
+                // TIES: only values whose sign agrees with the elected sign count.
+                let mixed = &mut mixed[..len];
+                let div = &mut div[..len];
+                mixed.fill(0.0);
+                div.fill(0.0);
+                for (r, &w) in d.iter().zip(&weights) {
+                    let r = &r[off..off + len];
+                    for (((v, t), mx), dv) in r
+                        .iter()
+                        .zip(total.iter())
+                        .zip(mixed.iter_mut())
+                        .zip(div.iter_mut())
+                    {
+                        let v = v * w;
+                        let up = *t >= 0.0;
+                        let agree = (up & (v > 0.0)) | (!up & (v < 0.0));
+                        // Branch-free: adding +0.0 where the sign disagrees changes nothing
+                        // (neither sum is ever −0.0: it starts at +0.0 and only nonzero
+                        // values are added).
+                        let m = 0u32.wrapping_sub(u32::from(agree));
+                        *mx += f32::from_bits(v.to_bits() & m);
+                        *dv += f32::from_bits(w.to_bits() & m);
+                    }
+                }
+                for (((o, b), mx), dv) in o.iter_mut().zip(base).zip(mixed.iter()).zip(div.iter()) {
+                    let mut m = *mx;
+                    if normalize {
+                        m /= if *dv == 0.0 { 1.0 } else { *dv };
+                    }
+                    if lambda != 1.0 {
+                        m *= lambda;
+                    }
+                    *o = b + m;
+                }
             }
             Ok(())
         })
@@ -464,8 +546,10 @@ impl TaskArithmeticFamily {
 
 impl MergeMethod for TaskArithmeticFamily {
     fn merge_streaming(&self, x: &StreamInputs, out: &dyn ChunkSink) -> Option<Result<()>> {
-        let masks = self.stream_masks(x)?;
-        Some(self.stream(x, &masks, out))
+        Some(
+            self.stream_masks(x)?
+                .and_then(|masks| self.stream(x, &masks, out)),
+        )
     }
 
     fn name(&self) -> &'static str {
@@ -532,7 +616,7 @@ impl MergeMethod for TaskArithmeticFamily {
             let stream = x.streaming(Some(Source::F32(b)), &sources);
             if let Some(masks) = self.stream_masks(&stream) {
                 let sink = VecSink::new(b.len());
-                self.stream(&stream, &masks, &sink)?;
+                self.stream(&stream, &masks?, &sink)?;
                 return Ok(sink.into_inner());
             }
             let n = b.len();
@@ -638,5 +722,112 @@ impl MergeMethod for TaskArithmeticFamily {
             Ok(deltas.pop().expect("one buffer"))
         })?;
         tensor_like(out, base)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{RngCore, SeedableRng};
+
+    /// The whole-tensor algorithm: sparsify each task vector with `sparsify`, then combine.
+    fn reference(
+        method: &TaskArithmeticFamily,
+        b: &[f32],
+        models: &[Vec<f32>],
+        weights: &[f32],
+        densities: &[f64],
+        rescale: bool,
+        seed: u64,
+    ) -> Vec<f32> {
+        let deltas: Vec<Vec<f32>> = models
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let mut d: Vec<f32> = m.iter().zip(b).map(|(m, b)| m - b).collect();
+                let s = sparsify::mix_seed(seed, i as u64);
+                match method.sparsification {
+                    Sparsification::Magnitude => sparsify::magnitude(&mut d, densities[i], rescale),
+                    Sparsification::Random => sparsify::bernoulli(&mut d, densities[i], rescale, s),
+                    _ => unreachable!(),
+                }
+                d
+            })
+            .collect();
+        (0..b.len())
+            .map(|j| {
+                let mut total = deltas[0][j] * weights[0];
+                for (d, w) in deltas[1..].iter().zip(&weights[1..]) {
+                    total += d[j] * w;
+                }
+                let (mut mixed, mut div) = (0f32, 0f32);
+                for (d, w) in deltas.iter().zip(weights) {
+                    let v = d[j] * w;
+                    if (total >= 0.0 && v > 0.0) || (total < 0.0 && v < 0.0) {
+                        mixed += v;
+                        div += w;
+                    }
+                }
+                b[j] + mixed / if div == 0.0 { 1.0 } else { div }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn streamed_ties_and_dare_ties_equal_the_whole_tensor_algorithm() {
+        // Three chunks, the last partial; few distinct values, so many equal magnitudes sit
+        // at the threshold and span chunk boundaries.
+        let n = 2 * STREAM_CHUNK + 12_345;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let mut draw = |scale: f32| -> Vec<f32> {
+            (0..n)
+                .map(|_| ((rng.next_u32() % 41) as f32 - 20.0) * scale)
+                .collect()
+        };
+        let b = draw(1e-3);
+        let models: Vec<Vec<f32>> = (0..2)
+            .map(|_| draw(1e-4).iter().zip(&b).map(|(d, b)| b + d).collect())
+            .collect();
+        let weights = [0.6f32, 0.4];
+        let densities = [0.5, 0.3];
+        for method in [&TIES, &DARE_TIES] {
+            let rescale = method.sparsification == Sparsification::Random;
+            let params: Params = [
+                ("int8_mask", 0.0),
+                ("normalize", 1.0),
+                ("rescale", if rescale { 1.0 } else { 0.0 }),
+                ("lambda", 1.0),
+            ]
+            .into_iter()
+            .collect();
+            let model_params: Vec<Params> = (0..2)
+                .map(|i| {
+                    [("weight", f64::from(weights[i])), ("density", densities[i])]
+                        .into_iter()
+                        .collect()
+                })
+                .collect();
+            let sources: Vec<Source> = models.iter().map(|m| Source::F32(m)).collect();
+            let shape = [n];
+            let x = StreamInputs {
+                name: "t",
+                shape: &shape,
+                base: Some(Source::F32(&b)),
+                models: &sources,
+                params: &params,
+                model_params: &model_params,
+                seed: 77,
+            };
+            let sink = VecSink::new(n);
+            method.merge_streaming(&x, &sink).expect("streams").unwrap();
+            let got = sink.into_inner();
+            let want = reference(method, &b, &models, &weights, &densities, rescale, 77);
+            let differ = got
+                .iter()
+                .zip(&want)
+                .filter(|(g, w)| g.to_bits() != w.to_bits())
+                .count();
+            assert_eq!(differ, 0, "{}: {differ} elements differ", method.name);
+        }
     }
 }
