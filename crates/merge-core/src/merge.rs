@@ -703,6 +703,9 @@ fn merge_streaming(
             InputModel::Adapted { .. } => None,
         })
         .collect();
+    for m in mapped.iter().flatten() {
+        m.prefetch();
+    }
     let n_loaded = mapped.iter().filter(|m| m.is_none()).count() as u64;
     let held = budget.acquire(numel * 4 * n_loaded);
     let result = (|| -> Result<bool> {

@@ -26,20 +26,6 @@ pub fn f32_to_bf16(v: f32) -> u16 {
     }
 }
 
-/// Little-endian 2-byte floats (`bf16` when `bf16`, else IEEE f16) to f32.
-pub fn half_bytes_to_f32(bytes: &[u8], out: &mut [f32], bf16: bool) {
-    let pairs = bytes.chunks_exact(2);
-    if bf16 {
-        for (o, c) in out.iter_mut().zip(pairs) {
-            *o = bf16_to_f32(u16::from_le_bytes([c[0], c[1]]));
-        }
-    } else {
-        for (o, c) in out.iter_mut().zip(pairs) {
-            *o = half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

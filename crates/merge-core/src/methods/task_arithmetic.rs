@@ -167,7 +167,7 @@ fn magnitude_masks(x: &StreamInputs, select: &[(usize, usize)]) -> Result<Vec<Ma
         |mut h, c| {
             let b = c.base.as_deref().expect("requires_base");
             for (s, &(i, _)) in select.iter().enumerate() {
-                add_high_histogram(&mut h[2 * BINS * s..2 * BINS * (s + 1)], &c.models[i], b);
+                add_high_histogram(&mut h[2 * BINS * s..2 * BINS * (s + 1)], c.models[i], b);
             }
             h
         },
