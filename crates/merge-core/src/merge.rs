@@ -18,7 +18,9 @@ use crate::checkpoint::{Checkpoint, CheckpointWriter, OutputTensor, DEFAULT_SHAR
 use crate::config::{MergeConfig, OutDType, ParamValue};
 use crate::error::{Error, Result};
 use crate::lora::Adapter;
-use crate::methods::{self, MergeMethod, ParamSpec, Params, TensorInputs};
+use crate::methods::{
+    self, ChunkSink, MergeMethod, ParamSpec, Params, Source, StreamInputs, TensorInputs,
+};
 use crate::model::InputModel;
 use crate::source::{ModelFiles, ModelRef, Resolver};
 
@@ -478,16 +480,26 @@ impl MergePlan {
 }
 
 /// A byte budget for tensors in flight, shared by worker threads.
+///
+/// A thread that already holds part of the budget never waits for more: while it waits
+/// for parallel work inside a tensor, rayon may run another tensor's job on it, and that job
+/// waiting for budget this very thread holds would never wake. It goes over budget instead
+/// (by one tensor at most per nesting level).
 struct MemoryBudget {
-    free: Mutex<u64>,
+    free: Mutex<i64>,
     total: u64,
     cv: Condvar,
+}
+
+thread_local! {
+    /// How many (non-empty) acquisitions this thread holds.
+    static HOLDING: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
 impl MemoryBudget {
     fn new(total: u64) -> Self {
         MemoryBudget {
-            free: Mutex::new(total),
+            free: Mutex::new(total.min(i64::MAX as u64) as i64),
             total,
             cv: Condvar::new(),
         }
@@ -496,16 +508,25 @@ impl MemoryBudget {
     /// Wait until `n` bytes are free (a request larger than the budget waits for all of it).
     fn acquire(&self, n: u64) -> u64 {
         let n = n.min(self.total);
+        let need = n as i64;
         let mut free = self.free.lock().expect("not poisoned");
-        while *free < n {
-            free = self.cv.wait(free).expect("not poisoned");
+        if HOLDING.get() == 0 {
+            while *free < need {
+                free = self.cv.wait(free).expect("not poisoned");
+            }
         }
-        *free -= n;
+        *free -= need;
+        if n > 0 {
+            HOLDING.set(HOLDING.get() + 1);
+        }
         n
     }
 
     fn release(&self, n: u64) {
-        *self.free.lock().expect("not poisoned") += n;
+        if n > 0 {
+            HOLDING.set(HOLDING.get() - 1);
+        }
+        *self.free.lock().expect("not poisoned") += n as i64;
         self.cv.notify_all();
     }
 }
@@ -590,52 +611,35 @@ pub fn execute(
         )
         .expect("valid template"),
     );
+    let on_cpu = matches!(opts.device, Device::Cpu);
     plan.tensors.par_iter().try_for_each(|p| -> Result<()> {
         let name = p.out.name.as_str();
-        // f32 copies of every input plus what the method allocates.
-        let scratch = plan.method.scratch_tensors(inputs.models.len()) as u64;
-        let cost = (p.out.shape.iter().product::<usize>() as u64) * 4 * (n_inputs + scratch);
-        let held = budget.acquire(cost);
-        let result = (|| -> Result<()> {
-            if p.copy {
-                return writer.write(name, &inputs.reference.load(name)?);
-            }
-            let base = match &inputs.base {
-                Some(b) => Some(b.load_f32(name, &opts.device)?),
-                None => None,
+        let numel = p.out.shape.iter().product::<usize>() as u64;
+        let result = if p.copy {
+            let held = budget.acquire(numel * p.out.dtype.size_in_bytes() as u64 * 2);
+            let r = inputs
+                .reference
+                .load(name)
+                .and_then(|t| writer.write(name, &t));
+            budget.release(held);
+            r
+        } else {
+            let streamed = if on_cpu {
+                merge_streaming(plan, p, inputs, &writer, &budget)?
+            } else {
+                false
             };
-            let models = inputs
-                .models
-                .iter()
-                .map(|m| m.load_f32(name, &opts.device))
-                .collect::<Result<Vec<Tensor>>>()?;
-            let merged = plan
-                .method
-                .merge(&TensorInputs {
-                    name,
-                    base: base.as_ref(),
-                    models: &models,
-                    params: &p.params,
-                    model_params: &p.model_params,
-                    seed: tensor_seed(plan.seed, name),
-                })
-                .map_err(|e| Error::Method {
-                    method: plan.method.name().into(),
-                    message: format!("tensor `{name}`: {e}"),
-                })?;
-            if merged.dims() != p.out.shape.as_slice() {
-                return Err(Error::Method {
-                    method: plan.method.name().into(),
-                    message: format!(
-                        "tensor `{name}`: produced shape {:?}, expected {:?}",
-                        merged.dims(),
-                        p.out.shape
-                    ),
-                });
+            if streamed {
+                Ok(())
+            } else {
+                // f32 copies of every input plus what the method allocates.
+                let scratch = plan.method.scratch_tensors(inputs.models.len()) as u64;
+                let held = budget.acquire(numel * 4 * (n_inputs + scratch));
+                let r = merge_whole(plan, p, inputs, &writer, &opts.device);
+                budget.release(held);
+                r
             }
-            writer.write(name, &merged)
-        })();
-        budget.release(held);
+        };
         progress.inc(1);
         result
     })?;
@@ -649,6 +653,158 @@ pub fn execute(
         bytes_written: plan.bytes_written,
         seconds: start.elapsed().as_secs_f64(),
     })
+}
+
+/// The output of a streaming method: chunks converted and written in place by the writer.
+struct WriterSink<'a> {
+    writer: &'a CheckpointWriter,
+    name: &'a str,
+    /// The first write error, reported as itself rather than through the method's error.
+    error: Mutex<Option<Error>>,
+}
+
+impl ChunkSink for WriterSink<'_> {
+    fn write(&self, first: usize, data: &[f32]) -> candle_core::Result<()> {
+        self.writer
+            .write_f32_range(self.name, first, data)
+            .map_err(|e| {
+                let message = e.to_string();
+                self.error.lock().expect("not poisoned").get_or_insert(e);
+                candle_core::Error::msg(message)
+            })
+    }
+}
+
+fn method_error(plan: &MergePlan, name: &str, e: impl std::fmt::Display) -> Error {
+    Error::Method {
+        method: plan.method.name().into(),
+        message: format!("tensor `{name}`: {e}"),
+    }
+}
+
+/// Merge one tensor with the method's streaming path, when it has one for these parameters:
+/// inputs stored in safetensors files are read a chunk at a time from the memory map; the
+/// others (adapters applied, `.bin` checkpoints) are loaded whole in f32 first. Returns
+/// whether the method streamed (and so the tensor is written).
+fn merge_streaming(
+    plan: &MergePlan,
+    p: &PlannedTensor,
+    inputs: &MergeInputs,
+    writer: &CheckpointWriter,
+    budget: &MemoryBudget,
+) -> Result<bool> {
+    let name = p.out.name.as_str();
+    let numel = p.out.shape.iter().product::<usize>() as u64;
+    let all: Vec<&InputModel> = inputs.base.iter().chain(&inputs.models).collect();
+    let mapped: Vec<Option<crate::checkpoint::MappedTensor>> = all
+        .iter()
+        .map(|m| match m {
+            InputModel::Full(c) => c.mapped(name),
+            InputModel::Adapted { .. } => None,
+        })
+        .collect();
+    for m in mapped.iter().flatten() {
+        m.prefetch();
+    }
+    let n_loaded = mapped.iter().filter(|m| m.is_none()).count() as u64;
+    let held = budget.acquire(numel * 4 * n_loaded);
+    let result = (|| -> Result<bool> {
+        let mut loaded = Vec::new();
+        for (m, mapped) in all.iter().zip(&mapped) {
+            if mapped.is_none() {
+                loaded.push(m.load_f32(name, &Device::Cpu)?);
+            }
+        }
+        let loaded_refs: Vec<&Tensor> = loaded.iter().collect();
+        let sink = WriterSink {
+            writer,
+            name,
+            error: Mutex::new(None),
+        };
+        let streamed = methods::with_f32_slices(&loaded_refs, |slices| {
+            let mut slices = slices.iter();
+            let mut sources: Vec<Source> = mapped
+                .iter()
+                .map(|m| match m {
+                    Some(m) => Source::Mapped(*m),
+                    None => Source::F32(slices.next().expect("one per unmapped input")),
+                })
+                .collect();
+            let base = if inputs.base.is_some() {
+                Some(sources.remove(0))
+            } else {
+                None
+            };
+            let x = StreamInputs {
+                name,
+                shape: &p.out.shape,
+                base,
+                models: &sources,
+                params: &p.params,
+                model_params: &p.model_params,
+                seed: tensor_seed(plan.seed, name),
+            };
+            Ok(plan.method.merge_streaming(&x, &sink))
+        })
+        .map_err(|e| Error::tensor(name, e))?;
+        match streamed {
+            None => Ok(false),
+            Some(Ok(())) => {
+                writer.mark_written(name)?;
+                Ok(true)
+            }
+            Some(Err(e)) => Err(match sink.error.into_inner().expect("not poisoned") {
+                Some(io) => io,
+                None => method_error(plan, name, e),
+            }),
+        }
+    })();
+    budget.release(held);
+    result
+}
+
+/// Merge one tensor from whole f32 tensors with [`MergeMethod::merge`].
+fn merge_whole(
+    plan: &MergePlan,
+    p: &PlannedTensor,
+    inputs: &MergeInputs,
+    writer: &CheckpointWriter,
+    device: &Device,
+) -> Result<()> {
+    let name = p.out.name.as_str();
+    let base = match &inputs.base {
+        Some(b) => Some(b.load_f32(name, device)?),
+        None => None,
+    };
+    let models = inputs
+        .models
+        .iter()
+        .map(|m| m.load_f32(name, device))
+        .collect::<Result<Vec<Tensor>>>()?;
+    let merged = plan
+        .method
+        .merge(&TensorInputs {
+            name,
+            base: base.as_ref(),
+            models: &models,
+            params: &p.params,
+            model_params: &p.model_params,
+            seed: tensor_seed(plan.seed, name),
+        })
+        .map_err(|e| method_error(plan, name, e))?;
+    drop((base, models));
+    if merged.dims() != p.out.shape.as_slice() {
+        return Err(method_error(
+            plan,
+            name,
+            format!(
+                "produced shape {:?}, expected {:?}",
+                merged.dims(),
+                p.out.shape
+            ),
+        ));
+    }
+    writer.write(name, &merged)
 }
 
 /// Files a loadable model needs besides weights, copied from the reference model.

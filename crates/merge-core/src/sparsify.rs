@@ -25,7 +25,7 @@ use rayon::prelude::*;
 
 /// Elements per independently seeded random chunk: the mask depends only on the seed and the
 /// chunk index, so it is the same however many threads draw it.
-const RNG_CHUNK: usize = 1 << 16;
+pub const RNG_CHUNK: usize = 1 << 16;
 
 /// Mix a seed with a stream index (SplitMix64 finaliser), for independent RNG streams.
 pub fn mix_seed(seed: u64, stream: u64) -> u64 {
@@ -37,7 +37,7 @@ pub fn mix_seed(seed: u64, stream: u64) -> u64 {
 
 /// |x| as an order-preserving integer key (for finite floats and ±inf).
 #[inline]
-fn mag_key(x: f32) -> u32 {
+pub fn mag_key(x: f32) -> u32 {
     x.to_bits() & 0x7fff_ffff
 }
 
@@ -64,10 +64,10 @@ const SELECT_CHUNK: usize = 1 << 18;
 
 /// Histogram of 16 bits of the magnitude keys (`shift` 16: the high half; 0: the low half of
 /// keys whose high half is `high`), counted in parallel.
-fn histogram(x: &[f32], shift: u32, high: Option<u32>) -> Vec<usize> {
+fn histogram(x: &[f32], shift: u32, high: Option<u32>) -> Vec<u64> {
     x.par_chunks(SELECT_CHUNK)
         .map(|c| {
-            let mut h = vec![0usize; 1 << 16];
+            let mut h = vec![0u64; 1 << 16];
             for v in c {
                 let k = mag_key(*v);
                 match high {
@@ -79,7 +79,7 @@ fn histogram(x: &[f32], shift: u32, high: Option<u32>) -> Vec<usize> {
             h
         })
         .reduce(
-            || vec![0usize; 1 << 16],
+            || vec![0u64; 1 << 16],
             |mut a, b| {
                 a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
                 a
@@ -92,22 +92,27 @@ fn histogram(x: &[f32], shift: u32, high: Option<u32>) -> Vec<usize> {
 /// A two-pass radix selection (16 bits per pass, parallel histograms): O(n), no copy of the
 /// data, and unlike `select_nth_unstable` it splits across cores.
 pub fn key_at_rank(x: &[f32], rank: usize) -> (u32, usize) {
-    let locate = |h: &[usize], mut rank: usize| -> (usize, usize) {
-        let mut below = 0;
-        for (bin, &n) in h.iter().enumerate() {
-            if rank < n {
-                return (bin, below);
-            }
-            rank -= n;
-            below += n;
-        }
-        unreachable!("rank < number of elements")
-    };
     let h1 = histogram(x, 16, None);
     let (high, below_high) = locate(&h1, rank);
     let h2 = histogram(x, 0, Some(high as u32));
     let (low, below_low) = locate(&h2, rank - below_high);
     (((high as u32) << 16) | low as u32, below_high + below_low)
+}
+
+/// The bin of a histogram that holds ascending rank `rank`, and how many counts lie in the
+/// bins below it. Panics unless `rank` < the total count.
+pub fn locate<T: Copy + Into<u64>>(h: &[T], rank: usize) -> (usize, usize) {
+    let mut rank = rank as u64;
+    let mut below = 0u64;
+    for (bin, &n) in h.iter().enumerate() {
+        let n: u64 = n.into();
+        if rank < n {
+            return (bin, below as usize);
+        }
+        rank -= n;
+        below += n;
+    }
+    unreachable!("rank < number of elements")
 }
 
 /// Zero every element whose ascending-|x| rank is outside `lo..hi` (ties ranked by position).
@@ -233,21 +238,25 @@ pub fn bernoulli(x: &mut [f32], density: f64, rescale: bool, seed: u64) {
         x.fill(0.0);
         return;
     }
+    x.par_chunks_mut(RNG_CHUNK)
+        .enumerate()
+        .for_each(|(c, chunk)| bernoulli_block(chunk, c, density, rescale, seed));
+}
+
+/// [`bernoulli`] on `RNG_CHUNK`-element block number `block` of a tensor (the last block may
+/// be shorter), for 0 < density < 1: the same mask whichever way the tensor is split.
+pub fn bernoulli_block(x: &mut [f32], block: usize, density: f64, rescale: bool, seed: u64) {
     // keep iff a uniform u32 < density·2³²
     let threshold = (density * 4_294_967_296.0) as u64;
     let scale = if rescale { (1.0 / density) as f32 } else { 1.0 };
-    x.par_chunks_mut(RNG_CHUNK)
-        .enumerate()
-        .for_each(|(c, chunk)| {
-            let mut rng = ChaCha8Rng::seed_from_u64(mix_seed(seed, c as u64));
-            for v in chunk {
-                if u64::from(rng.next_u32()) < threshold {
-                    *v *= scale;
-                } else {
-                    *v = 0.0;
-                }
-            }
-        });
+    let mut rng = ChaCha8Rng::seed_from_u64(mix_seed(seed, block as u64));
+    for v in x {
+        if u64::from(rng.next_u32()) < threshold {
+            *v *= scale;
+        } else {
+            *v = 0.0;
+        }
+    }
 }
 
 /// DELLA's MagPrune: within each row of `row_len` elements, rank |x| ascending (0..m−1),

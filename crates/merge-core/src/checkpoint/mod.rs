@@ -6,6 +6,8 @@
 //! `pytorch_model.bin.index.json` (PyTorch's zip pickle format). Tied embeddings
 //! (`tie_word_embeddings`) read `lm_head.weight` as the input embedding.
 
+mod convert;
+mod mapped;
 mod pth;
 mod safetensors_file;
 pub mod writer;
@@ -18,6 +20,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::error::{Error, Result};
 use crate::source::{ModelFiles, ModelRef};
 
+pub use mapped::MappedTensor;
 pub use writer::{CheckpointWriter, OutputTensor, DEFAULT_SHARD_SIZE};
 
 /// Shape and storage dtype of a tensor, known without reading its data.
@@ -281,8 +284,36 @@ impl Checkpoint {
         self.shards[*shard].load(stored)
     }
 
+    /// `name` in its memory-mapped file, for reading a range at a time, when it is a floating
+    /// tensor in a safetensors file (`None` for `.bin` checkpoints and other dtypes).
+    pub fn mapped(&self, name: &str) -> Option<MappedTensor<'_>> {
+        let stored = self.resolve(name)?;
+        let (shard, info) = &self.entries[stored];
+        if !MappedTensor::readable(info.dtype) {
+            return None;
+        }
+        match &self.shards[*shard] {
+            Shard::Safetensors(s) => s.mapped(stored).ok(),
+            Shard::Pth(_) => None,
+        }
+    }
+
     /// Read `name` as f32 on `device` (merges always compute in f32).
     pub fn load_f32(&self, name: &str, device: &Device) -> Result<Tensor> {
+        if let Some(m) = self.mapped(name) {
+            // Straight from the mapped bytes into one f32 buffer, in parallel.
+            use rayon::prelude::*;
+            let shape = self.info(name).expect("mapped").shape.clone();
+            let mut data = vec![0f32; m.len()];
+            const CHUNK: usize = 1 << 20;
+            data.par_chunks_mut(CHUNK)
+                .enumerate()
+                .try_for_each(|(c, out)| m.read_f32(c * CHUNK, out))
+                .map_err(|e| Error::io(m.path, e))?;
+            return Tensor::from_vec(data, shape, &Device::Cpu)
+                .and_then(|t| t.to_device(device))
+                .map_err(|e| Error::tensor(name, e));
+        }
         self.load(name)?
             .to_dtype(DType::F32)
             .and_then(|t| t.to_device(device))

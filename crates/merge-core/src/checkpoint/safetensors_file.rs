@@ -3,14 +3,16 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use memmap2::{Mmap, UncheckedAdvice};
+use memmap2::Mmap;
 
-use super::{dtype_from_safetensors, TensorInfo};
+use super::{dtype_from_safetensors, MappedTensor, TensorInfo};
 use crate::error::{Error, Result};
 
 pub(super) struct SafetensorsFile {
     path: PathBuf,
     mmap: Mmap,
+    /// The open file, for reading ranges with `pread`.
+    file: std::fs::File,
     /// Start of the data section (8 + header length).
     data_start: usize,
     tensors: Vec<(String, TensorInfo, usize, usize)>,
@@ -51,6 +53,7 @@ impl SafetensorsFile {
         Ok(SafetensorsFile {
             path: path.to_path_buf(),
             mmap,
+            file,
             data_start: 8 + header_len,
             tensors,
         })
@@ -67,7 +70,8 @@ impl SafetensorsFile {
             .collect()
     }
 
-    pub(super) fn load(&self, name: &str) -> Result<Tensor> {
+    /// The byte range of `name` in the file, and its info.
+    fn locate(&self, name: &str) -> Result<(&TensorInfo, usize, usize)> {
         let idx = self
             .tensors
             .binary_search_by(|t| t.0.as_str().cmp(name))
@@ -76,7 +80,23 @@ impl SafetensorsFile {
                 model: self.path.display().to_string(),
             })?;
         let (_, info, start, end) = &self.tensors[idx];
-        let (start, end) = (self.data_start + start, self.data_start + end);
+        Ok((info, self.data_start + start, self.data_start + end))
+    }
+
+    /// `name`'s bytes, still in the mapped file, for reading a range at a time.
+    pub(super) fn mapped(&self, name: &str) -> Result<MappedTensor<'_>> {
+        let (info, start, end) = self.locate(name)?;
+        Ok(MappedTensor {
+            file: &self.file,
+            path: &self.path,
+            start,
+            end,
+            dtype: info.dtype,
+        })
+    }
+
+    pub(super) fn load(&self, name: &str) -> Result<Tensor> {
+        let (info, start, end) = self.locate(name)?;
         let tensor = Tensor::from_raw_buffer(
             &self.mmap[start..end],
             info.dtype,
@@ -85,22 +105,8 @@ impl SafetensorsFile {
         )
         .map_err(|e| Error::tensor(name, e))?;
         // The bytes are copied into the tensor: drop the mapped pages so the resident set stays
-        // at the tensors in flight, not the whole model. Page-align the range inwards; the
-        // kernel reads the pages back from the page cache if they are needed again.
-        let page = 4096;
-        let aligned_start = start.div_ceil(page) * page;
-        let aligned_end = end / page * page;
-        if aligned_end > aligned_start {
-            // SAFETY: the mapping is read-only and file-backed; after MADV_DONTNEED the pages
-            // are re-read from the file on access, so no data visible to Rust changes.
-            let _ = unsafe {
-                self.mmap.unchecked_advise_range(
-                    UncheckedAdvice::DontNeed,
-                    aligned_start,
-                    aligned_end - aligned_start,
-                )
-            };
-        }
+        // at the tensors in flight, not the whole model.
+        super::mapped::drop_pages(&self.mmap, start, end);
         Ok(tensor)
     }
 }

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use candle_core::{DType, Tensor};
+use rayon::prelude::*;
 
 use super::dtype_to_safetensors;
 use crate::error::{Error, Result};
@@ -177,13 +178,17 @@ impl CheckpointWriter {
         Ok(())
     }
 
+    fn slot(&self, name: &str) -> Result<&Slot> {
+        self.slots.get(name).ok_or_else(|| Error::Write {
+            path: self.target.clone(),
+            message: format!("tensor `{name}` was not planned"),
+        })
+    }
+
     /// Write one planned tensor (converted to the planned dtype). Safe to call from many
     /// threads at once, for different tensors.
     pub fn write(&self, name: &str, tensor: &Tensor) -> Result<()> {
-        let slot = self.slots.get(name).ok_or_else(|| Error::Write {
-            path: self.target.clone(),
-            message: format!("tensor `{name}` was not planned"),
-        })?;
+        let slot = self.slot(name)?;
         if tensor.dims() != slot.shape.as_slice() {
             return Err(Error::Write {
                 path: self.target.clone(),
@@ -194,12 +199,105 @@ impl CheckpointWriter {
                 ),
             });
         }
+        if tensor.dtype() == DType::F32 && float_out(slot.dtype) {
+            // Converted and written a chunk at a time, from the tensor's own buffer.
+            let data = tensor
+                .to_device(&candle_core::Device::Cpu)
+                .and_then(|t| t.flatten_all())
+                .map_err(|e| Error::tensor(name, e))?;
+            let done = crate::methods::with_f32_slices(&[&data], |s| {
+                Ok(s[0]
+                    .par_chunks(WRITE_CHUNK)
+                    .enumerate()
+                    .try_for_each(|(c, chunk)| self.write_f32_range(name, c * WRITE_CHUNK, chunk)))
+            })
+            .map_err(|e| Error::tensor(name, e))?;
+            done?;
+            return self.mark_written(name);
+        }
         let bytes = tensor_bytes(tensor, slot.dtype).map_err(|e| Error::tensor(name, e))?;
         debug_assert_eq!(bytes.len() as u64, slot.len);
-        let path = self.tmp.path().join(&self.shard_names[slot.shard]);
+        self.write_bytes(slot, 0, &bytes)?;
+        self.mark_written(name)
+    }
+
+    fn write_bytes(&self, slot: &Slot, at: u64, bytes: &[u8]) -> Result<()> {
+        let path = || self.tmp.path().join(&self.shard_names[slot.shard]);
+        if at + bytes.len() as u64 > slot.len {
+            return Err(Error::Write {
+                path: path(),
+                message: "write past the end of a tensor".into(),
+            });
+        }
         self.files[slot.shard]
-            .write_all_at(&bytes, slot.offset)
-            .map_err(|e| Error::io(&path, e))?;
+            .write_all_at(bytes, slot.offset + at)
+            .map_err(|e| Error::io(path(), e))
+    }
+
+    /// Write elements `first .. first + data.len()` of a planned floating-point tensor,
+    /// converted to its planned dtype (through a reused per-thread byte buffer). Safe to call
+    /// from many threads at once for disjoint ranges; call
+    /// [`CheckpointWriter::mark_written`] once every range of the tensor is written.
+    pub fn write_f32_range(&self, name: &str, first: usize, data: &[f32]) -> Result<()> {
+        let slot = self.slot(name)?;
+        if !float_out(slot.dtype) {
+            return Err(Error::Write {
+                path: self.target.clone(),
+                message: format!(
+                    "tensor `{name}` is planned as {:?}, not a float",
+                    slot.dtype
+                ),
+            });
+        }
+        let at = (first * slot.dtype.size_in_bytes()) as u64;
+        // SAFETY (both views): plain numeric buffers seen as their bytes, which is the
+        // little-endian safetensors layout on this (little-endian, checked below) host.
+        fn as_bytes<T>(v: &[T]) -> &[u8] {
+            unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+        }
+        thread_local! {
+            static HALVES: std::cell::Cell<Vec<u16>> = const { std::cell::Cell::new(Vec::new()) };
+        }
+        match slot.dtype {
+            DType::F32 => self.write_bytes(slot, at, as_bytes(data)),
+            DType::BF16 | DType::F16 => {
+                let mut halves = HALVES.with(|b| b.take());
+                halves.clear();
+                if slot.dtype == DType::BF16 {
+                    halves.extend(data.iter().map(|v| super::convert::f32_to_bf16(*v)));
+                } else {
+                    halves.extend(data.iter().map(|v| half::f16::from_f32(*v).to_bits()));
+                }
+                let result = self.write_bytes(slot, at, as_bytes(&halves));
+                HALVES.with(|b| b.set(halves));
+                result
+            }
+            DType::F64 => {
+                let wide: Vec<f64> = data.iter().map(|v| f64::from(*v)).collect();
+                self.write_bytes(slot, at, as_bytes(&wide))
+            }
+            _ => unreachable!("checked by float_out"),
+        }
+    }
+
+    /// Record that every byte of `name` has been written (by [`CheckpointWriter::write_f32_range`]).
+    pub fn mark_written(&self, name: &str) -> Result<()> {
+        let slot = self.slot(name)?;
+        // Start writing the tensor back to disk now, without waiting, so the final fsync in
+        // `finish` has little left to do instead of all of the model.
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd;
+            // SAFETY: a plain syscall on an open descriptor; it only schedules writeback.
+            unsafe {
+                libc::sync_file_range(
+                    self.files[slot.shard].as_raw_fd(),
+                    slot.offset as libc::off64_t,
+                    slot.len as libc::off64_t,
+                    libc::SYNC_FILE_RANGE_WRITE,
+                );
+            }
+        }
         let idx = self.order.iter().position(|n| n == name).expect("planned");
         self.written.lock().expect("not poisoned")[idx] = true;
         Ok(())
@@ -248,6 +346,14 @@ impl CheckpointWriter {
         Ok(self.target)
     }
 }
+
+/// Output dtypes [`CheckpointWriter::write_f32_range`] converts f32 to.
+fn float_out(dtype: DType) -> bool {
+    matches!(dtype, DType::BF16 | DType::F16 | DType::F32 | DType::F64)
+}
+
+/// Elements per chunk when a whole f32 tensor is converted and written in parallel.
+const WRITE_CHUNK: usize = 1 << 20;
 
 /// A shard's header text, its data length, and each tensor's (start, end) data offsets.
 struct ShardLayout {

@@ -18,12 +18,46 @@
 
 use candle_core::{Result, Tensor};
 
-use rayon::prelude::*;
-
-use super::{tensor_like, with_f32_slices, MergeMethod, ParamSpec, TensorInputs, CHUNK};
+use super::{
+    stream_chunks, tensor_like, with_f32_slices, Chunk, ChunkSink, MergeMethod, ParamSpec, Source,
+    StreamInputs, TensorInputs, VecSink,
+};
 
 /// Weighted average; see the module docs.
 pub struct Linear;
+
+impl Linear {
+    /// The weights and the divisor (`None` without `normalize`).
+    fn weights(x: &StreamInputs) -> Result<(Vec<f32>, Option<f32>)> {
+        let weights: Vec<f32> = (0..x.models.len())
+            .map(|i| x.model_param(i, "weight") as f32)
+            .collect();
+        let divisor = if x.param("normalize") != 0.0 {
+            let total: f32 = weights.iter().sum();
+            if total.abs() < 1e-12 {
+                candle_core::bail!("linear: the weights sum to zero, cannot normalize");
+            }
+            Some(total)
+        } else {
+            None
+        };
+        Ok((weights, divisor))
+    }
+
+    /// One chunk: a weighted sum accumulated in the output, model by model (vectorised
+    /// loops, no temporaries).
+    fn kernel(c: &Chunk, out: &mut [f32], weights: &[f32], divisor: Option<f32>) {
+        out.fill(0.0);
+        for (m, &w) in c.models.iter().zip(weights) {
+            for (o, v) in out.iter_mut().zip(m.iter()) {
+                *o += v * w;
+            }
+        }
+        if let Some(d) = divisor {
+            out.iter_mut().for_each(|o| *o /= d);
+        }
+    }
+}
 
 impl MergeMethod for Linear {
     fn name(&self) -> &'static str {
@@ -44,37 +78,23 @@ impl MergeMethod for Linear {
         1
     }
 
+    fn merge_streaming(&self, x: &StreamInputs, out: &dyn ChunkSink) -> Option<Result<()>> {
+        Some(Self::weights(x).and_then(|(weights, divisor)| {
+            stream_chunks(x, out, |c, o| {
+                Self::kernel(&c, o, &weights, divisor);
+                Ok(())
+            })
+        }))
+    }
+
     fn merge(&self, x: &TensorInputs) -> Result<Tensor> {
-        let weights: Vec<f32> = (0..x.models.len())
-            .map(|i| x.model_param(i, "weight") as f32)
-            .collect();
-        let divisor = if x.param("normalize") != 0.0 {
-            let total: f32 = weights.iter().sum();
-            if total.abs() < 1e-12 {
-                candle_core::bail!("linear: the weights sum to zero, cannot normalize");
-            }
-            Some(total)
-        } else {
-            None
-        };
         let inputs: Vec<&Tensor> = x.models.iter().collect();
-        // One fused pass into one buffer: no per-model temporaries.
         let out = with_f32_slices(&inputs, |models| {
-            let mut out = vec![0f32; models[0].len()];
-            out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
-                let off = c * CHUNK;
-                for (j, o) in o.iter_mut().enumerate() {
-                    let mut acc = 0f32;
-                    for (m, w) in models.iter().zip(&weights) {
-                        acc += m[off + j] * w;
-                    }
-                    *o = match divisor {
-                        Some(d) => acc / d,
-                        None => acc,
-                    };
-                }
-            });
-            Ok(out)
+            let sources: Vec<Source> = models.iter().map(|m| Source::F32(m)).collect();
+            let s = x.streaming(None, &sources);
+            let sink = VecSink::new(s.len());
+            self.merge_streaming(&s, &sink).expect("always streams")?;
+            Ok(sink.into_inner())
         })?;
         tensor_like(out, &x.models[0])
     }

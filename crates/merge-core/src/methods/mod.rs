@@ -38,11 +38,19 @@
 //!     }
 //! }
 //! ```
+//!
+//! # Streaming
+//! `merge` gets whole tensors in f32. An elementwise method (each output element depends only
+//! on the same element of the inputs) can also implement [`MergeMethod::merge_streaming`]
+//! with one call to [`stream_chunks`]: the engine then feeds it chunks of a few MB read
+//! straight from the checkpoint files and writes each finished chunk, so no tensor-sized
+//! buffer is ever allocated. `linear.rs` shows the pattern (one kernel serves both paths).
 
 mod geometric_median;
 mod linear;
 mod model_stock;
 mod slerp;
+mod stream;
 mod task_arithmetic;
 
 use std::collections::BTreeMap;
@@ -53,6 +61,10 @@ pub use geometric_median::GeometricMedian;
 pub use linear::Linear;
 pub use model_stock::ModelStock;
 pub use slerp::Slerp;
+pub use stream::{
+    fold_chunks, map_chunks, stream_chunks, Chunk, ChunkSink, Source, StreamInputs, VecSink,
+    STREAM_CHUNK,
+};
 pub use task_arithmetic::{
     Consensus, TaskArithmeticFamily, BREADCRUMBS, BREADCRUMBS_TIES, DARE_LINEAR, DARE_TIES, DELLA,
     DELLA_LINEAR, TASK_ARITHMETIC, TIES,
@@ -119,6 +131,24 @@ impl TensorInputs<'_> {
             .get(name)
             .unwrap_or_else(|| panic!("model parameter `{name}` is not declared by the method"))
     }
+
+    /// The same tensor as [`StreamInputs`] over `base` and `models` (these tensors' data), so
+    /// `merge` can run a method's streaming implementation on whole tensors.
+    pub fn streaming<'s>(
+        &'s self,
+        base: Option<Source<'s>>,
+        models: &'s [Source<'s>],
+    ) -> StreamInputs<'s> {
+        StreamInputs {
+            name: self.name,
+            shape: self.base.unwrap_or(&self.models[0]).dims(),
+            base,
+            models,
+            params: self.params,
+            model_params: self.model_params,
+            seed: self.seed,
+        }
+    }
 }
 
 /// A merge method. See the module docs for how to add one.
@@ -167,6 +197,14 @@ pub trait MergeMethod: Send + Sync {
     /// Merge one tensor. Inputs are f32; the output must have the base's (or first model's)
     /// shape and is cast to the output dtype by the caller.
     fn merge(&self, inputs: &TensorInputs) -> Result<Tensor>;
+    /// Optional fast path: merge one tensor straight from the checkpoint files to the output,
+    /// a chunk at a time (see "Streaming" in the module docs). Return `None` (the default) to get
+    /// whole f32 tensors through [`MergeMethod::merge`] instead; a method may also return
+    /// `None` for parameters it only handles whole. Must give the same result as `merge`.
+    fn merge_streaming(&self, inputs: &StreamInputs, out: &dyn ChunkSink) -> Option<Result<()>> {
+        let _ = (inputs, out);
+        None
+    }
 }
 
 /// Every method, by name. Adding a method: one file above and one line here.

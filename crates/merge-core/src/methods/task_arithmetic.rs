@@ -50,8 +50,195 @@
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
-use super::{tensor_like, with_f32_slices, MergeMethod, ParamSpec, Params, TensorInputs, CHUNK};
-use crate::sparsify;
+use super::{
+    fold_chunks, map_chunks, stream_chunks, tensor_like, with_f32_slices, ChunkSink, MergeMethod,
+    ParamSpec, Params, Source, StreamInputs, TensorInputs, VecSink, CHUNK, STREAM_CHUNK,
+};
+use crate::sparsify::{self, mag_key, RNG_CHUNK};
+
+// Streamed masks are cut at chunk boundaries: random blocks must not straddle them.
+const _: () = assert!(STREAM_CHUNK.is_multiple_of(RNG_CHUNK));
+
+/// How one expert's task vector is masked while streaming (what [`sparsify`] does to a
+/// whole tensor, decided per element).
+enum Mask {
+    /// Keep every element.
+    All,
+    /// Zero every element.
+    Nothing,
+    /// Magnitude selection: keep |δ| keys above `key`; of the keys equal to it, drop the
+    /// first `skip` in position order (`starts[c]`: how many equal keys precede chunk `c`;
+    /// one entry more than there are chunks, the last the total).
+    Threshold {
+        key: u32,
+        skip: usize,
+        starts: Vec<usize>,
+    },
+    /// DARE's Bernoulli mask, drawn per `RNG_CHUNK` block from `seed`.
+    Random {
+        density: f64,
+        rescale: bool,
+        seed: u64,
+    },
+}
+
+impl Mask {
+    /// Apply to chunk `index` (whose first element is `first`) of a task vector.
+    fn apply(&self, d: &mut [f32], index: usize, first: usize) {
+        match self {
+            Mask::All => {}
+            Mask::Nothing => d.fill(0.0),
+            Mask::Threshold { key, skip, starts } => {
+                let (key, skip) = (*key, *skip);
+                let (before, after) = (starts[index], starts[index + 1]);
+                // Whether the keys equal to the threshold are kept: all of them in this chunk,
+                // none, or (in the one chunk where the count of dropped ties runs out) the
+                // later ones, decided element by element.
+                let keep_ties = if before >= skip {
+                    true
+                } else if after <= skip {
+                    false
+                } else {
+                    let mut seen = before;
+                    for v in d.iter_mut() {
+                        let k = mag_key(*v);
+                        let tie = k == key;
+                        let keep = (k > key) | (tie & (seen >= skip));
+                        seen += usize::from(tie);
+                        *v = f32::from_bits(v.to_bits() & 0u32.wrapping_sub(u32::from(keep)));
+                    }
+                    return;
+                };
+                // Branch-free (whether an element is kept is as good as random), vectorised.
+                let floor = if keep_ties { key } else { key + 1 };
+                for v in d.iter_mut() {
+                    let keep = mag_key(*v) >= floor;
+                    *v = f32::from_bits(v.to_bits() & 0u32.wrapping_sub(u32::from(keep)));
+                }
+            }
+            Mask::Random {
+                density,
+                rescale,
+                seed,
+            } => {
+                for (b, block) in d.chunks_mut(RNG_CHUNK).enumerate() {
+                    sparsify::bernoulli_block(
+                        block,
+                        first / RNG_CHUNK + b,
+                        *density,
+                        *rescale,
+                        *seed,
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Adds the high 16 bits of the keys |m − b| to `h` (65536 bins). Two count lanes, so runs
+/// of equal keys (common in task vectors of bf16 models) do not wait on one counter.
+fn add_high_histogram(h: &mut [u32], m: &[f32], b: &[f32]) {
+    const BINS: usize = 1 << 16;
+    let (lane0, lane1) = h.split_at_mut(BINS);
+    let mut pairs_m = m.chunks_exact(2);
+    let mut pairs_b = b.chunks_exact(2);
+    for (pm, pb) in (&mut pairs_m).zip(&mut pairs_b) {
+        lane0[(mag_key(pm[0] - pb[0]) >> 16) as usize] += 1;
+        lane1[(mag_key(pm[1] - pb[1]) >> 16) as usize] += 1;
+    }
+    for (m, b) in pairs_m.remainder().iter().zip(pairs_b.remainder()) {
+        lane0[(mag_key(m - b) >> 16) as usize] += 1;
+    }
+}
+
+/// The magnitude-selection masks for `select` (expert index, ascending rank of the smallest
+/// kept key) over the task vectors of `x`: two parallel radix passes over the streamed
+/// inputs, like [`sparsify::key_at_rank`] — a histogram of the high 16 bits of every key,
+/// then the low 16 bits of the keys in the bin that holds the rank, kept per chunk so the
+/// equal keys before each chunk are counted without a third pass.
+fn magnitude_masks(x: &StreamInputs, select: &[(usize, usize)]) -> Result<Vec<Mask>> {
+    const BINS: usize = 1 << 16;
+    let e = select.len();
+    // Per thread: two u32 lanes per expert (`stream_masks` only streams tensors of fewer
+    // than 2³² elements), summed at the end.
+    let high = fold_chunks(
+        x,
+        || vec![0u32; 2 * BINS * e],
+        |mut h, c| {
+            let b = c.base.as_deref().expect("requires_base");
+            for (s, &(i, _)) in select.iter().enumerate() {
+                add_high_histogram(&mut h[2 * BINS * s..2 * BINS * (s + 1)], c.models[i], b);
+            }
+            h
+        },
+        |mut a, b| {
+            a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+            a
+        },
+    )?;
+    let mut totals = vec![0u64; BINS * e];
+    for s in 0..e {
+        let lanes = &high[2 * BINS * s..2 * BINS * (s + 1)];
+        let t = &mut totals[BINS * s..BINS * (s + 1)];
+        for (bin, t) in t.iter_mut().enumerate() {
+            *t = u64::from(lanes[bin]) + u64::from(lanes[BINS + bin]);
+        }
+    }
+    drop(high);
+    let bins: Vec<(u32, usize)> = select
+        .iter()
+        .enumerate()
+        .map(|(s, &(_, rank))| {
+            let (bin, below) = sparsify::locate(&totals[BINS * s..BINS * (s + 1)], rank);
+            (bin as u32, below)
+        })
+        .collect();
+    drop(totals);
+    // Per chunk and expert: the low halves of the keys in the selected bin, in order.
+    let lows: Vec<Vec<Vec<u16>>> = map_chunks(x, |c| {
+        let b = c.base.as_deref().expect("requires_base");
+        select
+            .iter()
+            .zip(&bins)
+            .map(|(&(i, _), &(bin, _))| {
+                c.models[i]
+                    .iter()
+                    .zip(b)
+                    .filter_map(|(m, b)| {
+                        let k = mag_key(m - b);
+                        (k >> 16 == bin).then_some((k & 0xffff) as u16)
+                    })
+                    .collect()
+            })
+            .collect()
+    })?;
+    Ok(select
+        .iter()
+        .zip(&bins)
+        .enumerate()
+        .map(|(s, (&(_, rank), &(bin, below_high)))| {
+            let mut h = vec![0u64; BINS];
+            for chunk in &lows {
+                for &l in &chunk[s] {
+                    h[l as usize] += 1;
+                }
+            }
+            let (low, below_low) = sparsify::locate(&h, rank - below_high);
+            let mut starts = Vec::with_capacity(lows.len() + 1);
+            let mut acc = 0usize;
+            for chunk in &lows {
+                starts.push(acc);
+                acc += chunk[s].iter().filter(|&&l| l as usize == low).count();
+            }
+            starts.push(acc);
+            Mask::Threshold {
+                key: (bin << 16) | low as u32,
+                skip: rank - below_high - below_low,
+                starts,
+            }
+        })
+        .collect())
+}
 
 /// How task vectors are sparsified before they are combined.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -199,7 +386,172 @@ impl TaskArithmeticFamily {
     }
 }
 
+impl TaskArithmeticFamily {
+    /// Each expert's streaming mask, or `None` when the sparsification needs the whole tensor
+    /// (breadcrumbs, DELLA, or L1 rescaling after magnitude selection).
+    fn stream_masks(&self, x: &StreamInputs) -> Option<Result<Vec<Mask>>> {
+        let n = x.len();
+        let rescale = x.param("rescale") != 0.0;
+        let mut masks = Vec::with_capacity(x.models.len());
+        let mut select = Vec::new();
+        for i in 0..x.models.len() {
+            let density = x.model_param(i, "density");
+            let mask = match self.sparsification {
+                Sparsification::None => Mask::All,
+                _ if density >= 1.0 => Mask::All,
+                Sparsification::Random if density <= 0.0 => Mask::Nothing,
+                Sparsification::Random => Mask::Random {
+                    density,
+                    rescale,
+                    seed: sparsify::mix_seed(x.seed, i as u64),
+                },
+                Sparsification::Magnitude if rescale => return None,
+                Sparsification::Magnitude if density <= 0.0 || n == 0 => Mask::Nothing,
+                // Selection counts in u32.
+                Sparsification::Magnitude if n >= u32::MAX as usize => return None,
+                Sparsification::Magnitude => {
+                    let k = ((density * n as f64) as usize).max(1);
+                    if k >= n {
+                        Mask::All
+                    } else {
+                        select.push((i, n - k));
+                        Mask::All // replaced below
+                    }
+                }
+                Sparsification::MagnitudeOutliers | Sparsification::DellaMagprune => return None,
+            };
+            masks.push(mask);
+        }
+        if !select.is_empty() {
+            let selected = match magnitude_masks(x, &select) {
+                Ok(m) => m,
+                Err(e) => return Some(Err(e)),
+            };
+            for (&(i, _), m) in select.iter().zip(selected) {
+                masks[i] = m;
+            }
+        }
+        Some(Ok(masks))
+    }
+
+    /// The streaming merge, given the masks.
+    fn stream(&self, x: &StreamInputs, masks: &[Mask], sink: &dyn ChunkSink) -> Result<()> {
+        let k = x.models.len();
+        let weights: Vec<f32> = (0..k).map(|i| x.model_param(i, "weight") as f32).collect();
+        let normalize = x.param("normalize") != 0.0;
+        let lambda = x.param("lambda") as f32;
+        let sum_w: f32 = weights.iter().sum();
+        let linear_div = if sum_w.abs() < 1e-8 { 1.0 } else { sum_w };
+        let consensus = self.consensus.is_some();
+        let plain = self.sparsification == Sparsification::None && !consensus;
+        stream_chunks(x, sink, |mut c, out| {
+            let b: &[f32] = c.base.as_deref().expect("requires_base");
+            if plain {
+                // θ₀ + λ·Σ wᵢ(θᵢ − θ₀), accumulated in the output model by model.
+                out.fill(0.0);
+                for (m, &w) in c.models.iter().zip(&weights) {
+                    for ((o, m), b) in out.iter_mut().zip(m.iter()).zip(b) {
+                        *o += (m - b) * w;
+                    }
+                }
+                for (o, b) in out.iter_mut().zip(b) {
+                    let mut mixed = *o;
+                    if normalize {
+                        mixed /= linear_div;
+                    }
+                    if lambda != 1.0 {
+                        mixed *= lambda;
+                    }
+                    *o = b + mixed;
+                }
+                return Ok(());
+            }
+            // Task vectors in place of the models' chunks, sparsified.
+            for (m, mask) in c.models.iter_mut().zip(masks) {
+                m.iter_mut().zip(b).for_each(|(m, b)| *m -= b);
+                mask.apply(m, c.index, c.first);
+            }
+            // Combine a block at a time, expert by expert (vectorisable loops).
+            const BLOCK: usize = 2048;
+            let d = &c.models;
+            let mut total = [0f32; BLOCK];
+            let mut mixed = [0f32; BLOCK];
+            let mut div = [0f32; BLOCK];
+            for (bi, o) in out.chunks_mut(BLOCK).enumerate() {
+                let off = bi * BLOCK;
+                let len = o.len();
+                let base = &b[off..off + len];
+                let total = &mut total[..len];
+                // Σᵢ wᵢδᵢ, in expert order
+                for (t, v) in total.iter_mut().zip(&d[0][off..off + len]) {
+                    *t = v * weights[0];
+                }
+                for (r, &w) in d[1..].iter().zip(&weights[1..]) {
+                    for (t, v) in total.iter_mut().zip(&r[off..off + len]) {
+                        *t += v * w;
+                    }
+                }
+                if !consensus {
+                    for ((o, t), b) in o.iter_mut().zip(total.iter()).zip(base) {
+                        let mut m = *t;
+                        if normalize {
+                            m /= linear_div;
+                        }
+                        if lambda != 1.0 {
+                            m *= lambda;
+                        }
+                        *o = b + m;
+                    }
+                    continue;
+                }
+                // TIES: only values whose sign agrees with the elected sign count.
+                let mixed = &mut mixed[..len];
+                let div = &mut div[..len];
+                mixed.fill(0.0);
+                div.fill(0.0);
+                for (r, &w) in d.iter().zip(&weights) {
+                    let r = &r[off..off + len];
+                    for (((v, t), mx), dv) in r
+                        .iter()
+                        .zip(total.iter())
+                        .zip(mixed.iter_mut())
+                        .zip(div.iter_mut())
+                    {
+                        let v = v * w;
+                        let up = *t >= 0.0;
+                        let agree = (up & (v > 0.0)) | (!up & (v < 0.0));
+                        // Branch-free: adding +0.0 where the sign disagrees changes nothing
+                        // (neither sum is ever −0.0: it starts at +0.0 and only nonzero
+                        // values are added).
+                        let m = 0u32.wrapping_sub(u32::from(agree));
+                        *mx += f32::from_bits(v.to_bits() & m);
+                        *dv += f32::from_bits(w.to_bits() & m);
+                    }
+                }
+                for (((o, b), mx), dv) in o.iter_mut().zip(base).zip(mixed.iter()).zip(div.iter()) {
+                    let mut m = *mx;
+                    if normalize {
+                        m /= if *dv == 0.0 { 1.0 } else { *dv };
+                    }
+                    if lambda != 1.0 {
+                        m *= lambda;
+                    }
+                    *o = b + m;
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
 impl MergeMethod for TaskArithmeticFamily {
+    fn merge_streaming(&self, x: &StreamInputs, out: &dyn ChunkSink) -> Option<Result<()>> {
+        Some(
+            self.stream_masks(x)?
+                .and_then(|masks| self.stream(x, &masks, out)),
+        )
+    }
+
     fn name(&self) -> &'static str {
         self.name
     }
@@ -259,6 +611,14 @@ impl MergeMethod for TaskArithmeticFamily {
         all.extend(x.models.iter());
         let out = with_f32_slices(&all, |s| {
             let (b, models) = (s[0], &s[1..]);
+            // The streaming implementation on these whole tensors, where it applies.
+            let sources: Vec<Source> = models.iter().map(|m| Source::F32(m)).collect();
+            let stream = x.streaming(Some(Source::F32(b)), &sources);
+            if let Some(masks) = self.stream_masks(&stream) {
+                let sink = VecSink::new(b.len());
+                self.stream(&stream, &masks?, &sink)?;
+                return Ok(sink.into_inner());
+            }
             let n = b.len();
             let sum_w: f32 = weights.iter().sum();
             let linear_div = if sum_w.abs() < 1e-8 { 1.0 } else { sum_w };
@@ -362,5 +722,112 @@ impl MergeMethod for TaskArithmeticFamily {
             Ok(deltas.pop().expect("one buffer"))
         })?;
         tensor_like(out, base)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{RngCore, SeedableRng};
+
+    /// The whole-tensor algorithm: sparsify each task vector with `sparsify`, then combine.
+    fn reference(
+        method: &TaskArithmeticFamily,
+        b: &[f32],
+        models: &[Vec<f32>],
+        weights: &[f32],
+        densities: &[f64],
+        rescale: bool,
+        seed: u64,
+    ) -> Vec<f32> {
+        let deltas: Vec<Vec<f32>> = models
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let mut d: Vec<f32> = m.iter().zip(b).map(|(m, b)| m - b).collect();
+                let s = sparsify::mix_seed(seed, i as u64);
+                match method.sparsification {
+                    Sparsification::Magnitude => sparsify::magnitude(&mut d, densities[i], rescale),
+                    Sparsification::Random => sparsify::bernoulli(&mut d, densities[i], rescale, s),
+                    _ => unreachable!(),
+                }
+                d
+            })
+            .collect();
+        (0..b.len())
+            .map(|j| {
+                let mut total = deltas[0][j] * weights[0];
+                for (d, w) in deltas[1..].iter().zip(&weights[1..]) {
+                    total += d[j] * w;
+                }
+                let (mut mixed, mut div) = (0f32, 0f32);
+                for (d, w) in deltas.iter().zip(weights) {
+                    let v = d[j] * w;
+                    if (total >= 0.0 && v > 0.0) || (total < 0.0 && v < 0.0) {
+                        mixed += v;
+                        div += w;
+                    }
+                }
+                b[j] + mixed / if div == 0.0 { 1.0 } else { div }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn streamed_ties_and_dare_ties_equal_the_whole_tensor_algorithm() {
+        // Three chunks, the last partial; few distinct values, so many equal magnitudes sit
+        // at the threshold and span chunk boundaries.
+        let n = 2 * STREAM_CHUNK + 12_345;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let mut draw = |scale: f32| -> Vec<f32> {
+            (0..n)
+                .map(|_| ((rng.next_u32() % 41) as f32 - 20.0) * scale)
+                .collect()
+        };
+        let b = draw(1e-3);
+        let models: Vec<Vec<f32>> = (0..2)
+            .map(|_| draw(1e-4).iter().zip(&b).map(|(d, b)| b + d).collect())
+            .collect();
+        let weights = [0.6f32, 0.4];
+        let densities = [0.5, 0.3];
+        for method in [&TIES, &DARE_TIES] {
+            let rescale = method.sparsification == Sparsification::Random;
+            let params: Params = [
+                ("int8_mask", 0.0),
+                ("normalize", 1.0),
+                ("rescale", if rescale { 1.0 } else { 0.0 }),
+                ("lambda", 1.0),
+            ]
+            .into_iter()
+            .collect();
+            let model_params: Vec<Params> = (0..2)
+                .map(|i| {
+                    [("weight", f64::from(weights[i])), ("density", densities[i])]
+                        .into_iter()
+                        .collect()
+                })
+                .collect();
+            let sources: Vec<Source> = models.iter().map(|m| Source::F32(m)).collect();
+            let shape = [n];
+            let x = StreamInputs {
+                name: "t",
+                shape: &shape,
+                base: Some(Source::F32(&b)),
+                models: &sources,
+                params: &params,
+                model_params: &model_params,
+                seed: 77,
+            };
+            let sink = VecSink::new(n);
+            method.merge_streaming(&x, &sink).expect("streams").unwrap();
+            let got = sink.into_inner();
+            let want = reference(method, &b, &models, &weights, &densities, rescale, 77);
+            let differ = got
+                .iter()
+                .zip(&want)
+                .filter(|(g, w)| g.to_bits() != w.to_bits())
+                .count();
+            assert_eq!(differ, 0, "{}: {differ} elements differ", method.name);
+        }
     }
 }
