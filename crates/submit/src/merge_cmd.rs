@@ -28,7 +28,9 @@ pub struct MergeArgs {
     /// Replace the output directory if it exists.
     #[arg(long)]
     pub force: bool,
-    /// Where to compute: auto (CUDA when built with it and a GPU is visible), cpu or cuda.
+    /// Where methods that work on whole tensors compute: auto (CUDA when built with it and a GPU
+    /// is visible), cpu or cuda. Streaming methods (linear, task_arithmetic, ties, dare_*) run
+    /// on the CPU whatever this says: they are bound by reading and writing checkpoints.
     #[arg(long, default_value = "auto")]
     pub device: String,
 }
