@@ -30,6 +30,12 @@ impl Lin {
         })
     }
 
+    /// Several bias-free layers over the same input as one (HF `[out_i, in]` weights, outputs
+    /// side by side in the given order): one product instead of several smaller ones.
+    pub fn stacked(ws: &[Tensor]) -> Result<Self> {
+        Self::new(Tensor::cat(ws, 0)?, None)
+    }
+
     /// Applies the layer to `x` of shape `[.., in]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
@@ -90,10 +96,10 @@ pub fn small_matmul(x: &[f32], wt: &[f32], m: usize, k: usize, n: usize) -> Opti
             let mut y = vec![0f32; m * n];
             // Column stripes, one per thread, multiples of 16 wide.
             let threads = rayon::current_num_threads().max(1);
-            let stripe = n.div_ceil(threads).div_ceil(16) * 16;
+            let stripe = n.div_ceil(threads).div_ceil(24) * 24;
             let stripes: Vec<(usize, usize)> = (0..n)
-                .step_by(stripe.max(16))
-                .map(|c| (c, (c + stripe.max(16)).min(n)))
+                .step_by(stripe.max(24))
+                .map(|c| (c, (c + stripe.max(24)).min(n)))
                 .collect();
             let yp = SendPtr(y.as_mut_ptr());
             rayon::scope(|s| {
@@ -116,6 +122,7 @@ unsafe impl Send for SendPtr {}
 /// Columns `c0..c1` of `y` (`[m, n]`, zeroed): every thread writes its own columns.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
 unsafe fn stripe_kernel(
     x: &[f32],
     wt: &[f32],
@@ -126,76 +133,108 @@ unsafe fn stripe_kernel(
     c0: usize,
     c1: usize,
 ) {
-    let full = c0 + (c1 - c0) / 16 * 16;
     let mut k0 = 0;
     while k0 < k {
         let kb = K_BLOCK.min(k - k0);
+        let g = Geom { k, n, k0, kb };
         let mut c = c0;
-        while c < full {
-            let mut r = 0;
-            while r < m {
-                match (m - r).min(ROW_BLOCK) {
-                    4 => tile::<4>(x, wt, y, k, n, r, k0, kb, c),
-                    3 => tile::<3>(x, wt, y, k, n, r, k0, kb, c),
-                    2 => tile::<2>(x, wt, y, k, n, r, k0, kb, c),
-                    _ => tile::<1>(x, wt, y, k, n, r, k0, kb, c),
+        // 24 columns (three registers) per tile where they fit, then 16, then 8.
+        while c < c1 {
+            let w = c1 - c;
+            let step = if w >= 24 {
+                rows::<3>(x, wt, y, m, &g, c);
+                24
+            } else if w >= 16 {
+                rows::<2>(x, wt, y, m, &g, c);
+                16
+            } else if w >= 8 {
+                rows::<1>(x, wt, y, m, &g, c);
+                8
+            } else {
+                // Fewer than 8 columns left, plainly.
+                for cc in c..c1 {
+                    for r in 0..m {
+                        let mut acc = *y.add(r * n + cc);
+                        for kk in k0..k0 + kb {
+                            acc += x[r * k + kk] * wt[kk * n + cc];
+                        }
+                        *y.add(r * n + cc) = acc;
+                    }
                 }
-                r += ROW_BLOCK;
-            }
-            c += 16;
-        }
-        // Leftover columns (fewer than 16), plainly.
-        for c in full..c1 {
-            for r in 0..m {
-                let mut acc = *y.add(r * n + c);
-                for kk in k0..k0 + kb {
-                    acc += x[r * k + kk] * wt[kk * n + c];
-                }
-                *y.add(r * n + c) = acc;
-            }
+                w
+            };
+            c += step;
         }
         k0 += kb;
     }
 }
 
-/// `y[r..r+R, c..c+16] += x[r..r+R, k0..k0+kb] · W^T[k0..k0+kb, c..c+16]`.
+/// Shape of one pass: `k`, `n` of the product and the block `k0..k0+kb` of input features.
+struct Geom {
+    k: usize,
+    n: usize,
+    k0: usize,
+    kb: usize,
+}
+
+/// All rows for the `8·C` columns at `c`, [`ROW_BLOCK`] rows per tile.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn tile<const R: usize>(
+unsafe fn rows<const C: usize>(x: &[f32], wt: &[f32], y: *mut f32, m: usize, g: &Geom, c: usize) {
+    let mut r = 0;
+    while r < m {
+        match (m - r).min(ROW_BLOCK) {
+            4 => tile::<4, C>(x, wt, y, g, r, c),
+            3 => tile::<3, C>(x, wt, y, g, r, c),
+            2 => tile::<2, C>(x, wt, y, g, r, c),
+            _ => tile::<1, C>(x, wt, y, g, r, c),
+        }
+        r += ROW_BLOCK;
+    }
+}
+
+/// `y[r..r+R, c..c+8C] += x[r..r+R, k0..k0+kb] · W^T[k0..k0+kb, c..c+8C]`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn tile<const R: usize, const C: usize>(
     x: &[f32],
     wt: &[f32],
     y: *mut f32,
-    k: usize,
-    n: usize,
+    g: &Geom,
     r: usize,
-    k0: usize,
-    kb: usize,
     c: usize,
 ) {
     use std::arch::x86_64::*;
-    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    let (k, n) = (g.k, g.n);
+    let mut acc = [[_mm256_setzero_ps(); C]; R];
     for (i, a) in acc.iter_mut().enumerate() {
         let yr = y.add((r + i) * n + c);
-        a[0] = _mm256_loadu_ps(yr);
-        a[1] = _mm256_loadu_ps(yr.add(8));
+        for (j, v) in a.iter_mut().enumerate() {
+            *v = _mm256_loadu_ps(yr.add(8 * j));
+        }
     }
     let xp = x.as_ptr();
     let wp = wt.as_ptr();
-    for kk in k0..k0 + kb {
+    for kk in g.k0..g.k0 + g.kb {
         let w = wp.add(kk * n + c);
-        let w0 = _mm256_loadu_ps(w);
-        let w1 = _mm256_loadu_ps(w.add(8));
+        let mut wv = [_mm256_setzero_ps(); C];
+        for (j, v) in wv.iter_mut().enumerate() {
+            *v = _mm256_loadu_ps(w.add(8 * j));
+        }
         for (i, a) in acc.iter_mut().enumerate() {
             let xb = _mm256_broadcast_ss(&*xp.add((r + i) * k + kk));
-            a[0] = _mm256_fmadd_ps(xb, w0, a[0]);
-            a[1] = _mm256_fmadd_ps(xb, w1, a[1]);
+            for (j, v) in a.iter_mut().enumerate() {
+                *v = _mm256_fmadd_ps(xb, wv[j], *v);
+            }
         }
     }
     for (i, a) in acc.iter().enumerate() {
         let yr = y.add((r + i) * n + c);
-        _mm256_storeu_ps(yr, a[0]);
-        _mm256_storeu_ps(yr.add(8), a[1]);
+        for (j, v) in a.iter().enumerate() {
+            _mm256_storeu_ps(yr.add(8 * j), *v);
+        }
     }
 }
 
