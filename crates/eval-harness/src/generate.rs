@@ -1,11 +1,12 @@
-//! Batched greedy decoding: prompts left-padded into one batch (positions still start at 0 for
-//! every row), one token per step for all unfinished rows, a row leaving the batch as soon as
-//! it emits EOS. Token for token what the kit's batch-size-1 `generate` produces.
+//! Batched greedy decoding: prompts prefilled one by one and their caches left-padded into one
+//! batch (positions still start at 0 for every row), one token per step for all unfinished
+//! rows, a row leaving the batch as soon as it emits EOS. Token for token what the kit's
+//! batch-size-1 `generate` produces.
 
 use candle_core::{IndexOp, Tensor};
 
 use crate::error::Result;
-use crate::models::Decoder;
+use crate::models::{Decoder, KvCache};
 
 /// Index of the first maximum of each row of `[rows, vocab]` f32 logits (torch's argmax rule).
 fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
@@ -31,31 +32,33 @@ pub fn greedy_batch(
     prompts: &[Vec<u32>],
     max_new: usize,
     eos: u32,
-    pad: u32,
 ) -> Result<Vec<Vec<u32>>> {
     let mut out = vec![Vec::new(); prompts.len()];
     if prompts.is_empty() || max_new == 0 {
         return Ok(out);
     }
-    let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    let rows: Vec<Vec<u32>> = prompts
-        .iter()
-        .map(|p| {
-            std::iter::repeat_n(pad, width - p.len())
-                .chain(p.iter().copied())
-                .collect()
-        })
-        .collect();
-    let valid: Vec<Vec<bool>> = prompts
-        .iter()
-        .map(|p| (0..width).map(|j| j >= width - p.len()).collect())
-        .collect();
-    let mut cache = model.new_cache();
-    // Only the last position's hidden state (and vocabulary projection) is needed.
-    let hidden = model
-        .forward_last(&rows, &valid, &mut cache, 1)?
-        .ok_or_else(|| crate::error::Error::Msg("empty prompt batch".into()))?;
-    let mut next = argmax_rows(&model.logits(&hidden.i((.., 0))?)?)?;
+    // Each prompt is prefilled on its own, so no padding is computed (prompts of a batch can
+    // differ several-fold in length); the caches are then left-padded into one batch, which
+    // decodes exactly as a left-padded batched prefill would.
+    let mut caches = Vec::with_capacity(prompts.len());
+    let mut last = Vec::with_capacity(prompts.len());
+    for p in prompts {
+        let mut cache = model.new_cache();
+        // Only the last position's hidden state (and vocabulary projection) is needed.
+        let hidden = model
+            .forward_last(
+                std::slice::from_ref(p),
+                &[vec![true; p.len()]],
+                &mut cache,
+                1,
+            )?
+            .ok_or_else(|| crate::error::Error::Msg("empty prompt".into()))?;
+        last.push(hidden.i((.., 0))?);
+        caches.push(cache);
+    }
+    let mut cache = KvCache::stack_left_padded(&caches)?;
+    drop(caches);
+    let mut next = argmax_rows(&model.logits(&Tensor::cat(&last, 0)?)?)?;
     // Rows of the running batch, as indices into `prompts`.
     let mut active: Vec<usize> = (0..prompts.len()).collect();
     for step in 0..max_new {

@@ -249,7 +249,6 @@ pub fn evaluate(m: &LoadedModel, ds: &Dataset, opts: &EvalOptions) -> Result<Dat
             &prompts,
             opts.max_gen_len.unwrap_or(DEFAULT_MAX_GEN_LEN),
             m.tok.eos_id(),
-            m.tok.pad_id(),
         )
         .map_err(|err| {
             let e = &rows[batch[0].0];

@@ -65,6 +65,36 @@ pub fn first_argmax(xs: &[f64]) -> usize {
     best
 }
 
+/// `log_softmax(logits)[row, targets[row]]` for every row of `logits` (`[.., vocab]`, f32),
+/// without materialising the log-softmax: one pass for the maximum and one for the sum of
+/// exponentials per row, rows in parallel.
+pub(crate) fn picked_log_probs(logits: &Tensor, targets: &[u32]) -> Result<Vec<f32>> {
+    use rayon::prelude::*;
+    let vocab = logits.dim(D::Minus1)?;
+    let flat: Vec<f32> = logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    if flat.len() != targets.len() * vocab {
+        return Err(Error::Msg(format!(
+            "{} targets for {} rows of logits",
+            targets.len(),
+            flat.len() / vocab.max(1)
+        )));
+    }
+    if let Some(&bad) = targets.iter().find(|&&t| t as usize >= vocab) {
+        return Err(Error::Msg(format!(
+            "target id {bad} is outside the vocabulary of {vocab}"
+        )));
+    }
+    Ok(flat
+        .par_chunks(vocab)
+        .zip(targets.par_iter())
+        .map(|(row, &t)| {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let sum: f32 = row.iter().map(|&x| (x - max).exp()).sum();
+            row[t as usize] - max - sum.ln()
+        })
+        .collect())
+}
+
 /// Scores the choices of one example.
 pub fn score_choices(
     model: &Decoder,
@@ -131,21 +161,16 @@ pub fn score_choices(
             .collect();
         let mut cache = cache.repeat(choices.len())?;
         let h = model.forward(&rows, &valid, &mut cache)?;
-        let lp = candle_nn::ops::log_softmax(&model.logits(&h)?, D::Minus1)?;
-        // Gather the log-prob of each next choice token; padding targets point at token 0
-        // and are masked out below.
+        // The log-prob of each next choice token; padding targets point at token 0 and are
+        // masked out below.
         let targets: Vec<u32> = cids
             .iter()
             .flat_map(|c| (0..width).map(move |j| c.get(j + 1).copied().unwrap_or(0)))
             .collect();
-        let idx = Tensor::from_vec(targets, (choices.len(), width, 1), lp.device())?;
-        let picked: Vec<Vec<f32>> = lp
-            .gather(&idx, D::Minus1)?
-            .squeeze(D::Minus1)?
-            .to_dtype(DType::F32)?
-            .to_vec2()?;
+        let picked = picked_log_probs(&model.logits(&h)?, &targets)?;
+        let picked: Vec<&[f32]> = picked.chunks(width).collect();
         for ((s, c), row) in scores.iter_mut().zip(&cids).zip(picked) {
-            for (j, v) in row.into_iter().enumerate() {
+            for (j, &v) in row.iter().enumerate() {
                 if j + 1 < c.len() {
                     *s += v as f64;
                 }

@@ -17,7 +17,7 @@
 use std::path::Path;
 use std::time::Instant;
 
-use candle_core::{DType, Device, IndexOp, Tensor, D};
+use candle_core::{DType, Device, IndexOp, Tensor};
 
 use crate::dataset::{Dataset, EvalType};
 use crate::error::{Error, Result};
@@ -345,13 +345,9 @@ pub fn score_choices(
             .collect();
         let mut cache = model.new_cache(&enc)?;
         let h = model.decode(&inputs, &mut cache)?;
-        let lp = model.log_probs(&h)?;
-        let idx = Tensor::from_vec(
-            labels.into_iter().flatten().collect::<Vec<_>>(),
-            (choices.len(), width, 1),
-            lp.device(),
-        )?;
-        let picked: Vec<Vec<f32>> = lp.gather(&idx, D::Minus1)?.squeeze(D::Minus1)?.to_vec2()?;
+        let targets: Vec<u32> = labels.into_iter().flatten().collect();
+        let picked = crate::score::picked_log_probs(&model.logits(&h)?, &targets)?;
+        let picked: Vec<&[f32]> = picked.chunks(width).collect();
         for ((s, c), row) in scores.iter_mut().zip(&cids).zip(picked) {
             *s = row[..c.len()].iter().map(|&v| v as f64).sum();
         }

@@ -158,17 +158,17 @@ fn check_generation(f: &Fixture) {
         })
         .collect();
     let max_new = f.g["max_gen_len"].as_u64().unwrap() as usize;
-    let (eos, pad) = (f.tok.eos_id(), f.tok.pad_id());
+    let eos = f.tok.eos_id();
     // Batch of 1, and all rows in one left-padded batch (the "batch 8" case: <= 8 rows).
     let single: Vec<Vec<u32>> = prompts
         .iter()
         .map(|p| {
-            greedy_batch(&f.model, std::slice::from_ref(p), max_new, eos, pad)
+            greedy_batch(&f.model, std::slice::from_ref(p), max_new, eos)
                 .unwrap()
                 .remove(0)
         })
         .collect();
-    let batched = greedy_batch(&f.model, &prompts, max_new, eos, pad).unwrap();
+    let batched = greedy_batch(&f.model, &prompts, max_new, eos).unwrap();
     for ((g, s), b) in gens.iter().zip(&single).zip(&batched) {
         assert_eq!(
             s,

@@ -345,6 +345,55 @@ impl KvCache {
         })
     }
 
+    /// One cache of `caches.len()` rows from single-row caches of any lengths, each row
+    /// left-padded (zero keys and values, marked as padding, so never attended to) to the
+    /// longest. Prompts prefilled one by one this way decode together exactly as a left-padded
+    /// batch would, without computing the padding.
+    pub fn stack_left_padded(caches: &[KvCache]) -> Result<Self> {
+        if caches.iter().any(|c| c.batch() != 1) {
+            return Err(Error::Msg(
+                "KvCache::stack_left_padded needs single-row caches".into(),
+            ));
+        }
+        let Some(first) = caches.first() else {
+            return Err(Error::Msg("KvCache::stack_left_padded: no caches".into()));
+        };
+        let width = caches.iter().map(KvCache::len).max().unwrap_or(0);
+        let pad = |t: &Tensor, n: usize| -> Result<Tensor> {
+            if n == 0 {
+                return Ok(t.clone());
+            }
+            let (b, h, _, d) = t.dims4()?;
+            let z = Tensor::zeros((b, h, n, d), t.dtype(), t.device())?;
+            Ok(Tensor::cat(&[&z, t], 2)?)
+        };
+        let mut layers = Vec::with_capacity(first.layers.len());
+        for l in 0..first.layers.len() {
+            let mut ks = Vec::with_capacity(caches.len());
+            let mut vs = Vec::with_capacity(caches.len());
+            for c in caches {
+                let Some((k, v)) = &c.layers[l] else {
+                    return Err(Error::Msg(
+                        "KvCache::stack_left_padded: a cache has no entries".into(),
+                    ));
+                };
+                let n = width - c.len();
+                ks.push(pad(k, n)?);
+                vs.push(pad(v, n)?);
+            }
+            layers.push(Some((Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?)));
+        }
+        let valid = caches
+            .iter()
+            .map(|c| {
+                std::iter::repeat_n(false, width - c.len())
+                    .chain(c.valid[0].iter().copied())
+                    .collect()
+            })
+            .collect();
+        Ok(KvCache { layers, valid })
+    }
+
     /// Keeps only the given rows (finished sequences leave a generation batch).
     pub fn select(&mut self, rows: &[usize]) -> Result<()> {
         let Some(device) = self

@@ -209,23 +209,36 @@ pub fn relative_position_bucket(
     buckets + large
 }
 
-struct Attention {
+/// Self attention: queries, keys and values in one product (`[q | k | v]` outputs).
+struct SelfAttention {
+    qkv: Lin,
+    o: Lin,
+}
+
+/// Cross attention: queries from the decoder, keys and values (`[k | v]`) from the encoder.
+struct CrossAttention {
     q: Lin,
-    k: Lin,
-    v: Lin,
+    kv: Lin,
     o: Lin,
 }
 
 enum FeedForward {
-    Plain { wi: Lin, wo: Lin },
-    Gated { wi0: Lin, wi1: Lin, wo: Lin },
+    Plain {
+        wi: Lin,
+        wo: Lin,
+    },
+    /// `wi` holds `[wi_0 | wi_1]`: the activated half and the linear half in one product.
+    Gated {
+        wi: Lin,
+        wo: Lin,
+    },
 }
 
 struct Block {
     self_norm: Tensor,
-    self_attn: Attention,
+    self_attn: SelfAttention,
     /// Decoder blocks only.
-    cross: Option<(Tensor, Attention)>,
+    cross: Option<(Tensor, CrossAttention)>,
     ff_norm: Tensor,
     ff: FeedForward,
 }
@@ -343,19 +356,36 @@ impl T5 {
             Lin::new(get(&format!("{name}.weight"), &[out, inp], dtype)?, None)
         };
         let (d, inner, ff) = (cfg.d_model, cfg.num_heads * cfg.d_kv, cfg.d_ff);
-        let attn = |p: &str| -> Result<Attention> {
-            Ok(Attention {
+        let weight = |name: &str, out: usize, inp: usize| -> Result<Tensor> {
+            get(&format!("{name}.weight"), &[out, inp], dtype)
+        };
+        let self_attn = |p: &str| -> Result<SelfAttention> {
+            Ok(SelfAttention {
+                qkv: Lin::stacked(&[
+                    weight(&format!("{p}.q"), inner, d)?,
+                    weight(&format!("{p}.k"), inner, d)?,
+                    weight(&format!("{p}.v"), inner, d)?,
+                ])?,
+                o: lin(&format!("{p}.o"), d, inner)?,
+            })
+        };
+        let cross_attn = |p: &str| -> Result<CrossAttention> {
+            Ok(CrossAttention {
                 q: lin(&format!("{p}.q"), inner, d)?,
-                k: lin(&format!("{p}.k"), inner, d)?,
-                v: lin(&format!("{p}.v"), inner, d)?,
+                kv: Lin::stacked(&[
+                    weight(&format!("{p}.k"), inner, d)?,
+                    weight(&format!("{p}.v"), inner, d)?,
+                ])?,
                 o: lin(&format!("{p}.o"), d, inner)?,
             })
         };
         let feed_forward = |p: &str| -> Result<FeedForward> {
             Ok(if cfg.gated {
                 FeedForward::Gated {
-                    wi0: lin(&format!("{p}.wi_0"), ff, d)?,
-                    wi1: lin(&format!("{p}.wi_1"), ff, d)?,
+                    wi: Lin::stacked(&[
+                        weight(&format!("{p}.wi_0"), ff, d)?,
+                        weight(&format!("{p}.wi_1"), ff, d)?,
+                    ])?,
                     wo: lin(&format!("{p}.wo"), d, ff)?,
                 }
             } else {
@@ -372,11 +402,11 @@ impl T5 {
                 let ff_layer = if decoder { 2 } else { 1 };
                 blocks.push(Block {
                     self_norm: get(&format!("{p}.0.layer_norm.weight"), &[d], dtype)?,
-                    self_attn: attn(&format!("{p}.0.SelfAttention"))?,
+                    self_attn: self_attn(&format!("{p}.0.SelfAttention"))?,
                     cross: if decoder {
                         Some((
                             get(&format!("{p}.1.layer_norm.weight"), &[d], dtype)?,
-                            attn(&format!("{p}.1.EncDecAttention"))?,
+                            cross_attn(&format!("{p}.1.EncDecAttention"))?,
                         ))
                     } else {
                         None
@@ -544,6 +574,22 @@ impl T5 {
 
     /// softmax(q·kᵀ + bias)·v for `q [b, h, t, dk]`, `k, v [b, h, s, dk]` and an additive f32
     /// bias broadcastable to `[b, h, t, s]`; returns `[b, t, h·dk]`.
+    /// `[b, t, N·h·dk]` (N projections side by side) as N contiguous `[b, h, t, dk]` tensors,
+    /// with one copy.
+    fn split_heads<const N: usize>(&self, x: &Tensor) -> Result<[Tensor; N]> {
+        let (b, t, _) = x.dims3()?;
+        let all = x
+            .reshape((b, t, N, self.cfg.num_heads, self.cfg.d_kv))?
+            .permute((2, 0, 3, 1, 4))?
+            .contiguous()?;
+        let mut out = Vec::with_capacity(N);
+        for i in 0..N {
+            out.push(all.get(i)?);
+        }
+        out.try_into()
+            .map_err(|_| Error::Msg("split_heads: wrong number of parts".into()))
+    }
+
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         let (b, h, t, dk) = q.dims4()?;
         let s = q.matmul(&k.transpose(2, 3)?)?.to_dtype(DType::F32)?;
@@ -567,8 +613,11 @@ impl T5 {
         };
         Ok(match ff {
             FeedForward::Plain { wi, wo } => wo.forward(&act(wi.forward(x)?)?)?,
-            FeedForward::Gated { wi0, wi1, wo } => {
-                wo.forward(&(act(wi0.forward(x)?)? * wi1.forward(x)?)?)?
+            FeedForward::Gated { wi, wo } => {
+                let y = wi.forward(x)?;
+                let ff = self.cfg.d_ff;
+                let gate = act(y.narrow(D::Minus1, 0, ff)?)?;
+                wo.forward(&(gate * y.narrow(D::Minus1, ff, ff)?)?)?
             }
         })
     }
@@ -590,9 +639,7 @@ impl T5 {
         for blk in &self.encoder.blocks {
             let h = self.rms_norm(&x, &blk.self_norm)?;
             let a = &blk.self_attn;
-            let q = self.heads(&a.q.forward(&h)?)?;
-            let k = self.heads(&a.k.forward(&h)?)?;
-            let v = self.heads(&a.v.forward(&h)?)?;
+            let [q, k, v] = self.split_heads::<3>(&a.qkv.forward(&h)?)?;
             x = self.clamp_f16((x + a.o.forward(&self.attend(&q, &k, &v, Some(&bias))?)?)?)?;
             let h = self.rms_norm(&x, &blk.ff_norm)?;
             x = self.clamp_f16((&x + self.feed_forward(&blk.ff, &h)?)?)?;
@@ -616,10 +663,8 @@ impl T5 {
                     .cross
                     .as_ref()
                     .expect("decoder blocks have cross attention");
-                Ok((
-                    self.heads(&a.k.forward(&enc.hidden)?)?,
-                    self.heads(&a.v.forward(&enc.hidden)?)?,
-                ))
+                let [k, v] = self.split_heads::<2>(&a.kv.forward(&enc.hidden)?)?;
+                Ok((k, v))
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(T5Cache {
@@ -656,9 +701,7 @@ impl T5 {
         for (i, blk) in self.decoder.blocks.iter().enumerate() {
             let h = self.rms_norm(&x, &blk.self_norm)?;
             let a = &blk.self_attn;
-            let q = self.heads(&a.q.forward(&h)?)?;
-            let k = self.heads(&a.k.forward(&h)?)?;
-            let v = self.heads(&a.v.forward(&h)?)?;
+            let [q, k, v] = self.split_heads::<3>(&a.qkv.forward(&h)?)?;
             let (k, v) = match cache.self_kv[i].take() {
                 Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
                 None => (k, v),
