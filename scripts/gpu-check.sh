@@ -48,7 +48,7 @@ if [[ "${1:-}" == "--bundle" ]]; then
   strip "$stage/bin/synth_checkpoint" "$stage/bin/write_fixtures"
   cp -r .cache/tokenizers/llama2 .cache/tokenizers/llama3 "$stage/tokenizers/"
   mkdir -p "$bin_dir"
-  tar -C "$stage" -cJf "$bin_dir/bundle.tar.xz" bin tokenizers
+  XZ_OPT="${XZ_OPT:--T0}" tar -C "$stage" -cJf "$bin_dir/bundle.tar.xz" bin tokenizers
   rm -rf "$stage"
   ls -l "$bin_dir/bundle.tar.xz"
   exit 0
