@@ -261,7 +261,7 @@ if [[ -n "${DATA_DIR:-}" && -f "$DATA_DIR/test.csv" ]]; then
     t0=$(now)
     if timeout "$step_limit" "$llm" predict --model "$work/merged_linear" --data "$DATA_DIR/test.csv" --out "$work/submission.csv" --dtype bf16 --device "$device" --batch-size 16 >"$work/predict.log" 2>&1; then
       p=$(secs "$t0" "$(now)")
-      printf 'predict test (%s rows)     %8s s\n' "$(($(wc -l <"$work/submission.csv") - 1))" "$p"
+      printf 'predict test (%s rows)     %8s s\n' "$(python3 -c 'import csv,sys; print(sum(1 for _ in csv.DictReader(open(sys.argv[1]))))' "$work/submission.csv")" "$p"
       real_secs=$(awk -v a="$v" -v b="$p" 'BEGIN { print a + b }')
     else
       tail -5 "$work/predict.log" >&2

@@ -203,7 +203,9 @@ pub fn run(args: &RunArgs) -> Result<Vec<StageReport>> {
             let t = Instant::now();
             let mut opts = MergeOptions::new(&merged);
             opts.overwrite = true;
-            opts.device = dev.clone();
+            // Merges stay on the CPU, which was faster than the GPU for every method measured
+            // (scripts/gpu-check.sh); `device` is the evaluation's.
+            opts.device = merge_core::merge::Device::Cpu;
             match merge_core::adapter_merge::lookup(&cfg.method) {
                 // Adapters in, one adapter out (the kit's llama_avg / flant5_avg).
                 Some(method) => {
