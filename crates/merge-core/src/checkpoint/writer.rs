@@ -60,6 +60,37 @@ pub struct CheckpointWriter {
     total_size: u64,
 }
 
+/// Removes temporary directories `prefix<pid>-…` in `parent` whose process is gone: a merge
+/// killed by a signal cannot clean up after itself, so the next merge to the same target does.
+/// Directories of live processes (or whose owner cannot be told) are left alone.
+fn remove_abandoned(parent: &Path, prefix: &str) {
+    if !cfg!(target_os = "linux") {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(prefix)
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            match std::fs::remove_dir_all(entry.path()) {
+                Ok(()) => tracing::info!(
+                    "removed {}, left by an interrupted merge",
+                    entry.path().display()
+                ),
+                Err(e) => tracing::warn!("cannot remove {}: {e}", entry.path().display()),
+            }
+        }
+    }
+}
+
 impl CheckpointWriter {
     /// Lay out `tensors` in shards of at most `max_shard_size` bytes (a tensor larger than
     /// that gets a shard of its own) and create the files in a temporary directory beside
@@ -85,8 +116,11 @@ impl CheckpointWriter {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "merged".into());
+        let prefix = format!(".{stem}.partial-");
+        remove_abandoned(&parent, &prefix);
+        // The pid in the name tells a later run whether the writer is still alive.
         let tmp = tempfile::Builder::new()
-            .prefix(&format!(".{stem}.partial-"))
+            .prefix(&format!("{prefix}{}-", std::process::id()))
             .tempdir_in(&parent)
             .map_err(|e| Error::io(&parent, e))?;
 
@@ -421,4 +455,41 @@ pub fn tensor_bytes(tensor: &Tensor, dtype: DType) -> candle_core::Result<Vec<u8
         DType::U8 => bytes_of(t.to_vec1::<u8>()?),
         other => candle_core::bail!("cannot write dtype {other:?}"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_writer_removes_what_dead_writers_left_and_keeps_live_ones() {
+        let tmp = tempfile::tempdir().unwrap();
+        let target = tmp.path().join("out");
+        // No process has pid 999999999 (Linux pids stop at 2^22); this process is alive.
+        let dead = tmp.path().join(".out.partial-999999999-abc");
+        let live = tmp
+            .path()
+            .join(format!(".out.partial-{}-def", std::process::id()));
+        let other = tmp.path().join(".other.partial-999999999-abc");
+        for d in [&dead, &live, &other] {
+            std::fs::create_dir(d).unwrap();
+            std::fs::write(d.join("model.safetensors"), b"half-written").unwrap();
+        }
+        let tensors = [OutputTensor {
+            name: "w".into(),
+            shape: vec![2],
+            dtype: DType::F32,
+        }];
+        let w = CheckpointWriter::create(&target, &tensors, 1 << 20, false).unwrap();
+        assert!(!dead.exists(), "a dead writer's directory is removed");
+        assert!(live.exists(), "a live writer's directory is kept");
+        assert!(other.exists(), "another target's directory is not touched");
+        w.write(
+            "w",
+            &Tensor::new(&[1f32, 2.], &candle_core::Device::Cpu).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(w.finish().unwrap(), target);
+        assert!(target.join("model.safetensors").is_file());
+    }
 }
