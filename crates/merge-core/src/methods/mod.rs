@@ -116,20 +116,23 @@ pub struct TensorInputs<'a> {
     pub seed: u64,
 }
 
+/// The value of a parameter the method declared: planning resolved every declared parameter
+/// (defaults included), so a missing one is a bug in the method, not in the config.
+pub(crate) fn declared(params: &Params, name: &str, what: &str) -> f64 {
+    *params
+        .get(name)
+        .unwrap_or_else(|| panic!("{what} `{name}` is not declared by the method"))
+}
+
 impl TensorInputs<'_> {
     /// A global parameter (declared by the method, so always present).
     pub fn param(&self, name: &str) -> f64 {
-        *self
-            .params
-            .get(name)
-            .unwrap_or_else(|| panic!("parameter `{name}` is not declared by the method"))
+        declared(self.params, name, "parameter")
     }
 
     /// A per-model parameter of model `i`.
     pub fn model_param(&self, i: usize, name: &str) -> f64 {
-        *self.model_params[i]
-            .get(name)
-            .unwrap_or_else(|| panic!("model parameter `{name}` is not declared by the method"))
+        declared(&self.model_params[i], name, "model parameter")
     }
 
     /// The same tensor as [`StreamInputs`] over `base` and `models` (these tensors' data), so

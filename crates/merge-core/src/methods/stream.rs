@@ -14,7 +14,7 @@ use std::sync::Mutex;
 use candle_core::Result;
 use rayon::prelude::*;
 
-use super::Params;
+use super::{declared, Params};
 use crate::checkpoint::MappedTensor;
 
 /// Elements per chunk (256 KB of f32): large enough that per-chunk overhead vanishes, small
@@ -124,17 +124,12 @@ impl StreamInputs<'_> {
 
     /// A global parameter (declared by the method, so always present).
     pub fn param(&self, name: &str) -> f64 {
-        *self
-            .params
-            .get(name)
-            .unwrap_or_else(|| panic!("parameter `{name}` is not declared by the method"))
+        declared(self.params, name, "parameter")
     }
 
     /// A per-model parameter of model `i`.
     pub fn model_param(&self, i: usize, name: &str) -> f64 {
-        *self.model_params[i]
-            .get(name)
-            .unwrap_or_else(|| panic!("model parameter `{name}` is not declared by the method"))
+        declared(&self.model_params[i], name, "model parameter")
     }
 }
 
