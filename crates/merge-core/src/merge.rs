@@ -628,16 +628,16 @@ pub fn execute(
             budget.release(held);
             r
         } else {
-            let streamed = merge_streaming(plan, p, inputs, &writer, &budget)?;
-            if streamed {
-                Ok(())
-            } else {
-                // f32 copies of every input plus what the method allocates.
-                let scratch = plan.method.scratch_tensors(inputs.models.len()) as u64;
-                let held = budget.acquire(numel * 4 * (n_inputs + scratch));
-                let r = merge_whole(plan, p, inputs, &writer, &opts.device);
-                budget.release(held);
-                r
+            match merge_streaming(plan, p, inputs, &writer, &budget)? {
+                Streamed::Written => Ok(()),
+                Streamed::Declined(loaded) => {
+                    // f32 copies of every input plus what the method allocates.
+                    let scratch = plan.method.scratch_tensors(inputs.models.len()) as u64;
+                    let held = budget.acquire(numel * 4 * (n_inputs + scratch));
+                    let r = merge_whole(plan, p, inputs, loaded, &writer, &opts.device);
+                    budget.release(held);
+                    r
+                }
             }
         };
         progress.inc(1);
@@ -682,17 +682,25 @@ fn method_error(plan: &MergePlan, name: &str, e: impl std::fmt::Display) -> Erro
     }
 }
 
+/// What [`merge_streaming`] did with a tensor.
+enum Streamed {
+    /// The method streamed it: the tensor is written.
+    Written,
+    /// The method handles these parameters only whole. Per input (base first): its f32
+    /// tensor on the CPU where it was already loaded for the attempt, so it is not loaded twice.
+    Declined(Vec<Option<Tensor>>),
+}
+
 /// Merge one tensor with the method's streaming path, when it has one for these parameters:
 /// inputs stored in safetensors files are read a chunk at a time from the memory map; the
-/// others (adapters applied, `.bin` checkpoints) are loaded whole in f32 first. Returns
-/// whether the method streamed (and so the tensor is written).
+/// others (adapters applied, `.bin` checkpoints) are loaded whole in f32 first.
 fn merge_streaming(
     plan: &MergePlan,
     p: &PlannedTensor,
     inputs: &MergeInputs,
     writer: &CheckpointWriter,
     budget: &MemoryBudget,
-) -> Result<bool> {
+) -> Result<Streamed> {
     let name = p.out.name.as_str();
     let numel = p.out.shape.iter().product::<usize>() as u64;
     let all: Vec<&InputModel> = inputs.base.iter().chain(&inputs.models).collect();
@@ -708,7 +716,7 @@ fn merge_streaming(
     }
     let n_loaded = mapped.iter().filter(|m| m.is_none()).count() as u64;
     let held = budget.acquire(numel * 4 * n_loaded);
-    let result = (|| -> Result<bool> {
+    let result = (|| -> Result<Streamed> {
         let mut loaded = Vec::new();
         for (m, mapped) in all.iter().zip(&mapped) {
             if mapped.is_none() {
@@ -748,10 +756,18 @@ fn merge_streaming(
         })
         .map_err(|e| Error::tensor(name, e))?;
         match streamed {
-            None => Ok(false),
+            None => {
+                let mut loaded = loaded.into_iter();
+                Ok(Streamed::Declined(
+                    mapped
+                        .iter()
+                        .map(|m| if m.is_none() { loaded.next() } else { None })
+                        .collect(),
+                ))
+            }
             Some(Ok(())) => {
                 writer.mark_written(name)?;
-                Ok(true)
+                Ok(Streamed::Written)
             }
             Some(Err(e)) => Err(match sink.error.into_inner().expect("not poisoned") {
                 Some(io) => io,
@@ -763,24 +779,29 @@ fn merge_streaming(
     result
 }
 
-/// Merge one tensor from whole f32 tensors with [`MergeMethod::merge`].
+/// Merge one tensor from whole f32 tensors with [`MergeMethod::merge`]; `loaded` holds, per
+/// input (base first), the f32 tensor already on the CPU, if any.
 fn merge_whole(
     plan: &MergePlan,
     p: &PlannedTensor,
     inputs: &MergeInputs,
+    loaded: Vec<Option<Tensor>>,
     writer: &CheckpointWriter,
     device: &Device,
 ) -> Result<()> {
     let name = p.out.name.as_str();
-    let base = match &inputs.base {
-        Some(b) => Some(b.load_f32(name, device)?),
-        None => None,
-    };
-    let models = inputs
-        .models
+    let mut tensors = inputs
+        .base
         .iter()
-        .map(|m| m.load_f32(name, device))
+        .chain(&inputs.models)
+        .zip(loaded)
+        .map(|(m, t)| match t {
+            Some(t) => t.to_device(device).map_err(|e| Error::tensor(name, e)),
+            None => m.load_f32(name, device),
+        })
         .collect::<Result<Vec<Tensor>>>()?;
+    let base = inputs.base.is_some().then(|| tensors.remove(0));
+    let models = tensors;
     let merged = plan
         .method
         .merge(&TensorInputs {

@@ -155,3 +155,32 @@ fn bin_and_safetensors_layouts_read_the_same_tensors() {
     let single = Checkpoint::open_dir(fixtures().join("models/expert_a")).unwrap();
     assert_eq!(max_diff(&sharded, &single), 0.0);
 }
+
+/// Methods that merge whole tensors reuse the inputs loaded while the engine offered them
+/// streaming (adapters folded in, `.bin` checkpoints): the result must equal the same merge
+/// over the equivalent safetensors checkpoints, which take the other path.
+#[test]
+fn whole_tensor_methods_on_adapters_and_bin_equal_the_safetensors_merge() {
+    let tmp = tempfile::tempdir().unwrap();
+    let slerp = |other: &str, out: &str| {
+        let cfg: MergeConfig = serde_json::from_value(serde_json::json!({
+            "method": "slerp", "base_model": "models/base", "dtype": "float32",
+            "parameters": {"t": 0.3},
+            "models": [{"model": "models/base"}, {"model": other}],
+        }))
+        .unwrap();
+        let out = tmp.path().join(out);
+        merge::run(&cfg, &offline_resolver(), &MergeOptions::new(&out)).unwrap();
+        Checkpoint::open_dir(&out).unwrap()
+    };
+    let d = max_diff(
+        &slerp("models/expert_b_bin", "bin"),
+        &slerp("models/expert_b", "st"),
+    );
+    assert_eq!(d, 0.0, ".bin input: {d:e}");
+    let d = max_diff(
+        &slerp("models/lora_a", "adapter"),
+        &slerp("goldens/peft_lora_a", "folded"),
+    );
+    assert!(d <= 1e-6, "adapter input: {d:e}");
+}
