@@ -108,7 +108,7 @@ PY
   echo "CUDA libraries: $(ls "$shim" | tr '\n' ' ')"
 fi
 
-# Run a command, print its output's last line... and the peak GPU memory (nvidia-smi every
+# Run a command and record its peak GPU memory (nvidia-smi every
 # 100 ms) into $peak; the command's status is returned.
 peak="n/a"
 with_peak_mem() {
