@@ -2,11 +2,17 @@
 //! runs measurably faster on a contiguous right-hand side than on the transposed view of HF's
 //! `[out, in]` layout (about 15% on prompt-sized inputs on the development machine).
 //!
-//! Inputs of a few rows (decoding batches) on the CPU in f32 go through [`small_matmul`], which
-//! streams the weights once instead of packing them as gemm does; everything else through
-//! candle's matmul.
+//! Inputs of a few rows (decoding batches, choice tokens) on the CPU in f32 go through
+//! [`panel_matmul`] over a second copy of the weights packed in 16-column panels, made the
+//! first time such an input comes: candle's gemm repacks the weights on every call and runs far
+//! below the memory bandwidth for so few rows (a quarter of the panel kernel's speed at 16 rows
+//! on the development machine). The copy doubles the weights' memory, which only CPU f32
+//! evaluation pays.
+
+use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Storage, Tensor};
+use rayon::prelude::*;
 
 use crate::error::Result;
 
@@ -16,6 +22,9 @@ pub struct Lin {
     bias: Option<Tensor>,
     inp: usize,
     out: usize,
+    /// `W^T` in [`PANEL`]-column panels for [`panel_matmul`]; `None` inside where the weights
+    /// are not f32 on the CPU.
+    panels: OnceLock<Option<Vec<f32>>>,
 }
 
 impl Lin {
@@ -23,10 +32,11 @@ impl Lin {
     pub fn new(w: Tensor, bias: Option<Tensor>) -> Result<Self> {
         let (out, inp) = w.dims2()?;
         Ok(Lin {
-            wt: w.t()?.contiguous()?,
+            wt: transposed(&w)?,
             bias,
             inp,
             out,
+            panels: OnceLock::new(),
         })
     }
 
@@ -54,187 +64,193 @@ impl Lin {
         Ok(y.reshape(out_dims)?)
     }
 
-    /// [`small_matmul`] where it applies: f32 on the CPU, at most [`SMALL_ROWS`] rows.
+    /// [`panel_matmul`] where it applies: f32 on the CPU, at most [`SMALL_ROWS`] rows.
     fn small(&self, x: &Tensor, rows: usize) -> Result<Option<Tensor>> {
         if rows > SMALL_ROWS || x.dtype() != DType::F32 || !x.device().is_cpu() {
             return Ok(None);
         }
+        let Some(panels) = self.panels.get_or_init(|| self.pack().ok().flatten()) else {
+            return Ok(None);
+        };
         let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        let (storage, layout) = self.wt.storage_and_layout();
-        let Storage::Cpu(cpu) = &*storage else {
-            return Ok(None);
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            return Ok(None);
-        };
-        let wt = &cpu.as_slice::<f32>()?[start..end];
-        Ok(small_matmul(&xs, wt, rows, self.inp, self.out)
+        Ok(panel_matmul(&xs, panels, rows, self.inp, self.out)
             .map(|y| Tensor::from_vec(y, (rows, self.out), &Device::Cpu))
             .transpose()?)
     }
+
+    /// The panel copy of `W^T`, or `None` where it is not f32 on the CPU.
+    fn pack(&self) -> Result<Option<Vec<f32>>> {
+        let (storage, layout) = self.wt.storage_and_layout();
+        let (Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets())
+        else {
+            return Ok(None);
+        };
+        if self.wt.dtype() != DType::F32 {
+            return Ok(None);
+        }
+        Ok(Some(pack_panels(
+            &cpu.as_slice::<f32>()?[start..end],
+            self.inp,
+            self.out,
+        )))
+    }
 }
 
-/// Rows up to which [`small_matmul`] is used instead of candle's gemm (decoding batches).
-pub const SMALL_ROWS: usize = 12;
+/// `w` (`[rows, cols]`) transposed into a new contiguous tensor. On the CPU in f32 in parallel
+/// square blocks: candle's strided copy walks the source column by column on one thread and
+/// took a fifth of a model's load time.
+fn transposed(w: &Tensor) -> Result<Tensor> {
+    let (rows, cols) = w.dims2()?;
+    if w.device().is_cpu() && w.dtype() == DType::F32 && w.is_contiguous() && rows * cols > 0 {
+        let src: Vec<f32> = w.flatten_all()?.to_vec1()?;
+        const B: usize = 32;
+        let mut dst = vec![0f32; rows * cols];
+        // Each task writes B rows of the result (B source columns).
+        dst.par_chunks_mut(B * rows)
+            .enumerate()
+            .for_each(|(cb, out)| {
+                let c0 = cb * B;
+                let cn = out.len() / rows.max(1);
+                for r0 in (0..rows).step_by(B) {
+                    for r in r0..(r0 + B).min(rows) {
+                        let row = &src[r * cols + c0..r * cols + c0 + cn];
+                        for (c, &x) in row.iter().enumerate() {
+                            out[c * rows + r] = x;
+                        }
+                    }
+                }
+            });
+        return Ok(Tensor::from_vec(dst, (cols, rows), w.device())?);
+    }
+    Ok(w.t()?.contiguous()?)
+}
 
-/// Rows of `x` handled together by one kernel call.
-const ROW_BLOCK: usize = 4;
-/// Rows of `W^T` (input features) accumulated between loads and stores of the output tile.
-const K_BLOCK: usize = 8;
+/// Rows up to which [`panel_matmul`] is used instead of candle's gemm.
+pub const SMALL_ROWS: usize = 32;
 
-/// `y = x·W^T` for a few rows of `x` (`[m, k]`, row-major) against `W^T` (`[k, n]`, row-major),
-/// on AVX2+FMA x86-64: `None` where those instructions are missing. The weights stream from
-/// memory once, row after row, each element feeding every row of `x`; candle's gemm packs them
-/// first and runs well below the memory bandwidth for so few rows.
-pub fn small_matmul(x: &[f32], wt: &[f32], m: usize, k: usize, n: usize) -> Option<Vec<f32>> {
+/// Columns per panel: two AVX registers.
+const PANEL: usize = 16;
+/// Most rows of `x` per register tile (6 rows × 16 columns = 12 accumulators).
+const ROW_TILE: usize = 6;
+
+/// `W^T` (`[k, n]`, row-major) rearranged as `[n/16][k][16]` (the last panel zero-filled past
+/// `n`): each panel is one contiguous stream for [`panel_matmul`].
+pub fn pack_panels(wt: &[f32], k: usize, n: usize) -> Vec<f32> {
+    assert_eq!(wt.len(), k * n);
+    let mut packed = vec![0f32; n.div_ceil(PANEL) * k * PANEL];
+    packed
+        .par_chunks_mut(k * PANEL)
+        .enumerate()
+        .for_each(|(p, panel)| {
+            let (c0, c1) = (p * PANEL, ((p + 1) * PANEL).min(n));
+            for (kk, dst) in panel.chunks_exact_mut(PANEL).enumerate() {
+                dst[..c1 - c0].copy_from_slice(&wt[kk * n + c0..kk * n + c1]);
+            }
+        });
+    packed
+}
+
+/// `y = x·W^T` for a few rows of `x` (`[m, k]`, row-major) against `W^T` packed by
+/// [`pack_panels`], on AVX2+FMA x86-64: `None` where those instructions are missing. Each panel
+/// streams from memory once and then feeds every row tile from cache; the accumulators stay in
+/// registers over all of `k`. Every output element is summed over the input features in order
+/// with fused multiply-adds, whatever `m` is, so a row's result does not depend on the batch
+/// it is in.
+pub fn panel_matmul(x: &[f32], packed: &[f32], m: usize, k: usize, n: usize) -> Option<Vec<f32>> {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
             assert_eq!(x.len(), m * k);
-            assert_eq!(wt.len(), k * n);
-            let mut y = vec![0f32; m * n];
-            // Column stripes, one per thread, multiples of 16 wide.
-            let threads = rayon::current_num_threads().max(1);
-            let stripe = n.div_ceil(threads).div_ceil(24) * 24;
-            let stripes: Vec<(usize, usize)> = (0..n)
-                .step_by(stripe.max(24))
-                .map(|c| (c, (c + stripe.max(24)).min(n)))
-                .collect();
-            let yp = SendPtr(y.as_mut_ptr());
-            rayon::scope(|s| {
-                for &(c0, c1) in &stripes {
-                    let yp = &yp;
-                    s.spawn(move |_| unsafe { stripe_kernel(x, wt, yp.0, m, k, n, c0, c1) });
+            assert_eq!(packed.len(), n.div_ceil(PANEL) * k * PANEL);
+            // `x` transposed (`[k, m]`) so the values broadcast at one step are adjacent.
+            let mut xt = vec![0f32; k * m];
+            for (r, row) in x.chunks_exact(k.max(1)).enumerate() {
+                for (kk, &v) in row.iter().enumerate() {
+                    xt[kk * m + r] = v;
                 }
-            });
+            }
+            // Output panel by panel (`[n/16][m][16]`), each written by one task.
+            let mut yp = vec![0f32; n.div_ceil(PANEL) * m * PANEL];
+            let per_task = n
+                .div_ceil(PANEL)
+                .div_ceil(rayon::current_num_threads().max(1));
+            yp.par_chunks_mut(per_task.max(1) * m * PANEL)
+                .enumerate()
+                .for_each(|(t, out)| {
+                    for (i, y) in out.chunks_exact_mut(m * PANEL).enumerate() {
+                        let p = t * per_task + i;
+                        let w = &packed[p * k * PANEL..(p + 1) * k * PANEL];
+                        // Safety: AVX2 and FMA were detected above.
+                        unsafe { panel_rows(&xt, w, y, m, k) };
+                    }
+                });
+            let mut y = vec![0f32; m * n];
+            for (p, panel) in yp.chunks_exact(m * PANEL).enumerate() {
+                let (c0, c1) = (p * PANEL, ((p + 1) * PANEL).min(n));
+                for (r, row) in panel.chunks_exact(PANEL).enumerate() {
+                    y[r * n + c0..r * n + c1].copy_from_slice(&row[..c1 - c0]);
+                }
+            }
             return Some(y);
         }
     }
-    let _ = (x, wt, m, k, n);
+    let _ = (x, packed, m, k, n);
     None
 }
 
-struct SendPtr(*mut f32);
-unsafe impl Sync for SendPtr {}
-unsafe impl Send for SendPtr {}
-
-/// Columns `c0..c1` of `y` (`[m, n]`, zeroed): every thread writes its own columns.
+/// One panel's output (`[m][16]`) for all rows, in near-equal tiles of up to [`ROW_TILE`] rows
+/// (16 rows: 6 + 5 + 5).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn stripe_kernel(
-    x: &[f32],
-    wt: &[f32],
-    y: *mut f32,
+unsafe fn panel_rows(xt: &[f32], w: &[f32], y: &mut [f32], m: usize, k: usize) {
+    let tiles = m.div_ceil(ROW_TILE);
+    let mut r0 = 0;
+    for t in 0..tiles {
+        let rows = m / tiles + usize::from(t < m % tiles);
+        let out = &mut y[r0 * PANEL..(r0 + rows) * PANEL];
+        match rows {
+            6 => tile::<6>(xt, w, out, m, k, r0),
+            5 => tile::<5>(xt, w, out, m, k, r0),
+            4 => tile::<4>(xt, w, out, m, k, r0),
+            3 => tile::<3>(xt, w, out, m, k, r0),
+            2 => tile::<2>(xt, w, out, m, k, r0),
+            _ => tile::<1>(xt, w, out, m, k, r0),
+        }
+        r0 += rows;
+    }
+}
+
+/// `y[0..R][0..16] = x[r0..r0+R, ..] · panel`, the sums in registers over all `k`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn tile<const R: usize>(
+    xt: &[f32],
+    w: &[f32],
+    y: &mut [f32],
     m: usize,
     k: usize,
-    n: usize,
-    c0: usize,
-    c1: usize,
-) {
-    let mut k0 = 0;
-    while k0 < k {
-        let kb = K_BLOCK.min(k - k0);
-        let g = Geom { k, n, k0, kb };
-        let mut c = c0;
-        // 24 columns (three registers) per tile where they fit, then 16, then 8.
-        while c < c1 {
-            let w = c1 - c;
-            let step = if w >= 24 {
-                rows::<3>(x, wt, y, m, &g, c);
-                24
-            } else if w >= 16 {
-                rows::<2>(x, wt, y, m, &g, c);
-                16
-            } else if w >= 8 {
-                rows::<1>(x, wt, y, m, &g, c);
-                8
-            } else {
-                // Fewer than 8 columns left, plainly.
-                for cc in c..c1 {
-                    for r in 0..m {
-                        let mut acc = *y.add(r * n + cc);
-                        for kk in k0..k0 + kb {
-                            acc += x[r * k + kk] * wt[kk * n + cc];
-                        }
-                        *y.add(r * n + cc) = acc;
-                    }
-                }
-                w
-            };
-            c += step;
-        }
-        k0 += kb;
-    }
-}
-
-/// Shape of one pass: `k`, `n` of the product and the block `k0..k0+kb` of input features.
-struct Geom {
-    k: usize,
-    n: usize,
-    k0: usize,
-    kb: usize,
-}
-
-/// All rows for the `8·C` columns at `c`, [`ROW_BLOCK`] rows per tile.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-unsafe fn rows<const C: usize>(x: &[f32], wt: &[f32], y: *mut f32, m: usize, g: &Geom, c: usize) {
-    let mut r = 0;
-    while r < m {
-        match (m - r).min(ROW_BLOCK) {
-            4 => tile::<4, C>(x, wt, y, g, r, c),
-            3 => tile::<3, C>(x, wt, y, g, r, c),
-            2 => tile::<2, C>(x, wt, y, g, r, c),
-            _ => tile::<1, C>(x, wt, y, g, r, c),
-        }
-        r += ROW_BLOCK;
-    }
-}
-
-/// `y[r..r+R, c..c+8C] += x[r..r+R, k0..k0+kb] · W^T[k0..k0+kb, c..c+8C]`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-unsafe fn tile<const R: usize, const C: usize>(
-    x: &[f32],
-    wt: &[f32],
-    y: *mut f32,
-    g: &Geom,
-    r: usize,
-    c: usize,
+    r0: usize,
 ) {
     use std::arch::x86_64::*;
-    let (k, n) = (g.k, g.n);
-    let mut acc = [[_mm256_setzero_ps(); C]; R];
-    for (i, a) in acc.iter_mut().enumerate() {
-        let yr = y.add((r + i) * n + c);
-        for (j, v) in a.iter_mut().enumerate() {
-            *v = _mm256_loadu_ps(yr.add(8 * j));
-        }
-    }
-    let xp = x.as_ptr();
-    let wp = wt.as_ptr();
-    for kk in g.k0..g.k0 + g.kb {
-        let w = wp.add(kk * n + c);
-        let mut wv = [_mm256_setzero_ps(); C];
-        for (j, v) in wv.iter_mut().enumerate() {
-            *v = _mm256_loadu_ps(w.add(8 * j));
-        }
+    debug_assert!(w.len() == k * PANEL && y.len() == R * PANEL && xt.len() >= k * m);
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    let mut xp = xt.as_ptr().add(r0);
+    let mut wp = w.as_ptr();
+    for _ in 0..k {
+        let (w0, w1) = (_mm256_loadu_ps(wp), _mm256_loadu_ps(wp.add(8)));
         for (i, a) in acc.iter_mut().enumerate() {
-            let xb = _mm256_broadcast_ss(&*xp.add((r + i) * k + kk));
-            for (j, v) in a.iter_mut().enumerate() {
-                *v = _mm256_fmadd_ps(xb, wv[j], *v);
-            }
+            let xb = _mm256_broadcast_ss(&*xp.add(i));
+            a[0] = _mm256_fmadd_ps(xb, w0, a[0]);
+            a[1] = _mm256_fmadd_ps(xb, w1, a[1]);
         }
+        xp = xp.add(m);
+        wp = wp.add(PANEL);
     }
     for (i, a) in acc.iter().enumerate() {
-        let yr = y.add((r + i) * n + c);
-        for (j, v) in a.iter().enumerate() {
-            _mm256_storeu_ps(yr.add(8 * j), *v);
-        }
+        _mm256_storeu_ps(y.as_mut_ptr().add(i * PANEL), a[0]);
+        _mm256_storeu_ps(y.as_mut_ptr().add(i * PANEL + 8), a[1]);
     }
 }
 
@@ -266,5 +282,39 @@ mod tests {
             .to_scalar()
             .unwrap();
         assert!(diff < 1e-4, "{diff}");
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn a_rows_product_does_not_depend_on_its_batch() {
+        // 93 columns: five full panels and a partial one.
+        let (k, n) = (300, 93);
+        let mut s = 7u32;
+        let mut rnd = || {
+            s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (s >> 8) as f32 / 16_777_216.0 - 0.5
+        };
+        let wt: Vec<f32> = (0..k * n).map(|_| rnd()).collect();
+        let x: Vec<f32> = (0..SMALL_ROWS * k).map(|_| rnd()).collect();
+        let packed = pack_panels(&wt, k, n);
+        let Some(all) = panel_matmul(&x, &packed, SMALL_ROWS, k, n) else {
+            // Without AVX2/FMA the kernel declines and candle's matmul is used instead.
+            assert!(!std::arch::is_x86_feature_detected!("fma"));
+            return;
+        };
+        for m in 1..=SMALL_ROWS {
+            let part = panel_matmul(&x[..m * k], &packed, m, k, n).unwrap();
+            for (i, (a, b)) in part.iter().zip(&all).enumerate() {
+                assert_eq!(a.to_bits(), b.to_bits(), "batch of {m}: element {i}");
+            }
+        }
+        for r in 0..SMALL_ROWS {
+            for c in 0..n {
+                let exact: f64 = (0..k)
+                    .map(|kk| x[r * k + kk] as f64 * wt[kk * n + c] as f64)
+                    .sum();
+                assert!((all[r * n + c] as f64 - exact).abs() < 1e-4, "({r}, {c})");
+            }
+        }
     }
 }
