@@ -236,3 +236,60 @@ fn rouge_matches_rouge_score() {
         }
     }
 }
+
+/// The KV cache grows in place while decoding; a clone must not see the other's writes.
+#[test]
+fn kv_cache_grows_in_place_and_clones_stay_independent() {
+    let f = fixture("llama");
+    let m = &f.model;
+    let prompt: Vec<u32> = (1..40).map(|i| (i * 37 % 500) as u32 + 3).collect();
+    let step = |cache: &mut eval_harness::models::KvCache, tok: u32| -> Vec<f32> {
+        let h = m.forward(&[vec![tok]], &[vec![true]], cache).unwrap();
+        m.logits(&h.i((.., 0)).unwrap())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let run = |ids: &[u32], cache: &mut eval_harness::models::KvCache| {
+        m.forward(&[ids.to_vec()], &[vec![true; ids.len()]], cache)
+            .unwrap()
+    };
+    let prefilled = || {
+        let mut c = m.new_cache();
+        run(&prompt, &mut c);
+        c
+    };
+    let mut a = prefilled();
+    let mut b = a.clone();
+    let (xa, xb) = (step(&mut a, 11), step(&mut b, 12));
+    // Fresh caches for the same sequences give the same logits, bit for bit.
+    for (tok, got) in [(11, &xa), (12, &xb)] {
+        let mut fresh = prefilled();
+        assert_eq!(&step(&mut fresh, tok), got, "continuation with {tok}");
+    }
+    // Many steps (past several capacity increases) match one forward over the whole sequence.
+    let mut seq = prompt.clone();
+    seq.push(11);
+    let mut last = xa;
+    for i in 0..150u32 {
+        let tok = 3 + i * 7 % 400;
+        seq.push(tok);
+        last = step(&mut a, tok);
+    }
+    let h = run(&seq, &mut m.new_cache());
+    let once: Vec<f32> = m
+        .logits(&h.i((.., seq.len() - 1)).unwrap())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let diff = last
+        .iter()
+        .zip(&once)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(diff < 1e-4, "step-by-step vs whole sequence: {diff}");
+}

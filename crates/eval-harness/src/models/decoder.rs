@@ -10,9 +10,10 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Module, Storage, Tensor};
 use candle_nn::Embedding;
 
+use super::attention_cpu;
 use super::linear::Lin as Linear;
 
 use crate::error::{Error, Result};
@@ -289,10 +290,15 @@ impl DecoderConfig {
 /// Keys and values of the tokens seen so far, per layer, plus which of them are real tokens.
 #[derive(Debug, Clone)]
 pub struct KvCache {
-    /// Per layer: keys and values `[batch, kv_heads, len, head_dim]`.
+    /// Per layer: keys and values `[batch, kv_heads, capacity, head_dim]`, the first `len`
+    /// positions filled: new positions are written in place while they fit (copying the whole
+    /// cache at every decoding step took a tenth of a long-prompt generation on the CPU).
     layers: Vec<Option<(Tensor, Tensor)>>,
     /// Per row: whether each cached position is a real (non-padding) token.
     valid: Vec<Vec<bool>>,
+    /// Shared by clones: a cache whose buffers another clone can see copies them before
+    /// writing instead of writing in place.
+    owner: std::sync::Arc<()>,
 }
 
 impl KvCache {
@@ -301,7 +307,16 @@ impl KvCache {
         KvCache {
             layers: vec![None; num_layers],
             valid: Vec::new(),
+            owner: Default::default(),
         }
+    }
+
+    /// Layer `l`'s keys and values, `[batch, kv_heads, len, head_dim]` views.
+    fn filled(&self, l: usize) -> Option<Result<(Tensor, Tensor)>> {
+        let len = self.len();
+        self.layers[l]
+            .as_ref()
+            .map(|(k, v)| Ok((k.narrow(2, 0, len)?, v.narrow(2, 0, len)?)))
     }
 
     /// Number of cached positions.
@@ -319,6 +334,11 @@ impl KvCache {
         self.valid.len()
     }
 
+    /// Whether no clone shares the buffers (so they may be written in place).
+    fn exclusive(&self) -> bool {
+        std::sync::Arc::strong_count(&self.owner) == 1
+    }
+
     /// A cache of `n` identical rows from a single-row cache: a prompt computed once and shared
     /// by `n` continuations.
     pub fn repeat(&self, n: usize) -> Result<Self> {
@@ -328,12 +348,11 @@ impl KvCache {
                 self.batch()
             )));
         }
-        let layers = self
-            .layers
-            .iter()
+        let layers = (0..self.layers.len())
             .map(|l| {
-                l.as_ref()
-                    .map(|(k, v)| -> Result<_> {
+                self.filled(l)
+                    .map(|kv| -> Result<_> {
+                        let (k, v) = kv?;
                         Ok((k.repeat((n, 1, 1, 1))?, v.repeat((n, 1, 1, 1))?))
                     })
                     .transpose()
@@ -342,6 +361,7 @@ impl KvCache {
         Ok(KvCache {
             layers,
             valid: vec![self.valid[0].clone(); n],
+            owner: Default::default(),
         })
     }
 
@@ -372,14 +392,15 @@ impl KvCache {
             let mut ks = Vec::with_capacity(caches.len());
             let mut vs = Vec::with_capacity(caches.len());
             for c in caches {
-                let Some((k, v)) = &c.layers[l] else {
+                let Some(kv) = c.filled(l) else {
                     return Err(Error::Msg(
                         "KvCache::stack_left_padded: a cache has no entries".into(),
                     ));
                 };
+                let (k, v) = kv?;
                 let n = width - c.len();
-                ks.push(pad(k, n)?);
-                vs.push(pad(v, n)?);
+                ks.push(pad(&k, n)?);
+                vs.push(pad(&v, n)?);
             }
             layers.push(Some((Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?)));
         }
@@ -391,7 +412,11 @@ impl KvCache {
                     .collect()
             })
             .collect();
-        Ok(KvCache { layers, valid })
+        Ok(KvCache {
+            layers,
+            valid,
+            owner: Default::default(),
+        })
     }
 
     /// Keeps only the given rows (finished sequences leave a generation batch).
@@ -417,6 +442,7 @@ impl KvCache {
             *v = v.index_select(&idx, 0)?;
         }
         self.valid = rows.iter().map(|&r| self.valid[r].clone()).collect();
+        self.owner = Default::default();
         Ok(())
     }
 }
@@ -451,6 +477,48 @@ pub struct Decoder {
     inv_freq: Tensor,
     device: Device,
     dtype: DType,
+}
+
+/// Appends `k`, `v` (`[batch, kv_heads, t, head_dim]`) to one layer's cache buffers after the
+/// first `past` positions: in place when they fit and `exclusive` (no clone shares them), else
+/// into new buffers with room to grow. Returns the buffers (filled up to `past + t`).
+fn append_kv(
+    slot: &mut Option<(Tensor, Tensor)>,
+    past: usize,
+    k: &Tensor,
+    v: &Tensor,
+    exclusive: bool,
+) -> Result<(Tensor, Tensor)> {
+    let total = past + k.dim(2)?;
+    match &mut *slot {
+        Some((kb, vb)) if exclusive && kb.dim(2)? >= total => {
+            kb.slice_set(&k.contiguous()?, 2, past)?;
+            vb.slice_set(&v.contiguous()?, 2, past)?;
+        }
+        old => {
+            let cap = old.as_ref().map_or(Ok(0), |(kb, _)| kb.dim(2))?;
+            // The first pass (a prompt) gets exactly its length; growth adds half again.
+            let cap = if old.is_none() {
+                total
+            } else {
+                total.max(cap + (cap / 2).max(64))
+            };
+            let (b, h, _, d) = k.dims4()?;
+            let grow = |new: &Tensor, old: Option<&Tensor>| -> Result<Tensor> {
+                let buf = Tensor::zeros((b, h, cap, d), new.dtype(), new.device())?;
+                if let Some(o) = old.filter(|_| past > 0) {
+                    buf.slice_set(&o.narrow(2, 0, past)?.contiguous()?, 2, 0)?;
+                }
+                buf.slice_set(&new.contiguous()?, 2, past)?;
+                Ok(buf)
+            };
+            let kb = grow(k, old.as_ref().map(|(kb, _)| kb))?;
+            let vb = grow(v, old.as_ref().map(|(_, vb)| vb))?;
+            *old = Some((kb, vb));
+        }
+    }
+    let (kb, vb) = slot.as_ref().expect("just written");
+    Ok((kb.clone(), vb.clone()))
 }
 
 /// Upper bound on attention-score elements materialised at once (queries are chunked to stay
@@ -684,6 +752,12 @@ impl Decoder {
         let cos = freqs.cos()?.to_dtype(self.dtype)?.contiguous()?;
         let sin = freqs.sin()?.to_dtype(self.dtype)?.contiguous()?;
 
+        // Buffers a clone can see are copied (this pass writes every layer), after which they
+        // are this cache's own.
+        let exclusive = cache.exclusive();
+        if !exclusive {
+            cache.owner = Default::default();
+        }
         let mask = Mask::new(&cache.valid, past, total, self.cfg.sliding_window);
 
         let last = self.layers.len() - 1;
@@ -692,7 +766,14 @@ impl Decoder {
             // Earlier layers feed every position to the next layer's keys and values; the last
             // one only has to produce the kept positions.
             let q_start = if i == last { t - keep } else { 0 };
-            let a = self.attention(&layer.attn, &h, (&cos, &sin), &mask, kv, q_start)?;
+            let a = self.attention(
+                &layer.attn,
+                &h,
+                (&cos, &sin),
+                &mask,
+                (kv, exclusive),
+                q_start,
+            )?;
             let Some(a) = a else {
                 return Ok(None);
             };
@@ -729,7 +810,7 @@ impl Decoder {
         x: &Tensor,
         (cos, sin): (&Tensor, &Tensor),
         mask: &Mask,
-        kv: &mut Option<(Tensor, Tensor)>,
+        (kv, exclusive): (&mut Option<(Tensor, Tensor)>, bool),
         q_start: usize,
     ) -> Result<Option<Tensor>> {
         let (b, t_all, _) = x.dims3()?;
@@ -745,11 +826,9 @@ impl Decoder {
                 .transpose(1, 2)?
                 .contiguous()?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
-        let (k, v) = match kv.take() {
-            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-            None => (k, v),
-        };
-        *kv = Some((k.clone(), v.clone()));
+        // The cache's buffers, filled up to `total`, and views of the filled part.
+        let (kb, vb) = append_kv(kv, mask.past, &k, &v, exclusive)?;
+        let (k, v) = (kb.narrow(2, 0, mask.total)?, vb.narrow(2, 0, mask.total)?);
         let t = t_all - q_start;
         if t == 0 {
             return Ok(None);
@@ -770,6 +849,11 @@ impl Decoder {
                 .contiguous()?;
         let q = candle_nn::rotary_emb::rope(&q, &cq, &sq)?;
         let tk = k.dim(2)?;
+        if let Some(o) = self.attention_fused(&q, (&kb, &vb), mask, q_start)? {
+            return Ok(Some(a.o.forward(&o)?));
+        }
+        // candle's products want the keys and values without the spare capacity between rows.
+        let (k, v) = (k.contiguous()?, v.contiguous()?);
         let rep = nh / nkv;
         // Transposed view: the matmul reads the column-major layout without a copy.
         let kt = k.transpose(2, 3)?;
@@ -803,6 +887,60 @@ impl Decoder {
         };
         let o = o.transpose(1, 2)?.contiguous()?.reshape((b, t, nh * hd))?;
         Ok(Some(a.o.forward(&o)?))
+    }
+}
+
+impl Decoder {
+    /// [`attention_cpu::attend`] where it applies (f32 on the CPU): the attention output
+    /// `[b, t, heads·head_dim]`, or `None` to compose it from candle operations instead.
+    /// `kb`, `vb` are the cache buffers `[b, kv_heads, capacity, head_dim]`, filled up to
+    /// `mask.total`.
+    fn attention_fused(
+        &self,
+        q: &Tensor,
+        (kb, vb): (&Tensor, &Tensor),
+        mask: &Mask,
+        q_start: usize,
+    ) -> Result<Option<Tensor>> {
+        if !self.device.is_cpu() || q.dtype() != DType::F32 {
+            return Ok(None);
+        }
+        let (b, nh, t, hd) = q.dims4()?;
+        let q = q.contiguous()?;
+        let (k, v) = (kb, vb);
+        let capacity = k.dim(2)?;
+        let (qs, ql) = q.storage_and_layout();
+        let (ks, kl) = k.storage_and_layout();
+        let (vs, vl) = v.storage_and_layout();
+        let (Storage::Cpu(qc), Storage::Cpu(kc), Storage::Cpu(vc)) = (&*qs, &*ks, &*vs) else {
+            return Ok(None);
+        };
+        let (Some((q0, q1)), Some((k0, k1)), Some((v0, v1))) = (
+            ql.contiguous_offsets(),
+            kl.contiguous_offsets(),
+            vl.contiguous_offsets(),
+        ) else {
+            return Ok(None);
+        };
+        let args = attention_cpu::CpuAttention {
+            q: &qc.as_slice::<f32>()?[q0..q1],
+            k: &kc.as_slice::<f32>()?[k0..k1],
+            v: &vc.as_slice::<f32>()?[v0..v1],
+            batch: b,
+            heads: nh,
+            kv_heads: self.cfg.num_kv_heads,
+            queries: t,
+            keys: mask.total,
+            head_dim: hd,
+            kv_stride: capacity * hd,
+            first_query: mask.past + q_start,
+            window: mask.window,
+            valid: (!mask.all_valid).then_some(mask.valid),
+            scale: (1.0 / (hd as f64).sqrt()) as f32,
+        };
+        Ok(attention_cpu::attend(&args)
+            .map(|o| Tensor::from_vec(o, (b, t, nh * hd), &Device::Cpu))
+            .transpose()?)
     }
 }
 

@@ -1,5 +1,6 @@
 //! Model implementations on candle.
 
+mod attention_cpu;
 pub mod decoder;
 pub mod linear;
 pub mod t5;
