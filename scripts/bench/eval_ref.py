@@ -120,7 +120,8 @@ def compare(a):
     for label, key in (("multiple choice (cosmos_qa)", "cosmos_qa"), ("generation (xsum)", "xsum"),
                        ("total incl. load", "total")):
         r, o = ref["timings"][key], ours_t.get(key, float("nan"))
-        print(f"| {label} | {r:.1f} | {o:.1f} | {r / o:.2f}x |")
+        ratio = f"{r / o:.2f}x" if o > 0 else "-"
+        print(f"| {label} | {r:.1f} | {o:.1f} | {ratio} |")
     for name, same, n in rows:
         print(f"predictions agreeing on {name}: {same}/{n}")
     sys.exit(0 if ok else 1)

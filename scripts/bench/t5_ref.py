@@ -126,7 +126,9 @@ def compare(a):
                           ("generation (xsum)", "xsum", agree[1][2]),
                           ("total incl. load", "total", agree[0][2] + agree[1][2])):
         r, o = ref["timings"][key], ours_t.get(key, float("nan"))
-        print(f"| {label} | {r:.1f} | {o:.1f} | {n / r:.2f} | {n / o:.2f} | {r / o:.2f}x |")
+        rate = lambda t: f"{n / t:.2f}" if t > 0 else "-"
+        ratio = f"{r / o:.2f}x" if r > 0 and o > 0 else "-"
+        print(f"| {label} | {r:.1f} | {o:.1f} | {rate(r)} | {rate(o)} | {ratio} |")
     for name, same, n in agree:
         print(f"predictions agreeing on {name}: {same}/{n}")
     sys.exit(0 if ok else 1)

@@ -22,7 +22,9 @@ use crate::weights::{CheckpointSource, WeightSource};
 /// Settings of an evaluation run.
 #[derive(Debug, Clone)]
 pub struct EvalOptions {
-    /// Generation rows decoded together (multiple choice batches the choices of one example).
+    /// Generation rows decoded together, counted in rows of up to [`TOKENS_PER_BATCH_ROW`]
+    /// cached tokens (see [`generation_batches`]; multiple choice batches the choices of one
+    /// example).
     pub batch_size: usize,
     /// Most new tokens per generation (the kit's max_gen_len). `None`: decoders use
     /// [`DEFAULT_MAX_GEN_LEN`], encoder-decoders the model's generation config (as the kit's
@@ -39,7 +41,7 @@ pub struct EvalOptions {
 impl Default for EvalOptions {
     fn default() -> Self {
         EvalOptions {
-            batch_size: 8,
+            batch_size: DEFAULT_BATCH_SIZE,
             max_gen_len: None,
             limit: None,
             scoring: Scoring::StarterKit,
@@ -50,6 +52,37 @@ impl Default for EvalOptions {
 
 /// New tokens per generation for decoder-only models when none is set (the kit's baselines).
 pub const DEFAULT_MAX_GEN_LEN: usize = 64;
+
+/// Generation rows decoded together when none is set. On the CPU each decoding step streams
+/// all the weights once for the whole batch, so 32 rows cost little more than 8; on a GPU the
+/// cache is what grows (Llama-2-7B in bf16: about 16 GB for 32 × 1024 tokens).
+pub const DEFAULT_BATCH_SIZE: usize = 32;
+
+/// Cached tokens (prompt + new) one unit of the batch size stands for: a generation batch of
+/// batch size N holds at most N rows and at most N × this many cached tokens, so long prompts
+/// decode in smaller batches and the KV cache's memory is bounded whatever the prompts' length.
+pub const TOKENS_PER_BATCH_ROW: usize = 1024;
+
+/// Splits generation inputs sorted longest first (as [`generation_inputs`] returns them) into
+/// decoding batches for `batch_size` (see [`TOKENS_PER_BATCH_ROW`]); a single row longer than
+/// the whole budget still gets a batch of its own.
+pub fn generation_batches<T>(
+    gen: &[(usize, Vec<T>)],
+    batch_size: usize,
+    max_new: usize,
+) -> Vec<&[(usize, Vec<T>)]> {
+    let batch_size = batch_size.max(1);
+    let mut batches = Vec::new();
+    let mut rest = gen;
+    while let Some((_, first)) = rest.first() {
+        // The first row is the batch's longest: it sets every row's padded cache length.
+        let fit = batch_size * TOKENS_PER_BATCH_ROW / (first.len() + max_new).max(1);
+        let (batch, tail) = rest.split_at(fit.clamp(1, batch_size).min(rest.len()));
+        batches.push(batch);
+        rest = tail;
+    }
+    batches
+}
 
 /// Parses `f32|float32|bf16|bfloat16|f16|float16`.
 pub fn parse_dtype(s: &str) -> std::result::Result<DType, String> {
@@ -241,16 +274,11 @@ pub fn evaluate(m: &LoadedModel, ds: &Dataset, opts: &EvalOptions) -> Result<Dat
 
     // Generation: tokenize, sort by length so batches carry little padding, decode in batches.
     let gen = generation_inputs(ds, rows, |t| m.tok.encode_input(t))?;
-    for batch in gen.chunks(opts.batch_size.max(1)) {
+    let max_new = opts.max_gen_len.unwrap_or(DEFAULT_MAX_GEN_LEN);
+    for batch in generation_batches(&gen, opts.batch_size, max_new) {
         let t = Instant::now();
         let prompts: Vec<Vec<u32>> = batch.iter().map(|(_, ids)| ids.clone()).collect();
-        let outs = greedy_batch(
-            &m.model,
-            &prompts,
-            opts.max_gen_len.unwrap_or(DEFAULT_MAX_GEN_LEN),
-            m.tok.eos_id(),
-        )
-        .map_err(|err| {
+        let outs = greedy_batch(&m.model, &prompts, max_new, m.tok.eos_id()).map_err(|err| {
             let e = &rows[batch[0].0];
             with_ctx(err, &e.id, e.line)
         })?;
@@ -337,5 +365,36 @@ mod tests {
         assert_eq!(resolve_dtype("float16", &Device::Cpu).unwrap(), DType::F16);
         let e = resolve_dtype("fp8", &Device::Cpu).unwrap_err();
         assert!(e.contains("`fp8`") && e.contains("auto"), "{e}");
+    }
+
+    #[test]
+    fn generation_batches_bound_rows_and_cached_tokens() {
+        let rows = |lens: &[usize]| -> Vec<(usize, Vec<u32>)> {
+            lens.iter()
+                .enumerate()
+                .map(|(i, &n)| (i, vec![0; n]))
+                .collect()
+        };
+        let sizes = |g: &[(usize, Vec<u32>)], bs: usize, new: usize| -> Vec<usize> {
+            generation_batches(g, bs, new)
+                .iter()
+                .map(|b| b.len())
+                .collect()
+        };
+        // Short prompts: batches of `batch_size` rows.
+        assert_eq!(sizes(&rows(&[100; 70]), 32, 64), vec![32, 32, 6]);
+        // Long ones (longest first): 4 × 1024 tokens hold 2 rows of 1936 + 64, or 4 of 900 + 64.
+        let g = rows(&[1936, 1936, 1936, 900, 900, 900, 900, 900]);
+        assert_eq!(sizes(&g, 4, 64), vec![2, 2, 4]);
+        // A row longer than the whole budget still gets a batch.
+        assert_eq!(sizes(&rows(&[50_000, 10]), 2, 64), vec![1, 1]);
+        // Every row once, in order.
+        let all: Vec<usize> = generation_batches(&g, 3, 64)
+            .iter()
+            .flat_map(|b| b.iter().map(|(i, _)| *i))
+            .collect();
+        assert_eq!(all, (0..g.len()).collect::<Vec<_>>());
+        assert!(generation_batches(&rows(&[]), 8, 64).is_empty());
+        assert_eq!(sizes(&rows(&[10, 10]), 0, 64), vec![1, 1]);
     }
 }

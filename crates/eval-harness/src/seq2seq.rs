@@ -23,7 +23,7 @@ use crate::dataset::{Dataset, EvalType};
 use crate::error::{Error, Result};
 use crate::models::t5::{T5Config, T5};
 use crate::report::{DatasetOutcome, ExampleOutcome};
-use crate::runner::{compute_scores, generation_inputs, progress, EvalOptions};
+use crate::runner::{compute_scores, generation_batches, generation_inputs, progress, EvalOptions};
 use crate::score::{first_argmax, ChoiceResult, Scoring};
 use crate::tokenize::clean_up_tokenization;
 use crate::weights::{CheckpointSource, WeightSource};
@@ -494,7 +494,7 @@ pub fn evaluate(m: &Seq2SeqModel, ds: &Dataset, opts: &EvalOptions) -> Result<Da
     // Generation: sort by length so batches carry little padding.
     let max_new = m.generation.new_tokens(opts.max_gen_len);
     let gen = generation_inputs(ds, rows, |t| m.tok.encode(t))?;
-    for batch in gen.chunks(opts.batch_size.max(1)) {
+    for batch in generation_batches(&gen, opts.batch_size, max_new) {
         let t = Instant::now();
         let inputs: Vec<Vec<u32>> = batch.iter().map(|(_, ids)| ids.clone()).collect();
         let outs = greedy_batch(

@@ -69,6 +69,9 @@ fn batch_size_does_not_change_predictions() {
         let p1: Vec<&str> = r1.examples.iter().map(|e| e.prediction.as_str()).collect();
         let p8: Vec<&str> = r8.examples.iter().map(|e| e.prediction.as_str()).collect();
         assert_eq!(p1, p8, "{name}: batch 1 vs batch 8");
+        let r32 = evaluate(&m, &ds, &opts(32)).unwrap();
+        let p32: Vec<&str> = r32.examples.iter().map(|e| e.prediction.as_str()).collect();
+        assert_eq!(p1, p32, "{name}: batch 1 vs batch 32");
         // And both equal the transformers goldens.
         for e in &r1.examples {
             if let Some(m) = g["mc"]

@@ -12,7 +12,7 @@
 //! datasets = ["${DATA_DIR}/validation/cosmos_qa.csv", "${DATA_DIR}/validation/xsum.csv"]
 //! scoring = "starter-kit"      # or "full"
 //! max_gen_len = 64             # unset: 64 (decoders) / generation config (T5)
-//! batch_size = 8
+//! batch_size = 32
 //! dtype = "float32"            # auto (bf16 on a GPU, f32 on the CPU) | float32 | bfloat16 | float16
 //! device = "auto"              # auto | cpu | cuda (never a device id)
 //!
@@ -60,7 +60,8 @@ pub struct EvalSettings {
     /// for encoder-decoders (the kit's `flant5_avg` sets none: 19 new tokens for flan-t5).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_gen_len: Option<usize>,
-    /// Rows evaluated together.
+    /// Generation rows decoded together (at most this many rows and this many × 1024 cached
+    /// tokens); results do not depend on it.
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
     /// Compute dtype.
@@ -115,7 +116,7 @@ fn default_scoring() -> String {
     "starter-kit".into()
 }
 fn default_batch_size() -> usize {
-    8
+    eval_harness::runner::DEFAULT_BATCH_SIZE
 }
 fn default_dtype() -> String {
     "auto".into()
