@@ -67,7 +67,7 @@ pub fn first_argmax(xs: &[f64]) -> usize {
 
 /// `log_softmax(logits)[row, targets[row]]` for every row of `logits` (`[.., vocab]`, f32),
 /// without materialising the log-softmax: one pass for the maximum and one for the sum of
-/// exponentials per row, rows in parallel.
+/// exponentials per row (vectorised where the CPU allows), rows in parallel.
 pub(crate) fn picked_log_probs(logits: &Tensor, targets: &[u32]) -> Result<Vec<f32>> {
     use rayon::prelude::*;
     let vocab = logits.dim(D::Minus1)?;
@@ -88,9 +88,11 @@ pub(crate) fn picked_log_probs(logits: &Tensor, targets: &[u32]) -> Result<Vec<f
         .par_chunks(vocab)
         .zip(targets.par_iter())
         .map(|(row, &t)| {
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let sum: f32 = row.iter().map(|&x| (x - max).exp()).sum();
-            row[t as usize] - max - sum.ln()
+            let lse = crate::models::vector_math::log_sum_exp(row).unwrap_or_else(|| {
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                max + row.iter().map(|&x| (x - max).exp()).sum::<f32>().ln()
+            });
+            row[t as usize] - lse
         })
         .collect())
 }

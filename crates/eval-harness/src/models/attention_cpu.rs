@@ -10,6 +10,9 @@
 
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+use super::vector_math::{exp_ps, hsum};
+
 /// One attention pass: queries `[b, heads, t, head_dim]` (contiguous), keys and values
 /// `[b, kv_heads, keys, head_dim]` with `kv_stride` elements from one (row, kv head) block to
 /// the next (`keys · head_dim` when contiguous; more for a cache with spare capacity).
@@ -185,98 +188,9 @@ unsafe fn attend_one(
     }
 }
 
-/// Sum of the eight lanes.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-unsafe fn hsum(x: std::arch::x86_64::__m256) -> f32 {
-    use std::arch::x86_64::*;
-    let s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    _mm_cvtss_f32(s)
-}
-
-/// `e^x` lane by lane for `x ≤ 0` (softmax inputs), within 2 ulp of the exact value; `-inf`
-/// and anything below the smallest normal result give 0.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-pub(crate) unsafe fn exp_ps(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
-    use std::arch::x86_64::*;
-    // Below ln(2^-126) the result is not a normal float; softmax weights that small are 0.
-    let underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-87.336_54), _CMP_LT_OQ);
-    let x = _mm256_max_ps(x, _mm256_set1_ps(-87.336_54));
-    // x = n·ln2 + r with |r| ≤ ln2/2; ln2 split in two so n·ln2_hi is exact.
-    let n = _mm256_round_ps(
-        _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
-        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
-    );
-    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_145_75), x);
-    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428_606_8e-6), r);
-    // e^r by its Taylor series to r^7 (error below 2^-24 relative on |r| ≤ ln2/2).
-    let mut p = _mm256_set1_ps(1.0 / 5040.0);
-    for c in [
-        1.0 / 720.0,
-        1.0 / 120.0,
-        1.0 / 24.0,
-        1.0 / 6.0,
-        0.5,
-        1.0,
-        1.0,
-    ] {
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
-    }
-    // Times 2^n, built in the exponent field.
-    let pow2 = _mm256_castsi256_ps(_mm256_slli_epi32(
-        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
-        23,
-    ));
-    _mm256_andnot_ps(underflow, _mm256_mul_ps(p, pow2))
-}
-
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use super::*;
-
-    fn exp8(xs: [f32; 8]) -> [f32; 8] {
-        use std::arch::x86_64::*;
-        let mut out = [0f32; 8];
-        unsafe { _mm256_storeu_ps(out.as_mut_ptr(), exp_ps(_mm256_loadu_ps(xs.as_ptr()))) };
-        out
-    }
-
-    #[test]
-    fn exp_is_within_two_ulp_of_the_exact_value() {
-        if !std::arch::is_x86_feature_detected!("fma") {
-            return;
-        }
-        let mut worst = 0f64;
-        let mut x = -87.3f32;
-        while x <= 0.0 {
-            let xs = std::array::from_fn(|i| x + i as f32 * 1e-3);
-            for (xi, got) in xs.iter().zip(exp8(xs)) {
-                let exact = (*xi as f64).exp();
-                let ulp = (exact as f32).abs() as f64 * f32::EPSILON as f64;
-                worst = worst.max((got as f64 - exact).abs() / ulp);
-            }
-            x += 0.0371;
-        }
-        assert!(worst <= 2.0, "{worst} ulp");
-        let edge = exp8([
-            f32::NEG_INFINITY,
-            -1e30,
-            -88.0,
-            -100.0,
-            0.0,
-            -0.0,
-            -1e-30,
-            -87.0,
-        ]);
-        assert_eq!(&edge[..6], &[0.0, 0.0, 0.0, 0.0, 1.0, 1.0]);
-        assert_eq!(edge[6], 1.0);
-        assert!((edge[7] as f64 / (-87f64).exp() - 1.0).abs() < 1e-6);
-    }
 
     /// Plain softmax attention in f64, from the same inputs.
     fn reference(a: &CpuAttention) -> Vec<f64> {

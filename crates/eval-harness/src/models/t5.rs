@@ -21,6 +21,7 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::Embedding;
 
 use super::linear::Lin;
+use super::vector_math;
 
 use crate::error::{Error, Result};
 use crate::weights::WeightSource;
@@ -597,7 +598,7 @@ impl T5 {
             Some(m) => s.broadcast_add(m)?,
             None => s,
         };
-        let p = candle_nn::ops::softmax_last_dim(&s)?.to_dtype(self.dtype)?;
+        let p = softmax_last_dim(&s)?.to_dtype(self.dtype)?;
         let o = p.matmul(v)?;
         Ok(o.transpose(1, 2)?.contiguous()?.reshape((b, t, h * dk))?)
     }
@@ -616,6 +617,11 @@ impl T5 {
             FeedForward::Gated { wi, wo } => {
                 let y = wi.forward(x)?;
                 let ff = self.cfg.d_ff;
+                if self.cfg.activation == T5Activation::GeluNew {
+                    if let Some(h) = gelu_tanh_gated_cpu(&y, ff)? {
+                        return wo.forward(&h);
+                    }
+                }
                 let gate = act(y.narrow(D::Minus1, 0, ff)?)?;
                 wo.forward(&(gate * y.narrow(D::Minus1, ff, ff)?)?)?
             }
@@ -770,6 +776,34 @@ fn key_mask(valid: &[Vec<bool>], device: &Device) -> Result<Option<Tensor>> {
         .flat_map(|r| r.iter().map(|&x| if x { 0.0 } else { NEG }))
         .collect();
     Ok(Some(Tensor::from_vec(m, (valid.len(), 1, 1, len), device)?))
+}
+
+/// Softmax over the last dimension: [`vector_math::softmax_rows`] on the CPU in f32, else
+/// candle's.
+fn softmax_last_dim(s: &Tensor) -> Result<Tensor> {
+    if s.device().is_cpu() && s.dtype() == DType::F32 {
+        let cols = s.dim(D::Minus1)?;
+        let mut v: Vec<f32> = s.flatten_all()?.to_vec1()?;
+        if vector_math::softmax_rows(&mut v, cols) {
+            return Ok(Tensor::from_vec(v, s.shape(), s.device())?);
+        }
+    }
+    Ok(candle_nn::ops::softmax_last_dim(s)?)
+}
+
+/// `gelu_new(y[.., ..ff]) · y[.., ff..]` for `y` `[.., 2·ff]` on the CPU in f32 (one vectorised
+/// pass instead of candle's scalar tanh and a product); `None` elsewhere.
+fn gelu_tanh_gated_cpu(y: &Tensor, ff: usize) -> Result<Option<Tensor>> {
+    if !y.device().is_cpu() || y.dtype() != DType::F32 {
+        return Ok(None);
+    }
+    let mut dims = y.dims().to_vec();
+    let v: Vec<f32> = y.flatten_all()?.to_vec1()?;
+    let Some(h) = vector_math::gelu_tanh_gated(&v, ff) else {
+        return Ok(None);
+    };
+    *dims.last_mut().expect("rank ≥ 1") = ff;
+    Ok(Some(Tensor::from_vec(h, dims, y.device())?))
 }
 
 #[cfg(test)]
