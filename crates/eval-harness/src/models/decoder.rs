@@ -10,11 +10,12 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Module, Storage, Tensor};
+use candle_core::{DType, Device, Module, Storage, Tensor, D};
 use candle_nn::Embedding;
 
 use super::attention_cpu;
 use super::linear::Lin as Linear;
+use super::vector_math;
 
 use crate::error::{Error, Result};
 use crate::weights::WeightSource;
@@ -455,8 +456,8 @@ struct Attention {
 }
 
 struct Mlp {
-    gate: Linear,
-    up: Linear,
+    /// Gate and up projections as one product (outputs side by side: gate, then up).
+    gate_up: Linear,
     down: Linear,
 }
 
@@ -605,13 +606,16 @@ impl Decoder {
                 },
                 post_norm: norm(&format!("{p}.post_attention_layernorm.weight"))?,
                 mlp: Mlp {
-                    gate: lin(
-                        &format!("{p}.mlp.gate_proj"),
-                        cfg.intermediate_size,
-                        h,
-                        false,
-                    )?,
-                    up: lin(&format!("{p}.mlp.up_proj"), cfg.intermediate_size, h, false)?,
+                    gate_up: Linear::stacked(&[
+                        get(
+                            &format!("{p}.mlp.gate_proj.weight"),
+                            &[cfg.intermediate_size, h],
+                        )?,
+                        get(
+                            &format!("{p}.mlp.up_proj.weight"),
+                            &[cfg.intermediate_size, h],
+                        )?,
+                    ])?,
                     down: lin(
                         &format!("{p}.mlp.down_proj"),
                         h,
@@ -782,14 +786,7 @@ impl Decoder {
             }
             x = (x + a)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.post_norm, self.cfg.rms_norm_eps as f32)?;
-            let m = &layer.mlp;
-            let g = m.gate.forward(&h)?;
-            let g = match self.cfg.activation {
-                Activation::Silu => g.silu()?,
-                Activation::Gelu => g.gelu_erf()?,
-                Activation::GeluTanh => g.gelu()?,
-            };
-            let y = m.down.forward(&(g * m.up.forward(&h)?)?)?;
+            let y = self.mlp(&layer.mlp, &h)?;
             x = (x + y)?;
         }
         Ok(Some(candle_nn::ops::rms_norm(
@@ -891,6 +888,28 @@ impl Decoder {
 }
 
 impl Decoder {
+    /// `down(act(gate(h)) · up(h))`.
+    fn mlp(&self, m: &Mlp, h: &Tensor) -> Result<Tensor> {
+        let y = m.gate_up.forward(h)?;
+        let ff = self.cfg.intermediate_size;
+        if self.cfg.activation == Activation::Silu && y.device().is_cpu() && y.dtype() == DType::F32
+        {
+            let v: Vec<f32> = y.flatten_all()?.to_vec1()?;
+            if let Some(a) = vector_math::silu_gated(&v, ff) {
+                let mut dims = y.dims().to_vec();
+                *dims.last_mut().expect("rank 3") = ff;
+                return m.down.forward(&Tensor::from_vec(a, dims, y.device())?);
+            }
+        }
+        let g = y.narrow(D::Minus1, 0, ff)?;
+        let g = match self.cfg.activation {
+            Activation::Silu => g.silu()?,
+            Activation::Gelu => g.gelu_erf()?,
+            Activation::GeluTanh => g.gelu()?,
+        };
+        m.down.forward(&(g * y.narrow(D::Minus1, ff, ff)?)?)
+    }
+
     /// [`attention_cpu::attend`] where it applies (f32 on the CPU): the attention output
     /// `[b, t, heads·head_dim]`, or `None` to compose it from candle operations instead.
     /// `kb`, `vb` are the cache buffers `[b, kv_heads, capacity, head_dim]`, filled up to

@@ -36,6 +36,17 @@ pub fn softmax_rows(x: &mut [f32], cols: usize) -> bool {
 /// `gelu_tanh(y[r, ..ff]) · y[r, ff..2ff]` for every row of `y` (`[rows, 2·ff]`): the gated
 /// feed-forward of T5 v1.1 (transformers' `gelu_new`). `None` without AVX2/FMA.
 pub fn gelu_tanh_gated(y: &[f32], ff: usize) -> Option<Vec<f32>> {
+    gated(y, ff, Gate::GeluTanh)
+}
+
+/// The activation of a gated layer.
+#[derive(Clone, Copy)]
+enum Gate {
+    Silu,
+    GeluTanh,
+}
+
+fn gated(y: &[f32], ff: usize, gate_fn: Gate) -> Option<Vec<f32>> {
     if !available() || ff == 0 || !y.len().is_multiple_of(2 * ff) {
         return None;
     }
@@ -46,9 +57,15 @@ pub fn gelu_tanh_gated(y: &[f32], ff: usize) -> Option<Vec<f32>> {
         .for_each(|(o, row)| {
             let (gate, up) = row.split_at(ff);
             // Safety: AVX2/FMA checked above.
-            unsafe { gelu_gated_row(gate, up, o) }
+            unsafe { gated_row(gate, up, o, gate_fn) }
         });
     Some(out)
+}
+
+/// `silu(y[r, ..ff]) · y[r, ff..2ff]` for every row of `y` (`[rows, 2·ff]`): the gated MLP of
+/// Llama-family decoders. `None` without AVX2/FMA.
+pub fn silu_gated(y: &[f32], ff: usize) -> Option<Vec<f32>> {
+    gated(y, ff, Gate::Silu)
 }
 
 /// `ln Σ e^x` over `row`, or `None` without AVX2/FMA.
@@ -123,23 +140,29 @@ unsafe fn log_sum_exp_row(row: &[f32]) -> f32 {
     max + sum.ln()
 }
 
-/// `gelu_new(x) = ½x(1 + tanh u)`, `u = √(2/π)(x + 0.044715x³)`, computed as `x / (1 + e^{-2u})`
-/// (the same function, without the cancellation of `1 + tanh u` for negative `u`).
+/// `act(gate) · up` element by element. Both activations are `x / (1 + e^{-z})`: SiLU with
+/// `z = x`; `gelu_new(x) = ½x(1 + tanh u)`, `u = √(2/π)(x + 0.044715x³)`, with `z = 2u` (the
+/// same function, without the cancellation of `1 + tanh u` for negative `u`).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn gelu_gated_row(gate: &[f32], up: &[f32], out: &mut [f32]) {
+unsafe fn gated_row(gate: &[f32], up: &[f32], out: &mut [f32], gate_fn: Gate) {
     use std::arch::x86_64::*;
-    let gelu = |x: __m256| {
-        let x3 = _mm256_mul_ps(_mm256_mul_ps(x, x), x);
-        let u = _mm256_fmadd_ps(_mm256_set1_ps(0.044_715), x3, x);
-        // -2·√(2/π)·(x + 0.044715x³)
-        let e = exp_ps(_mm256_mul_ps(u, _mm256_set1_ps(-1.595_769)));
-        _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0), e))
+    let act = |x: __m256| {
+        let minus_z = match gate_fn {
+            Gate::Silu => _mm256_sub_ps(_mm256_setzero_ps(), x),
+            Gate::GeluTanh => {
+                let x3 = _mm256_mul_ps(_mm256_mul_ps(x, x), x);
+                let u = _mm256_fmadd_ps(_mm256_set1_ps(0.044_715), x3, x);
+                // -2·√(2/π)·(x + 0.044715x³)
+                _mm256_mul_ps(u, _mm256_set1_ps(-1.595_769))
+            }
+        };
+        _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0), exp_ps(minus_z)))
     };
     let n = gate.len();
     let mut i = 0;
     while i + 8 <= n {
-        let g = gelu(_mm256_loadu_ps(gate.as_ptr().add(i)));
+        let g = act(_mm256_loadu_ps(gate.as_ptr().add(i)));
         let y = _mm256_mul_ps(g, _mm256_loadu_ps(up.as_ptr().add(i)));
         _mm256_storeu_ps(out.as_mut_ptr().add(i), y);
         i += 8;
@@ -148,7 +171,7 @@ unsafe fn gelu_gated_row(gate: &[f32], up: &[f32], out: &mut [f32]) {
         let mut g = [0f32; 8];
         g[..n - i].copy_from_slice(&gate[i..]);
         let mut r = [0f32; 8];
-        _mm256_storeu_ps(r.as_mut_ptr(), gelu(_mm256_loadu_ps(g.as_ptr())));
+        _mm256_storeu_ps(r.as_mut_ptr(), act(_mm256_loadu_ps(g.as_ptr())));
         for (j, o) in out[i..].iter_mut().enumerate() {
             *o = r[j] * up[i + j];
         }
@@ -297,6 +320,18 @@ mod tests {
         }
         let ff = cols;
         let y: Vec<f32> = (0..2 * 2 * ff).map(|_| rnd()).collect();
+        let got = silu_gated(&y, ff).unwrap();
+        for (r, row) in y.chunks(2 * ff).enumerate() {
+            for i in 0..ff {
+                let g = row[i] as f64;
+                let want = g / (1.0 + (-g).exp()) * row[ff + i] as f64;
+                let have = got[r * ff + i] as f64;
+                assert!(
+                    (have - want).abs() < 1e-5 * want.abs().max(1.0),
+                    "{have} vs {want}"
+                );
+            }
+        }
         let got = gelu_tanh_gated(&y, ff).unwrap();
         for (r, row) in y.chunks(2 * ff).enumerate() {
             for i in 0..ff {
