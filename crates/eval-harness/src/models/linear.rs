@@ -66,7 +66,7 @@ impl Lin {
 
     /// [`panel_matmul`] where it applies: f32 on the CPU, at most [`SMALL_ROWS`] rows.
     fn small(&self, x: &Tensor, rows: usize) -> Result<Option<Tensor>> {
-        if rows > SMALL_ROWS || x.dtype() != DType::F32 || !x.device().is_cpu() {
+        if rows == 0 || rows > SMALL_ROWS || x.dtype() != DType::F32 || !x.device().is_cpu() {
             return Ok(None);
         }
         let Some(panels) = self.panels.get_or_init(|| self.pack().ok().flatten()) else {
@@ -85,7 +85,7 @@ impl Lin {
         else {
             return Ok(None);
         };
-        if self.wt.dtype() != DType::F32 {
+        if self.wt.dtype() != DType::F32 || self.inp == 0 || self.out == 0 {
             return Ok(None);
         }
         Ok(Some(pack_panels(
@@ -137,6 +137,9 @@ const ROW_TILE: usize = 6;
 /// `n`): each panel is one contiguous stream for [`panel_matmul`].
 pub fn pack_panels(wt: &[f32], k: usize, n: usize) -> Vec<f32> {
     assert_eq!(wt.len(), k * n);
+    if k == 0 {
+        return Vec::new();
+    }
     let mut packed = vec![0f32; n.div_ceil(PANEL) * k * PANEL];
     packed
         .par_chunks_mut(k * PANEL)
@@ -163,6 +166,9 @@ pub fn panel_matmul(x: &[f32], packed: &[f32], m: usize, k: usize, n: usize) -> 
         {
             assert_eq!(x.len(), m * k);
             assert_eq!(packed.len(), n.div_ceil(PANEL) * k * PANEL);
+            if m == 0 || n == 0 {
+                return Some(Vec::new());
+            }
             // `x` transposed (`[k, m]`) so the values broadcast at one step are adjacent.
             let mut xt = vec![0f32; k * m];
             for (r, row) in x.chunks_exact(k.max(1)).enumerate() {
