@@ -52,7 +52,7 @@ use rayon::prelude::*;
 
 use super::{
     fold_chunks, map_chunks, stream_chunks, tensor_like, with_f32_slices, ChunkSink, MergeMethod,
-    ParamSpec, Params, Source, StreamInputs, TensorInputs, VecSink, CHUNK, STREAM_CHUNK,
+    ParamSpec, Params, Source, StreamInputs, TensorInputs, VecSink, STREAM_CHUNK,
 };
 use crate::sparsify::{self, mag_key, RNG_CHUNK};
 
@@ -438,12 +438,8 @@ impl TaskArithmeticFamily {
     fn stream(&self, x: &StreamInputs, masks: &[Mask], sink: &dyn ChunkSink) -> Result<()> {
         let k = x.models.len();
         let weights: Vec<f32> = (0..k).map(|i| x.model_param(i, "weight") as f32).collect();
-        let normalize = x.param("normalize") != 0.0;
-        let lambda = x.param("lambda") as f32;
-        let sum_w: f32 = weights.iter().sum();
-        let linear_div = if sum_w.abs() < 1e-8 { 1.0 } else { sum_w };
-        let consensus = self.consensus.is_some();
-        let plain = self.sparsification == Sparsification::None && !consensus;
+        let combine = Combine::new(self, x.param("normalize"), x.param("lambda"), &weights);
+        let plain = self.sparsification == Sparsification::None && !combine.consensus;
         stream_chunks(x, sink, |mut c, out| {
             let b: &[f32] = c.base.as_deref().expect("requires_base");
             if plain {
@@ -455,14 +451,7 @@ impl TaskArithmeticFamily {
                     }
                 }
                 for (o, b) in out.iter_mut().zip(b) {
-                    let mut mixed = *o;
-                    if normalize {
-                        mixed /= linear_div;
-                    }
-                    if lambda != 1.0 {
-                        mixed *= lambda;
-                    }
-                    *o = b + mixed;
+                    *o = combine.finish(*b, *o, combine.linear_div);
                 }
                 return Ok(());
             }
@@ -472,75 +461,124 @@ impl TaskArithmeticFamily {
                 mask.apply(m, c.index, c.first);
             }
             // Combine a block at a time, expert by expert (vectorisable loops).
-            const BLOCK: usize = 2048;
-            let d = &c.models;
-            let mut total = [0f32; BLOCK];
-            let mut mixed = [0f32; BLOCK];
-            let mut div = [0f32; BLOCK];
-            for (bi, o) in out.chunks_mut(BLOCK).enumerate() {
-                let off = bi * BLOCK;
-                let len = o.len();
-                let base = &b[off..off + len];
-                let total = &mut total[..len];
-                // Σᵢ wᵢδᵢ, in expert order
-                for (t, v) in total.iter_mut().zip(&d[0][off..off + len]) {
-                    *t = v * weights[0];
-                }
-                for (r, &w) in d[1..].iter().zip(&weights[1..]) {
-                    for (t, v) in total.iter_mut().zip(&r[off..off + len]) {
-                        *t += v * w;
-                    }
-                }
-                if !consensus {
-                    for ((o, t), b) in o.iter_mut().zip(total.iter()).zip(base) {
-                        let mut m = *t;
-                        if normalize {
-                            m /= linear_div;
-                        }
-                        if lambda != 1.0 {
-                            m *= lambda;
-                        }
-                        *o = b + m;
-                    }
-                    continue;
-                }
-                // TIES: only values whose sign agrees with the elected sign count.
-                let mixed = &mut mixed[..len];
-                let div = &mut div[..len];
-                mixed.fill(0.0);
-                div.fill(0.0);
-                for (r, &w) in d.iter().zip(&weights) {
-                    let r = &r[off..off + len];
-                    for (((v, t), mx), dv) in r
-                        .iter()
-                        .zip(total.iter())
-                        .zip(mixed.iter_mut())
-                        .zip(div.iter_mut())
-                    {
-                        let v = v * w;
-                        let up = *t >= 0.0;
-                        let agree = (up & (v > 0.0)) | (!up & (v < 0.0));
-                        // Branch-free: adding +0.0 where the sign disagrees changes nothing
-                        // (neither sum is ever −0.0: it starts at +0.0 and only nonzero
-                        // values are added).
-                        let m = 0u32.wrapping_sub(u32::from(agree));
-                        *mx += f32::from_bits(v.to_bits() & m);
-                        *dv += f32::from_bits(w.to_bits() & m);
-                    }
-                }
-                for (((o, b), mx), dv) in o.iter_mut().zip(base).zip(mixed.iter()).zip(div.iter()) {
-                    let mut m = *mx;
-                    if normalize {
-                        m /= if *dv == 0.0 { 1.0 } else { *dv };
-                    }
-                    if lambda != 1.0 {
-                        m *= lambda;
-                    }
-                    *o = b + m;
-                }
+            let mut scratch = Scratch::new(COMBINE_BLOCK);
+            for (bi, o) in out.chunks_mut(COMBINE_BLOCK).enumerate() {
+                let span = bi * COMBINE_BLOCK..bi * COMBINE_BLOCK + o.len();
+                let deltas: Vec<&[f32]> = c.models.iter().map(|d| &d[span.clone()]).collect();
+                combine.block(&b[span], &deltas, &weights, o, &mut scratch);
             }
             Ok(())
         })
+    }
+}
+
+/// Elements combined at a time: the scratch buffers stay in the L1/L2 cache.
+const COMBINE_BLOCK: usize = 2048;
+
+/// How weighted task vectors become the merged values; shared by the streaming and the
+/// whole-tensor paths so both compute the same thing in the same order.
+struct Combine {
+    /// TIES' sign election (disjoint mean) instead of a plain weighted sum.
+    consensus: bool,
+    normalize: bool,
+    /// Divisor of a normalised plain sum: the sum of the weights (1 when it is ~0).
+    linear_div: f32,
+    lambda: f32,
+}
+
+/// Per-block buffers for [`Combine::block`].
+struct Scratch {
+    total: Vec<f32>,
+    mixed: Vec<f32>,
+    div: Vec<f32>,
+}
+
+impl Scratch {
+    fn new(len: usize) -> Self {
+        Scratch {
+            total: vec![0.0; len],
+            mixed: vec![0.0; len],
+            div: vec![0.0; len],
+        }
+    }
+}
+
+impl Combine {
+    /// From the method and its `normalize`, `lambda` and per-model `weight` parameters.
+    fn new(method: &TaskArithmeticFamily, normalize: f64, lambda: f64, weights: &[f32]) -> Self {
+        let sum_w: f32 = weights.iter().sum();
+        Combine {
+            consensus: method.consensus.is_some(),
+            normalize: normalize != 0.0,
+            linear_div: if sum_w.abs() < 1e-8 { 1.0 } else { sum_w },
+            lambda: lambda as f32,
+        }
+    }
+
+    /// `base + λ·(mixed / divisor)` (the division only when normalising).
+    #[inline]
+    fn finish(&self, base: f32, mixed: f32, divisor: f32) -> f32 {
+        let mut m = mixed;
+        if self.normalize {
+            m /= divisor;
+        }
+        if self.lambda != 1.0 {
+            m *= self.lambda;
+        }
+        base + m
+    }
+
+    /// One block: `out = finish(base, mix(wᵢ·deltas[i]))`, experts in order.
+    fn block(
+        &self,
+        base: &[f32],
+        deltas: &[&[f32]],
+        weights: &[f32],
+        out: &mut [f32],
+        scratch: &mut Scratch,
+    ) {
+        let len = out.len();
+        let total = &mut scratch.total[..len];
+        // Σᵢ wᵢδᵢ, in expert order
+        for (t, v) in total.iter_mut().zip(deltas[0]) {
+            *t = v * weights[0];
+        }
+        for (r, &w) in deltas[1..].iter().zip(&weights[1..]) {
+            for (t, v) in total.iter_mut().zip(r.iter()) {
+                *t += v * w;
+            }
+        }
+        if !self.consensus {
+            for ((o, t), b) in out.iter_mut().zip(total.iter()).zip(base) {
+                *o = self.finish(*b, *t, self.linear_div);
+            }
+            return;
+        }
+        // TIES: only values whose sign agrees with the elected sign count.
+        let mixed = &mut scratch.mixed[..len];
+        let div = &mut scratch.div[..len];
+        mixed.fill(0.0);
+        div.fill(0.0);
+        for (r, &w) in deltas.iter().zip(weights) {
+            for (((v, t), mx), dv) in r
+                .iter()
+                .zip(total.iter())
+                .zip(mixed.iter_mut())
+                .zip(div.iter_mut())
+            {
+                let v = v * w;
+                let up = *t >= 0.0;
+                let agree = (up & (v > 0.0)) | (!up & (v < 0.0));
+                // Branch-free: adding +0.0 where the sign disagrees changes nothing (neither
+                // sum is ever −0.0: it starts at +0.0 and only nonzero values are added).
+                let m = 0u32.wrapping_sub(u32::from(agree));
+                *mx += f32::from_bits(v.to_bits() & m);
+                *dv += f32::from_bits(w.to_bits() & m);
+            }
+        }
+        for (((o, b), mx), dv) in out.iter_mut().zip(base).zip(mixed.iter()).zip(div.iter()) {
+            *o = self.finish(*b, *mx, if *dv == 0.0 { 1.0 } else { *dv });
+        }
     }
 }
 
@@ -599,9 +637,7 @@ impl MergeMethod for TaskArithmeticFamily {
         let base = x.base.expect("requires_base");
         let k = x.models.len();
         let weights: Vec<f32> = (0..k).map(|i| x.model_param(i, "weight") as f32).collect();
-        let normalize = x.param("normalize") != 0.0;
         let rescale = x.param("rescale") != 0.0;
-        let lambda = x.param("lambda") as f32;
         let row_len = match base.dims() {
             [] => 1,
             [n] => *n,
@@ -619,31 +655,6 @@ impl MergeMethod for TaskArithmeticFamily {
                 self.stream(&stream, &masks?, &sink)?;
                 return Ok(sink.into_inner());
             }
-            let n = b.len();
-            let sum_w: f32 = weights.iter().sum();
-            let linear_div = if sum_w.abs() < 1e-8 { 1.0 } else { sum_w };
-            if self.sparsification == Sparsification::None && self.consensus.is_none() {
-                // One pass, no task-vector buffers.
-                let mut out = vec![0f32; n];
-                out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
-                    let off = c * CHUNK;
-                    for (j, o) in o.iter_mut().enumerate() {
-                        let j = off + j;
-                        let mut mixed = 0f32;
-                        for (m, w) in models.iter().zip(&weights) {
-                            mixed += (m[j] - b[j]) * w;
-                        }
-                        if normalize {
-                            mixed /= linear_div;
-                        }
-                        if lambda != 1.0 {
-                            mixed *= lambda;
-                        }
-                        *o = b[j] + mixed;
-                    }
-                });
-                return Ok(out);
-            }
             // Weighted, sparsified task vectors.
             let mut deltas: Vec<Vec<f32>> = Vec::with_capacity(k);
             for (i, m) in models.iter().enumerate() {
@@ -658,66 +669,22 @@ impl MergeMethod for TaskArithmeticFamily {
                 .map_err(candle_core::Error::msg)?;
                 deltas.push(d);
             }
-            // Combine into the first buffer, a block at a time, expert by expert (vectorisable
-            // loops; each element is read before it is written). Weights are applied here,
-            // after sparsification, as mergekit does.
+            // Combine into the first buffer, a block at a time (each block of it copied first,
+            // as it is read while written). Weights are applied here, after sparsification, as
+            // mergekit does.
+            let combine = Combine::new(self, x.param("normalize"), x.param("lambda"), &weights);
             let (first, rest) = deltas.split_first_mut().expect("at least one model");
-            let consensus = self.consensus.is_some();
-            const BLOCK: usize = 4096;
-            first.par_chunks_mut(BLOCK).enumerate().for_each(|(c, o)| {
-                let off = c * BLOCK;
-                let len = o.len();
-                let base = &b[off..off + len];
-                let others: Vec<&[f32]> = rest.iter().map(|r| &r[off..off + len]).collect();
-                let w0 = weights[0];
-                // Σᵢ wᵢδᵢ, in expert order
-                let mut total: Vec<f32> = o.iter().map(|v| v * w0).collect();
-                for (r, w) in others.iter().zip(&weights[1..]) {
-                    for (t, v) in total.iter_mut().zip(r.iter()) {
-                        *t += v * w;
-                    }
-                }
-                if !consensus {
-                    for ((o, t), b) in o.iter_mut().zip(&total).zip(base) {
-                        let mut mixed = *t;
-                        if normalize {
-                            mixed /= linear_div;
-                        }
-                        if lambda != 1.0 {
-                            mixed *= lambda;
-                        }
-                        *o = b + mixed;
-                    }
-                    return;
-                }
-                // TIES: only values whose sign agrees with the elected sign count.
-                let mut mixed = vec![0f32; len];
-                let mut div = vec![0f32; len];
-                let mut add = |d: &[f32], w: f32| {
-                    for j in 0..len {
-                        let v = d[j] * w;
-                        let agree = if total[j] >= 0.0 { v > 0.0 } else { v < 0.0 };
-                        if agree {
-                            mixed[j] += v;
-                            div[j] += w;
-                        }
-                    }
-                };
-                add(o, w0);
-                for (r, w) in others.iter().zip(&weights[1..]) {
-                    add(r, *w);
-                }
-                for j in 0..len {
-                    let mut m = mixed[j];
-                    if normalize {
-                        m /= if div[j] == 0.0 { 1.0 } else { div[j] };
-                    }
-                    if lambda != 1.0 {
-                        m *= lambda;
-                    }
-                    o[j] = base[j] + m;
-                }
-            });
+            first
+                .par_chunks_mut(COMBINE_BLOCK)
+                .enumerate()
+                .for_each(|(bi, o)| {
+                    let span = bi * COMBINE_BLOCK..bi * COMBINE_BLOCK + o.len();
+                    let own = o.to_vec();
+                    let deltas: Vec<&[f32]> = std::iter::once(&own[..])
+                        .chain(rest.iter().map(|r| &r[span.clone()]))
+                        .collect();
+                    combine.block(&b[span], &deltas, &weights, o, &mut Scratch::new(own.len()));
+                });
             deltas.truncate(1);
             Ok(deltas.pop().expect("one buffer"))
         })?;
