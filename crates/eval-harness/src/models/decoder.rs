@@ -892,13 +892,9 @@ impl Decoder {
     fn mlp(&self, m: &Mlp, h: &Tensor) -> Result<Tensor> {
         let y = m.gate_up.forward(h)?;
         let ff = self.cfg.intermediate_size;
-        if self.cfg.activation == Activation::Silu && y.device().is_cpu() && y.dtype() == DType::F32
-        {
-            let v: Vec<f32> = y.flatten_all()?.to_vec1()?;
-            if let Some(a) = vector_math::silu_gated(&v, ff) {
-                let mut dims = y.dims().to_vec();
-                *dims.last_mut().expect("rank 3") = ff;
-                return m.down.forward(&Tensor::from_vec(a, dims, y.device())?);
+        if self.cfg.activation == Activation::Silu {
+            if let Some(a) = vector_math::gated_tensor(&y, ff, vector_math::Gate::Silu)? {
+                return m.down.forward(&a);
             }
         }
         let g = y.narrow(D::Minus1, 0, ff)?;
@@ -926,11 +922,10 @@ impl Decoder {
         }
         let (b, nh, t, hd) = q.dims4()?;
         let q = q.contiguous()?;
-        let (k, v) = (kb, vb);
-        let capacity = k.dim(2)?;
+        let capacity = kb.dim(2)?;
         let (qs, ql) = q.storage_and_layout();
-        let (ks, kl) = k.storage_and_layout();
-        let (vs, vl) = v.storage_and_layout();
+        let (ks, kl) = kb.storage_and_layout();
+        let (vs, vl) = vb.storage_and_layout();
         let (Storage::Cpu(qc), Storage::Cpu(kc), Storage::Cpu(vc)) = (&*qs, &*ks, &*vs) else {
             return Ok(None);
         };

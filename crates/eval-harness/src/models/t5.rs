@@ -618,7 +618,8 @@ impl T5 {
                 let y = wi.forward(x)?;
                 let ff = self.cfg.d_ff;
                 if self.cfg.activation == T5Activation::GeluNew {
-                    if let Some(h) = gelu_tanh_gated_cpu(&y, ff)? {
+                    if let Some(h) = vector_math::gated_tensor(&y, ff, vector_math::Gate::GeluTanh)?
+                    {
                         return wo.forward(&h);
                     }
                 }
@@ -789,21 +790,6 @@ fn softmax_last_dim(s: &Tensor) -> Result<Tensor> {
         }
     }
     Ok(candle_nn::ops::softmax_last_dim(s)?)
-}
-
-/// `gelu_new(y[.., ..ff]) · y[.., ff..]` for `y` `[.., 2·ff]` on the CPU in f32 (one vectorised
-/// pass instead of candle's scalar tanh and a product); `None` elsewhere.
-fn gelu_tanh_gated_cpu(y: &Tensor, ff: usize) -> Result<Option<Tensor>> {
-    if !y.device().is_cpu() || y.dtype() != DType::F32 {
-        return Ok(None);
-    }
-    let mut dims = y.dims().to_vec();
-    let v: Vec<f32> = y.flatten_all()?.to_vec1()?;
-    let Some(h) = vector_math::gelu_tanh_gated(&v, ff) else {
-        return Ok(None);
-    };
-    *dims.last_mut().expect("rank ≥ 1") = ff;
-    Ok(Some(Tensor::from_vec(h, dims, y.device())?))
 }
 
 #[cfg(test)]
