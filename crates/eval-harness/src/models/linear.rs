@@ -80,19 +80,10 @@ impl Lin {
 
     /// The panel copy of `W^T`, or `None` where it is not f32 on the CPU.
     fn pack(&self) -> Result<Option<Vec<f32>>> {
-        let (storage, layout) = self.wt.storage_and_layout();
-        let (Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets())
-        else {
-            return Ok(None);
-        };
-        if self.wt.dtype() != DType::F32 || self.inp == 0 || self.out == 0 {
+        if self.inp == 0 || self.out == 0 {
             return Ok(None);
         }
-        Ok(Some(pack_panels(
-            &cpu.as_slice::<f32>()?[start..end],
-            self.inp,
-            self.out,
-        )))
+        with_cpu_f32(&self.wt, |wt| pack_panels(wt, self.inp, self.out))
     }
 }
 
@@ -101,28 +92,40 @@ impl Lin {
 /// took a fifth of a model's load time.
 fn transposed(w: &Tensor) -> Result<Tensor> {
     let (rows, cols) = w.dims2()?;
-    if w.device().is_cpu() && w.dtype() == DType::F32 && w.is_contiguous() && rows * cols > 0 {
-        let src: Vec<f32> = w.flatten_all()?.to_vec1()?;
-        const B: usize = 32;
+    const B: usize = 32;
+    let blocked = with_cpu_f32(w, |src| {
         let mut dst = vec![0f32; rows * cols];
-        // Each task writes B rows of the result (B source columns).
-        dst.par_chunks_mut(B * rows)
+        // Each task writes B rows of the result from B columns of every source row.
+        dst.par_chunks_mut((B * rows).max(1))
             .enumerate()
             .for_each(|(cb, out)| {
                 let c0 = cb * B;
                 let cn = out.len() / rows.max(1);
-                for r0 in (0..rows).step_by(B) {
-                    for r in r0..(r0 + B).min(rows) {
-                        let row = &src[r * cols + c0..r * cols + c0 + cn];
-                        for (c, &x) in row.iter().enumerate() {
-                            out[c * rows + r] = x;
-                        }
+                for r in 0..rows {
+                    for (c, &x) in src[r * cols + c0..r * cols + c0 + cn].iter().enumerate() {
+                        out[c * rows + r] = x;
                     }
                 }
             });
-        return Ok(Tensor::from_vec(dst, (cols, rows), w.device())?);
+        dst
+    })?;
+    match blocked {
+        Some(dst) => Ok(Tensor::from_vec(dst, (cols, rows), w.device())?),
+        None => Ok(w.t()?.contiguous()?),
     }
-    Ok(w.t()?.contiguous()?)
+}
+
+/// `f` on the elements of `t` where it is a contiguous f32 tensor on the CPU (borrowed, not
+/// copied); `None` otherwise.
+fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<Option<R>> {
+    if t.dtype() != DType::F32 {
+        return Ok(None);
+    }
+    let (storage, layout) = t.storage_and_layout();
+    let (Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) else {
+        return Ok(None);
+    };
+    Ok(Some(f(&cpu.as_slice::<f32>()?[start..end])))
 }
 
 /// Rows up to which [`panel_matmul`] is used instead of candle's gemm.
