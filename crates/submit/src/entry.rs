@@ -230,6 +230,9 @@ impl Entry {
         if !matches!(device, "auto" | "cpu" | "cuda") {
             bail!("{origin}: `eval.device = \"{device}\"`: use auto, cpu or cuda (device ids are not allowed; select GPUs with CUDA_VISIBLE_DEVICES)");
         }
+        if self.file.eval.batch_size == 0 {
+            bail!("{origin}: `eval.batch_size` must be at least 1");
+        }
         if !matches!(self.file.eval.scoring.as_str(), "starter-kit" | "full") {
             bail!("{origin}: `eval.scoring` must be \"starter-kit\" or \"full\"");
         }
@@ -363,6 +366,12 @@ mod tests {
         let (_t, dir) = write_entry(&format!("{MERGE}[eval]\ndevice = \"cuda:1\"\n"));
         let err = Entry::load(&dir).unwrap_err().to_string();
         assert!(err.contains("device ids are not allowed"), "{err}");
+        let (_t, dir) = write_entry(&format!("{MERGE}[eval]\nbatch_size = 0\n"));
+        let err = Entry::load(&dir).unwrap_err().to_string();
+        assert!(
+            err.contains("`eval.batch_size` must be at least 1"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -22,7 +22,11 @@ pub struct ModelArgs {
     /// Generation rows decoded together: at most N rows and N × 1024 cached tokens (prompt + new),
     /// so long prompts go in smaller batches. Results do not depend on it; memory does (the KV
     /// cache: Llama-2-7B in bf16 takes about 0.5 MB per cached token).
-    #[arg(long, default_value_t = eval_harness::runner::DEFAULT_BATCH_SIZE)]
+    #[arg(
+        long,
+        default_value_t = eval_harness::runner::DEFAULT_BATCH_SIZE,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
+    )]
     pub batch_size: usize,
     /// Most new tokens per generation (the kit's max_gen_len) [default: 64 for decoders; for
     /// encoder-decoders the model's generation config, 19 new tokens for flan-t5].
