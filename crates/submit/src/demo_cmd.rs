@@ -1,13 +1,14 @@
 //! `llm-merging demo` (build the offline demo family and print its table) and the
 //! no-argument run (the demo entry end to end, then the table).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, Result};
 use clap::Args;
 
+use crate::demo_family::{self, ensure};
 use crate::entry::Entry;
-use crate::run_cmd;
+use crate::pipeline::{self, RunOptions};
 
 /// Arguments of `llm-merging demo`.
 #[derive(Args, Debug, Clone)]
@@ -20,35 +21,9 @@ pub struct DemoArgs {
     pub build_only: bool,
 }
 
-/// The demo directory for this workspace (`LLM_MERGING_DEMO_DIR` overrides).
-fn demo_dir(start: Option<&Path>) -> Result<PathBuf> {
-    Ok(merge_core::source::demo_dir(start)?)
-}
-
-/// Builds the demo family when the cache is missing or from another recipe.
-fn ensure(dir: &Path) -> Result<()> {
-    let recipe = demo::Recipe::default();
-    if demo::cached(dir, &recipe).is_none() {
-        println!(
-            "building the demo model family in {} (once; under a minute on 2 cores)",
-            dir.display()
-        );
-        demo::build(dir, &recipe)?;
-    }
-    Ok(())
-}
-
-/// Before an entry runs: builds the demo family if the entry uses `demo:` models.
-pub fn ensure_for_entry(entry: &Entry) -> Result<()> {
-    if entry.text.contains(merge_core::source::DEMO_PREFIX) {
-        ensure(&demo_dir(Some(&entry.dir))?)?;
-    }
-    Ok(())
-}
-
 /// `llm-merging demo`.
 pub fn run(args: &DemoArgs) -> Result<()> {
-    let dir = demo_dir(None)?;
+    let dir = demo_family::dir(None)?;
     if args.force {
         demo::build(&dir, &demo::Recipe::default())?;
     } else {
@@ -65,13 +40,13 @@ pub fn run(args: &DemoArgs) -> Result<()> {
 /// The no-argument run: the demo entry (merge → eval → predict → package), then the table of
 /// base, experts, reference merges and the entry's own merge.
 pub fn run_default(entry: &Path) -> Result<()> {
-    run_cmd::run(&run_cmd::RunArgs {
+    pipeline::run(&RunOptions {
         entry: entry.to_path_buf(),
         force: false,
         dir_name: "LLM-Merging".into(),
     })?;
     let e = Entry::load(entry)?;
-    let dir = demo_dir(Some(&e.dir))?;
+    let dir = demo_family::dir(Some(&e.dir))?;
     let mut table = demo::compare(&dir)?;
     let scores_path = e.dist_dir().join("scores.json");
     let scores: serde_json::Value = serde_json::from_str(

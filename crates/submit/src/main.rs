@@ -2,12 +2,14 @@
 
 mod convert_cmd;
 mod demo_cmd;
+mod demo_family;
 mod device;
 mod entry;
 mod eval_cmd;
 mod fetch_data;
 mod merge_cmd;
 mod package;
+mod pipeline;
 mod rules;
 mod run_cmd;
 
@@ -75,7 +77,7 @@ fn main() -> ExitCode {
         Some(Command::Predict(args)) => eval_cmd::run_predict(args),
         Some(Command::FetchData(args)) => fetch_data::run(args),
         Some(Command::Check(args)) => rules::run(args),
-        Some(Command::Run(args)) | Some(Command::Package(args)) => run_cmd::run(&args).map(|_| ()),
+        Some(Command::Run(args)) | Some(Command::Package(args)) => run_cmd::run(args),
         None => demo_cmd::run_default(std::path::Path::new("submissions/demo")),
         Some(Command::Demo(args)) => demo_cmd::run(&args),
         Some(Command::Convert(args)) => convert_cmd::run(args),

@@ -1,0 +1,99 @@
+//! `dist/<entry>/manifest.json` (what ran, on what, with which inputs and results) and the
+//! stage summary printed at the end of a run.
+
+use std::path::Path;
+
+use anyhow::Result;
+
+use super::stage::{StageReport, StageState};
+use super::BUDGET_SECONDS;
+use crate::entry::Entry;
+use crate::package;
+
+/// Everything the manifest records.
+pub struct Manifest<'a> {
+    pub entry: &'a Entry,
+    pub device: &'a str,
+    /// The merge stage's state (its inputs' and outputs' weight-file hashes).
+    pub merge_state: &'a StageState,
+    pub scores: serde_json::Value,
+    pub reports: &'a [StageReport],
+    pub submission_rows: usize,
+    pub tar: &'a Path,
+    pub tar_files: usize,
+    pub dir_name: &'a str,
+}
+
+/// Writes `manifest.json` beside the tar.
+pub fn write(m: &Manifest) -> Result<()> {
+    let entry = m.entry;
+    let cfg = &entry.file.merge;
+    let eval = &entry.file.eval;
+    let dist = entry.dist_dir();
+    let manifest = serde_json::json!({
+        "entry": entry.name,
+        "entry_toml": entry.text,
+        "tool": {
+            "name": "llm-merging-kit",
+            "version": env!("CARGO_PKG_VERSION"),
+            "git_commit": package::git_commit(&entry.workspace),
+        },
+        "merge": {
+            "method": cfg.method,
+            "dtype": cfg.dtype.map(|d| d.torch_name()),
+            "seed": cfg.seed,
+        },
+        "models": m.merge_state.extra["models"],
+        "merged_weights": m.merge_state.extra["merged_files"],
+        "eval": {
+            "device": m.device,
+            "dtype": eval.dtype,
+            "scoring": eval.scoring,
+            "max_gen_len": eval.max_gen_len,
+            "batch_size": eval.batch_size,
+        },
+        "scores": m.scores,
+        "stages": m.reports,
+        "submission": {
+            "rows": m.submission_rows,
+            "sha256": package::sha256_file(&dist.join("submission.csv"))?,
+        },
+        "tar": {
+            "file": m.tar.file_name().map(|f| f.to_string_lossy().into_owned()),
+            "files": m.tar_files,
+            "top_level": m.dir_name,
+        },
+        "command_line": std::env::args().collect::<Vec<_>>(),
+    });
+    package::write_file(
+        &dist.join("manifest.json"),
+        serde_json::to_string_pretty(&manifest)?.as_bytes(),
+    )
+}
+
+/// The stage table, the time counted against the competition's budget, and the wall time.
+pub fn print_summary(reports: &[StageReport], wall_seconds: f64) {
+    println!("\n{:<10} {:>10}  status", "stage", "seconds");
+    let mut budget = 0.0;
+    for r in reports {
+        println!(
+            "{:<10} {:>10.1}  {}",
+            r.stage,
+            r.seconds,
+            if r.reused { "reused" } else { "ran" }
+        );
+        if r.stage != "package" {
+            budget += r.seconds;
+        }
+    }
+    println!(
+        "merge + eval + predict: {:.1}s{}",
+        budget,
+        if budget > BUDGET_SECONDS {
+            " — OVER the competition's 1-hour budget"
+        } else {
+            " (within the 1-hour budget)"
+        }
+    );
+    println!("wall time of this run: {wall_seconds:.1}s");
+}

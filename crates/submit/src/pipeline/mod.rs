@@ -1,0 +1,329 @@
+//! An entry's run: merge → validation eval → test predictions → package, each a [`Stage`]
+//! reused when the key of its inputs did not change.
+//!
+//! A stage's key is a hash of everything it depends on: the tool version, the entry's settings,
+//! the input models' revisions (a commit for hub models, file sizes and mtimes for local
+//! directories), the data files' sha256 and the key of the stage before it. Stage outputs and
+//! their keys live in `dist/<entry>/work/`.
+
+mod identity;
+mod manifest;
+mod stage;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use eval_harness::runner::{AnyModel, EvalOptions};
+use merge_core::merge::{self, MergeInputs, MergeOptions};
+use merge_core::source::{HubSettings, ModelFiles, Resolver};
+
+use crate::entry::Entry;
+use crate::package;
+pub use stage::StageReport;
+use stage::{Key, Stage};
+
+/// The competition's budget for merge plus evaluation, in seconds.
+pub const BUDGET_SECONDS: f64 = 3600.0;
+
+/// How to run an entry.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// The entry directory (or its name under submissions/, or one .toml file).
+    pub entry: PathBuf,
+    /// Redo every stage even if its inputs did not change.
+    pub force: bool,
+    /// Top-level directory inside the tar.
+    pub dir_name: String,
+}
+
+/// What the stages share: the entry, where its outputs go, its data and model inputs.
+struct Run<'a> {
+    entry: &'a Entry,
+    opts: &'a RunOptions,
+    work: PathBuf,
+    datasets: Vec<PathBuf>,
+    test_file: PathBuf,
+    device: Device,
+    token: Option<String>,
+    resolver: Resolver,
+    inputs: MergeInputs,
+    /// Every input model's files (adapters with their bases), labelled for the manifest.
+    input_files: Vec<(String, ModelFiles)>,
+}
+
+/// Runs every stage of an entry and packages it. Returns the stage reports.
+pub fn run(opts: &RunOptions) -> Result<Vec<StageReport>> {
+    let total = Instant::now();
+    let entry = Entry::load(&opts.entry)?;
+    // An entry over the offline demo family builds it first (once; cached by recipe).
+    crate::demo_family::ensure_for_entry(&entry)?;
+    let run = Run::open(&entry, opts)?;
+    println!("entry {} ({})", entry.name, entry.dir.display());
+    let mut reports = Vec::new();
+    let merged = run.merge(&mut reports)?;
+    // Loaded once, when eval or predict first needs it.
+    let mut model = None;
+    let scores = run.eval(&merged, &mut model, &mut reports)?;
+    let submission = run.predict(&merged, &mut model, &mut reports)?;
+    drop(model);
+    let dist = run.package(&submission, &scores, &merged, &mut reports)?;
+    manifest::print_summary(&reports, total.elapsed().as_secs_f64());
+    println!("package written to {}", dist.display());
+    Ok(reports)
+}
+
+/// The merge stage's outcome: its key and what it remembered.
+struct Merged {
+    key: String,
+    state: stage::StageState,
+    dir: PathBuf,
+}
+
+impl<'a> Run<'a> {
+    fn open(entry: &'a Entry, opts: &'a RunOptions) -> Result<Self> {
+        let settings = HubSettings::from_env();
+        let token = settings.token.clone();
+        let resolver = Resolver::new(settings).with_base_dir(&entry.dir);
+        let device = crate::device::resolve(&entry.file.eval.device)?;
+        let work = entry.dist_dir().join("work");
+        std::fs::create_dir_all(&work).with_context(|| format!("{}", work.display()))?;
+        // Inputs first: a missing data file fails before minutes of merging.
+        let datasets = entry.datasets()?;
+        let test_file = entry.test_file()?;
+        for f in datasets.iter().chain([&test_file]) {
+            if !f.is_file() {
+                bail!(
+                    "{}: data file not found; run `llm-merging fetch-data` to download the official files (or copy them there by hand)",
+                    f.display()
+                );
+            }
+        }
+        let inputs = merge::open_inputs(&entry.file.merge, &resolver)?;
+        let mut input_files = Vec::new();
+        if let Some(b) = &inputs.base {
+            input_files.push(("base".into(), b.checkpoint().files().clone()));
+        }
+        for (i, m) in inputs.models.iter().enumerate() {
+            input_files.push((format!("model {}", i + 1), m.checkpoint().files().clone()));
+            if let merge_core::model::InputModel::Adapted { adapter, .. } = m {
+                input_files.push((format!("adapter {}", i + 1), adapter.files().clone()));
+            }
+        }
+        Ok(Run {
+            entry,
+            opts,
+            work,
+            datasets,
+            test_file,
+            device,
+            token,
+            resolver,
+            inputs,
+            input_files,
+        })
+    }
+
+    fn stage(&self, name: &'static str) -> Stage {
+        Stage::new(&self.work, name, self.opts.force)
+    }
+
+    /// The merged model (or adapter) in `work/merged`, with the hashes of its inputs' and its
+    /// own weight files for the manifest.
+    fn merge(&self, reports: &mut Vec<StageReport>) -> Result<Merged> {
+        let cfg = &self.entry.file.merge;
+        let dir = self.work.join("merged");
+        let mut key = Key::new(&format!("merge;{};", env!("CARGO_PKG_VERSION"))).add(cfg.to_toml());
+        for (_, f) in &self.input_files {
+            identity::model_identity(f, key.hasher())?;
+        }
+        let key = key.finish();
+        let state = self
+            .stage("merge")
+            .run_or_reuse(&key, dir.is_dir(), reports, || {
+                let mut opts = MergeOptions::new(&dir);
+                opts.overwrite = true;
+                // Merges stay on the CPU, which was faster than the GPU for every method
+                // measured (scripts/gpu-check.sh); `device` is the evaluation's.
+                opts.device = Device::Cpu;
+                match merge_core::adapter_merge::lookup(&cfg.method) {
+                    // Adapters in, one adapter out (the kit's llama_avg / flant5_avg).
+                    Some(method) => {
+                        merge_core::adapter_merge::run(cfg, method, &self.resolver, &opts)?;
+                    }
+                    None => {
+                        let plan = merge::plan(cfg, &self.inputs)?;
+                        merge::execute(cfg, &plan, &self.inputs, &opts)?;
+                    }
+                }
+                let mut models = Vec::new();
+                for (role, f) in &self.input_files {
+                    models.push(serde_json::json!({
+                        "role": role,
+                        "id": f.reference.model,
+                        "revision": f.commit,
+                        "files": identity::weight_file_hashes(&identity::weights_dir(f)?)?,
+                    }));
+                }
+                Ok(serde_json::json!({
+                    "models": models,
+                    "merged_files": identity::weight_file_hashes(&dir)?,
+                }))
+            })?;
+        Ok(Merged { key, state, dir })
+    }
+
+    /// The key of the eval or predict stage over `data`.
+    fn eval_key(&self, stage: &str, merge_key: &str, data: &[PathBuf]) -> Result<String> {
+        let mut key = Key::new(&format!("{stage};{merge_key};"))
+            .add(toml::to_string(&self.entry.file.eval)?)
+            .add(crate::device::name(&self.device));
+        for d in data {
+            key = key.file(d)?;
+        }
+        Ok(key.finish())
+    }
+
+    fn eval_options(&self) -> Result<EvalOptions> {
+        let eval = &self.entry.file.eval;
+        Ok(EvalOptions {
+            batch_size: eval.batch_size.max(1),
+            max_gen_len: eval.max_gen_len,
+            limit: eval.limit,
+            scoring: eval.scoring.parse().map_err(anyhow::Error::msg)?,
+            progress: true,
+        })
+    }
+
+    /// The merged model loaded for evaluation (once, for eval and predict together). An
+    /// adapter-level merge evaluates as its base plus the merged adapter.
+    fn load_model<'m>(
+        &self,
+        merged: &Path,
+        model: &'m mut Option<AnyModel>,
+    ) -> Result<&'m AnyModel> {
+        if model.is_none() {
+            let dtype =
+                eval_harness::runner::resolve_dtype(&self.entry.file.eval.dtype, &self.device)
+                    .map_err(anyhow::Error::msg)?;
+            *model = Some(if merged.join("adapter_config.json").is_file() {
+                let base = match &self.inputs.base {
+                    Some(b) => b.checkpoint().files().clone(),
+                    None => self.inputs.reference.files().clone(),
+                };
+                AnyModel::load(
+                    &identity::model_dir(&base)?,
+                    Some(merged),
+                    dtype,
+                    &self.device,
+                )?
+            } else {
+                AnyModel::load(merged, None, dtype, &self.device)?
+            });
+        }
+        Ok(model.as_ref().expect("loaded above"))
+    }
+
+    /// Scores on the validation files in `work/eval`; returns the path of its scores.json.
+    fn eval(
+        &self,
+        merged: &Merged,
+        model: &mut Option<AnyModel>,
+        reports: &mut Vec<StageReport>,
+    ) -> Result<PathBuf> {
+        let out = self.work.join("eval");
+        let scores = out.join("scores.json");
+        let key = self.eval_key("eval", &merged.key, &self.datasets)?;
+        let opts = self.eval_options()?;
+        self.stage("eval")
+            .run_or_reuse(&key, scores.is_file(), reports, || {
+                let data = self
+                    .datasets
+                    .iter()
+                    .map(|d| Ok(eval_harness::dataset::load(d)?))
+                    .collect::<Result<Vec<_>>>()?;
+                let m = self.load_model(&merged.dir, model)?;
+                let results = data
+                    .iter()
+                    .map(|ds| Ok(m.evaluate(ds, &opts)?))
+                    .collect::<Result<Vec<_>>>()?;
+                if out.exists() {
+                    std::fs::remove_dir_all(&out)?;
+                }
+                eval_harness::report::write_eval_outputs(&out, &results)?;
+                print!("{}", eval_harness::report::score_table(&results));
+                Ok(serde_json::Value::Null)
+            })?;
+        Ok(scores)
+    }
+
+    /// Predictions for the test file in `work/predict/submission.csv`.
+    fn predict(
+        &self,
+        merged: &Merged,
+        model: &mut Option<AnyModel>,
+        reports: &mut Vec<StageReport>,
+    ) -> Result<PathBuf> {
+        let csv = self.work.join("predict").join("submission.csv");
+        let key = self.eval_key(
+            "predict",
+            &merged.key,
+            std::slice::from_ref(&self.test_file),
+        )?;
+        let mut opts = self.eval_options()?;
+        // Every test row is predicted, whatever `limit` says about validation.
+        opts.limit = None;
+        self.stage("predict")
+            .run_or_reuse(&key, csv.is_file(), reports, || {
+                let ds = eval_harness::dataset::load(&self.test_file)?;
+                let r = self.load_model(&merged.dir, model)?.evaluate(&ds, &opts)?;
+                std::fs::create_dir_all(csv.parent().expect("has parent"))?;
+                eval_harness::report::write_atomic(&csv, |p| {
+                    eval_harness::report::write_predictions_csv(p, &r.examples)
+                })?;
+                Ok(serde_json::Value::Null)
+            })?;
+        Ok(csv)
+    }
+
+    /// `dist/<entry>/`: the validated submission, scores, the tar and the manifest.
+    fn package(
+        &self,
+        submission: &Path,
+        scores: &Path,
+        merged: &Merged,
+        reports: &mut Vec<StageReport>,
+    ) -> Result<PathBuf> {
+        let t = Instant::now();
+        let dist = self.entry.dist_dir();
+        let rows = package::validate_submission(submission, &self.test_file)?;
+        package::write_file(&dist.join("submission.csv"), &std::fs::read(submission)?)?;
+        let scores_text = std::fs::read(scores)?;
+        package::write_file(&dist.join("scores.json"), &scores_text)?;
+        let tar = dist.join(format!("{}.tar", self.entry.name));
+        let packed = package::write_tar(
+            &self.entry.workspace,
+            &self.opts.dir_name,
+            &tar,
+            self.token.as_deref(),
+        )?;
+        reports.push(StageReport {
+            stage: "package".into(),
+            seconds: t.elapsed().as_secs_f64(),
+            reused: false,
+        });
+        manifest::write(&manifest::Manifest {
+            entry: self.entry,
+            device: crate::device::name(&self.device),
+            merge_state: &merged.state,
+            scores: serde_json::from_slice(&scores_text)?,
+            reports,
+            submission_rows: rows,
+            tar: &tar,
+            tar_files: packed,
+            dir_name: &self.opts.dir_name,
+        })?;
+        Ok(dist)
+    }
+}
