@@ -174,6 +174,11 @@ pub fn validation_csv(dir: &Path, skill: tasks::Skill) -> PathBuf {
         .join(format!("{}.csv", skill.name()))
 }
 
+/// The test CSV's labels (`id,target`), as organizers would hold them.
+pub fn test_labels_csv(dir: &Path) -> PathBuf {
+    dir.join("data").join("test-labels.csv")
+}
+
 /// The mixed test CSV inside a demo directory.
 pub fn test_csv(dir: &Path) -> PathBuf {
     dir.join("data").join("test.csv")

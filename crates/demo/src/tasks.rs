@@ -208,24 +208,33 @@ pub fn write_validation(path: &std::path::Path, rows: &[Example]) -> anyhow::Res
     Ok(())
 }
 
-/// Writes a test CSV (`id,input,eval_type,answer_choices`, no target).
-pub fn write_test(path: &std::path::Path, rows: &[Example]) -> anyhow::Result<()> {
+/// Writes a test CSV (`id,input,eval_type,answer_choices`, no target) and, as organizers
+/// would hold them, its labels (`id,target`) to `labels`.
+pub fn write_test(
+    path: &std::path::Path,
+    labels: &std::path::Path,
+    rows: &[Example],
+) -> anyhow::Result<()> {
     let mut w = csv::Writer::from_path(path)?;
+    let mut l = csv::Writer::from_path(labels)?;
     w.write_record(["id", "input", "eval_type", "answer_choices"])?;
+    l.write_record(["id", "target"])?;
     for (i, e) in rows.iter().enumerate() {
-        let (choices, kind) = if e.skill.is_multiple_choice() {
-            (python_list(&e.choices), "multiple_choice")
+        let (choices, kind, target) = if e.skill.is_multiple_choice() {
+            (
+                python_list(&e.choices),
+                "multiple_choice",
+                e.target_index.to_string(),
+            )
         } else {
-            (String::new(), "generation")
+            (String::new(), "generation", e.answer.clone())
         };
-        w.write_record([
-            format!("test-{i}"),
-            e.input.clone(),
-            kind.to_string(),
-            choices,
-        ])?;
+        let id = format!("test-{i}");
+        w.write_record([id.clone(), e.input.clone(), kind.to_string(), choices])?;
+        l.write_record([id, target])?;
     }
     w.flush()?;
+    l.flush()?;
     Ok(())
 }
 

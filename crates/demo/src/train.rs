@@ -332,7 +332,7 @@ pub fn build_with_log(dir: &Path, recipe: &Recipe, log: &dyn Fn(&str)) -> Result
     let rows: Vec<Example> = (0..recipe.test_rows)
         .map(|i| tasks::sample(Skill::ALL[i % 3], &mut r))
         .collect();
-    tasks::write_test(&crate::test_csv(out), &rows)?;
+    tasks::write_test(&crate::test_csv(out), &crate::test_labels_csv(out), &rows)?;
 
     let stamp = Stamp {
         hash: recipe.hash(),

@@ -44,6 +44,8 @@ pub fn run_default(entry: &Path) -> Result<()> {
         entry: entry.to_path_buf(),
         force: false,
         dir_name: "LLM-Merging".into(),
+        until: pipeline::Until::Package,
+        test_file: None,
     })?;
     let e = Entry::load(entry)?;
     let dir = demo_family::dir(Some(&e.dir))?;

@@ -135,6 +135,8 @@ pub struct Entry {
     pub dir: PathBuf,
     /// The entry name (its directory's name).
     pub name: String,
+    /// The entry's file: `DIR/entry.toml`, or the single `.toml` file that is the entry.
+    pub file_path: PathBuf,
     /// `entry.toml` as written.
     pub text: String,
     /// Parsed.
@@ -196,10 +198,12 @@ impl Entry {
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "entry".into())
         });
+        let file_path = std::fs::canonicalize(&path).unwrap_or(path);
         let entry = Entry {
             workspace: workspace_root(&dir),
             dir,
             name,
+            file_path,
             text,
             file,
         };
@@ -284,6 +288,24 @@ impl Entry {
     /// The test file, resolved.
     pub fn test_file(&self) -> Result<PathBuf> {
         self.path(&self.file.predict.test_file)
+    }
+
+    /// Where the entry is relative to the workspace: its directory when it is `DIR/entry.toml`,
+    /// else its `.toml` file (what `--entry` takes).
+    pub fn path_in_workspace(&self) -> String {
+        let p = if self
+            .file_path
+            .file_name()
+            .is_some_and(|n| n == "entry.toml")
+        {
+            &self.dir
+        } else {
+            &self.file_path
+        };
+        p.strip_prefix(&self.workspace)
+            .unwrap_or(p)
+            .display()
+            .to_string()
     }
 
     /// `dist/<entry>/` under the workspace.

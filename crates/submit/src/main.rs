@@ -8,6 +8,7 @@ mod entry;
 mod eval_cmd;
 mod fetch_data;
 mod merge_cmd;
+mod organizer;
 mod package;
 mod pipeline;
 mod rules;
@@ -45,6 +46,9 @@ enum Command {
     Run(run_cmd::RunArgs),
     /// Package an entry into dist/<entry>/ (running the stages it needs).
     Package(run_cmd::RunArgs),
+    /// Organizers: score a folder of submitted entries on the hidden test set (sharded or
+    /// not) and write a leaderboard.
+    Score(organizer::ScoreArgs),
     /// Print a mergekit YAML config as the equivalent merge config TOML.
     Convert(convert_cmd::ConvertArgs),
     /// Build the offline demo model family (cached) and print base, experts and merges scored.
@@ -81,6 +85,7 @@ fn main() -> ExitCode {
         None => demo_cmd::run_default(std::path::Path::new("submissions/demo")),
         Some(Command::Demo(args)) => demo_cmd::run(&args),
         Some(Command::Convert(args)) => convert_cmd::run(args),
+        Some(Command::Score(args)) => organizer::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

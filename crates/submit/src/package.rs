@@ -95,17 +95,43 @@ pub fn source_files(root: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// Write a deterministic tar of the workspace source to `dest`: entries sorted, under one
-/// top-level directory, mtime fixed, owner 0:0, modes 0644/0755. Refuses (naming the file)
-/// if any file contains `secret`.
-pub fn write_tar(root: &Path, top: &str, dest: &Path, secret: Option<&str>) -> Result<usize> {
-    let files = source_files(root)?;
+/// Write a deterministic tar of `files` (relative to `root`, as [`source_files`] lists them)
+/// to `dest`, plus `extra` (name, contents) files written at the top: entries under one
+/// top-level directory, mtime fixed, owner 0:0, modes 0644/0755. Refuses (naming the file) if
+/// any file contains `secret`. Returns the number of entries.
+pub fn write_tar(
+    root: &Path,
+    files: &[PathBuf],
+    top: &str,
+    dest: &Path,
+    secret: Option<&str>,
+    extra: &[(&str, &[u8])],
+) -> Result<usize> {
     let parent = dest.parent().context("tar destination has no parent")?;
     std::fs::create_dir_all(parent)?;
     let tmp = tempfile::NamedTempFile::new_in(parent)?;
     let mut builder = tar::Builder::new(std::io::BufWriter::new(tmp.reopen()?));
     builder.mode(tar::HeaderMode::Deterministic);
-    for rel in &files {
+    let header = |len: usize, executable: bool| {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(len as u64);
+        header.set_mode(if executable { 0o755 } else { 0o644 });
+        header.set_mtime(0);
+        header.set_uid(0);
+        header.set_gid(0);
+        header.set_entry_type(tar::EntryType::Regular);
+        header
+    };
+    for (name, data) in extra {
+        builder
+            .append_data(
+                &mut header(data.len(), false),
+                Path::new(top).join(name),
+                *data,
+            )
+            .with_context(|| format!("adding {name} to the tar"))?;
+    }
+    for rel in files {
         let path = root.join(rel);
         let data = std::fs::read(&path).with_context(|| format!("{}", path.display()))?;
         if let Some(s) = secret.filter(|s| s.len() >= 8) {
@@ -120,22 +146,15 @@ pub fn write_tar(root: &Path, top: &str, dest: &Path, secret: Option<&str>) -> R
             use std::os::unix::fs::PermissionsExt;
             std::fs::metadata(&path)?.permissions().mode() & 0o111 != 0
         };
-        let mut header = tar::Header::new_gnu();
-        header.set_size(data.len() as u64);
-        header.set_mode(if executable { 0o755 } else { 0o644 });
-        header.set_mtime(0);
-        header.set_uid(0);
-        header.set_gid(0);
-        header.set_entry_type(tar::EntryType::Regular);
         let name = Path::new(top).join(rel);
         builder
-            .append_data(&mut header, &name, data.as_slice())
+            .append_data(&mut header(data.len(), executable), &name, data.as_slice())
             .with_context(|| format!("adding {} to the tar", rel.display()))?;
     }
     builder.into_inner()?.flush()?;
     tmp.persist(dest)
         .with_context(|| format!("{}", dest.display()))?;
-    Ok(files.len())
+    Ok(files.len() + extra.len())
 }
 
 /// One row of the test file, as far as validation needs it.
@@ -278,10 +297,21 @@ mod tests {
         std::fs::write(root.join("model.safetensors"), "weights").unwrap();
         let a = tmp.path().join("a.tar");
         let b = tmp.path().join("b.tar");
-        assert_eq!(write_tar(&root, "LLM-Merging", &a, None).unwrap(), 2);
+        let tar = |dest: &Path, secret: Option<&str>| {
+            let files = source_files(&root).unwrap();
+            write_tar(
+                &root,
+                &files,
+                "LLM-Merging",
+                dest,
+                secret,
+                &[("m.json", b"{}")],
+            )
+        };
+        assert_eq!(tar(&a, None).unwrap(), 3);
         // Touch a file: content unchanged, mtime changed → same bytes.
         std::fs::write(root.join("README.md"), "hi").unwrap();
-        write_tar(&root, "LLM-Merging", &b, None).unwrap();
+        tar(&b, None).unwrap();
         assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
         let mut names = Vec::new();
         for e in tar::Archive::new(std::fs::File::open(&a).unwrap())
@@ -293,9 +323,16 @@ mod tests {
             assert_eq!(e.header().uid().unwrap(), 0);
             names.push(e.path().unwrap().display().to_string());
         }
-        assert_eq!(names, ["LLM-Merging/README.md", "LLM-Merging/src/a.rs"]);
+        assert_eq!(
+            names,
+            [
+                "LLM-Merging/m.json",
+                "LLM-Merging/README.md",
+                "LLM-Merging/src/a.rs"
+            ]
+        );
         std::fs::write(root.join("src/a.rs"), "// hf_abcdefghijkl").unwrap();
-        let err = write_tar(&root, "LLM-Merging", &b, Some("hf_abcdefghijkl")).unwrap_err();
+        let err = tar(&b, Some("hf_abcdefghijkl")).unwrap_err();
         assert!(err.to_string().contains("src/a.rs"), "{err}");
     }
 

@@ -240,6 +240,33 @@ pub fn hub_facts(settings: &HubSettings, r: &ModelRef) -> Result<HubFacts> {
     })
 }
 
+/// Whether a model is local (a directory, or the demo family built on this machine): not on
+/// the hub, so the hub's rules cannot be checked for it.
+fn is_local(entry: &Entry, r: &ModelRef) -> bool {
+    r.model.starts_with(merge_core::source::DEMO_PREFIX)
+        || entry.dir.join(&r.model).is_dir()
+        || std::path::Path::new(&r.model).is_dir()
+}
+
+/// The hub models of an entry not pinned to a full commit sha, each as a violation; needs no
+/// network (adapters' own bases are checked by [`check_entry`]).
+pub fn unpinned(entry: &Entry) -> Vec<String> {
+    let cfg = &entry.file.merge;
+    cfg.base_ref()
+        .into_iter()
+        .chain(cfg.model_refs())
+        .filter(|r| !is_local(entry, r))
+        .filter_map(|r| match &r.revision {
+            Some(rev) if is_commit_sha(rev) => None,
+            Some(rev) => Some(format!(
+                "{}: revision `{rev}` is not a full commit sha",
+                r.model
+            )),
+            None => Some(format!("{}: no revision; pin it to a commit", r.model)),
+        })
+        .collect()
+}
+
 /// Check every model of an entry.
 pub fn check_entry(entry: &Entry, settings: &HubSettings) -> Result<Vec<ModelCheck>> {
     let cfg = &entry.file.merge;
@@ -255,11 +282,7 @@ pub fn check_entry(entry: &Entry, settings: &HubSettings) -> Result<Vec<ModelChe
     while i < refs.len() {
         let (role, r) = refs[i].clone();
         i += 1;
-        // Demo models (`demo:NAME`) are local: built on this machine, never on the hub.
-        let local = r.model.starts_with(merge_core::source::DEMO_PREFIX)
-            || entry.dir.join(&r.model).is_dir()
-            || std::path::Path::new(&r.model).is_dir();
-        if local || settings.offline {
+        if is_local(entry, &r) || settings.offline {
             out.push(ModelCheck {
                 role,
                 reference: r,

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
-use crate::pipeline::{self, RunOptions};
+use crate::pipeline::{self, RunOptions, Until};
 
 /// Arguments of `llm-merging run` and `llm-merging package`.
 #[derive(Args, Debug, Clone)]
@@ -20,6 +20,13 @@ pub struct RunArgs {
     /// Top-level directory inside the tar (the competition asked for `LLM-Merging`).
     #[arg(long, default_value = "LLM-Merging")]
     pub dir_name: String,
+    /// The last stage: `predict` merges and predicts the test file only (no validation eval,
+    /// no package), as organizers re-run an entry.
+    #[arg(long, value_enum, default_value = "package")]
+    pub until: Until,
+    /// Predict this test file instead of the entry's `[predict] test_file`.
+    #[arg(long)]
+    pub test_file: Option<PathBuf>,
 }
 
 /// Runs `llm-merging run` / `package`.
@@ -28,6 +35,8 @@ pub fn run(args: RunArgs) -> Result<()> {
         entry: args.entry,
         force: args.force,
         dir_name: args.dir_name,
+        until: args.until,
+        test_file: args.test_file,
     })
     .map(drop)
 }
