@@ -270,9 +270,8 @@ pub fn run(args: &RunArgs) -> Result<Vec<StageReport>> {
         .filter(|s| !args.force && s.key == predict_key && predict_csv.is_file());
 
     let mut model = None;
-    let load_model = || -> Result<eval_harness::runner::AnyModel> {
-        let dtype =
-            eval_harness::runner::resolve_dtype(&eval.dtype, &dev).map_err(anyhow::Error::msg)?;
+    let load_model = || -> Result<Box<dyn eval_harness::LanguageModel>> {
+        let dtype = eval_harness::resolve_dtype(&eval.dtype, &dev).map_err(anyhow::Error::msg)?;
         // An adapter-level merge evaluates as its base plus the merged adapter.
         if merged.join("adapter_config.json").is_file() {
             let base_files = match &inputs.base {
@@ -280,19 +279,12 @@ pub fn run(args: &RunArgs) -> Result<Vec<StageReport>> {
                 None => inputs.reference.files().clone(),
             };
             let base_dir = materialize(&base_files)?;
-            Ok(eval_harness::runner::AnyModel::load(
-                &base_dir,
-                Some(&merged),
-                dtype,
-                &dev,
-            )?)
+            Ok(eval_harness::load(&base_dir, Some(&merged), dtype, &dev)?)
         } else {
-            Ok(eval_harness::runner::AnyModel::load(
-                &merged, None, dtype, &dev,
-            )?)
+            Ok(eval_harness::load(&merged, None, dtype, &dev)?)
         }
     };
-    let opts = eval_harness::runner::EvalOptions {
+    let opts = eval_harness::EvalOptions {
         batch_size: eval.batch_size.max(1),
         max_gen_len: eval.max_gen_len,
         limit: eval.limit,
@@ -320,7 +312,7 @@ pub fn run(args: &RunArgs) -> Result<Vec<StageReport>> {
             };
             let mut results = Vec::new();
             for ds in &loaded {
-                results.push(m.evaluate(ds, &opts)?);
+                results.push(eval_harness::evaluate(&*m, ds, &opts)?);
             }
             model = Some(m);
             if eval_dir.exists() {
@@ -357,7 +349,7 @@ pub fn run(args: &RunArgs) -> Result<Vec<StageReport>> {
             };
             let mut test_opts = opts.clone();
             test_opts.limit = None;
-            let r = m.evaluate(&ds, &test_opts)?;
+            let r = eval_harness::evaluate(&*m, &ds, &test_opts)?;
             std::fs::create_dir_all(predict_csv.parent().expect("has parent"))?;
             eval_harness::report::write_atomic(&predict_csv, |p| {
                 eval_harness::report::write_predictions_csv(p, &r.examples)
