@@ -63,18 +63,14 @@ pub struct Tokenizer {
     max_length: Option<usize>,
 }
 
+/// Without the vocabulary.
 impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ids = (self.bos_id, self.eos_id, self.pad_id);
         f.debug_struct("Tokenizer")
-            .field("flag_class", &self.flag_class)
-            .field("add_bos", &self.add_bos)
-            .field("add_eos", &self.add_eos)
-            .field("bos_id", &self.bos_id)
-            .field("eos_id", &self.eos_id)
-            .field("pad_id", &self.pad_id)
-            .field("clean_up_spaces", &self.clean_up_spaces)
+            .field("bos_eos_pad", &ids)
             .field("max_length", &self.max_length)
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
@@ -249,6 +245,14 @@ impl Tokenizer {
     /// Vocabulary size including added tokens.
     pub fn vocab_size(&self) -> usize {
         self.tok.get_vocab_size(true)
+    }
+
+    /// Warns when the tokenizer has more tokens than the model's `vocab` rows.
+    pub fn check_vocab(&self, vocab: usize) {
+        if self.vocab_size() > vocab {
+            let n = self.vocab_size();
+            tracing::warn!("tokenizer has {n} tokens, the model's vocabulary {vocab}");
+        }
     }
 
     /// The id of a token, if the vocabulary has it.

@@ -52,17 +52,22 @@ impl Lin {
         Ok(lin)
     }
 
-    /// An output head tied to the embedding `w` (`[vocab, hidden]`, as the model holds it)
-    /// that the checkpoint calls `name` (without `.weight`): replacing that tensor replaces both.
-    pub fn tied(name: &str, w: &Tensor) -> Result<Self> {
+    /// The output head: `lm_head` from `vb`, or when `tied` the embedding `w` (`[vocab,
+    /// hidden]`, as the model holds it) that the checkpoint calls `name` — replacing that
+    /// tensor then replaces both.
+    pub fn head(vb: &VarBuilder, tied: bool, name: &str, w: &Tensor) -> Result<Self> {
         let (rows, inp) = w.dims2()?;
-        let mut lin = Lin::empty(
-            vec![(name.to_string(), rows)],
-            inp,
-            false,
-            w.dtype(),
-            w.device(),
-        )?;
+        if !tied {
+            if !vb.contains_tensor("lm_head.weight") {
+                return Err(crate::error::Error::Weights(
+                    "`lm_head.weight` is missing and config.json has tie_word_embeddings false"
+                        .into(),
+                ));
+            }
+            return Lin::load(vb, &[("lm_head", rows)], inp, false);
+        }
+        let module = name.trim_end_matches(".weight").to_string();
+        let mut lin = Lin::empty(vec![(module, rows)], inp, false, w.dtype(), w.device())?;
         lin.set_part(0, w, false)?;
         Ok(lin)
     }

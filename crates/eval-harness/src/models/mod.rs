@@ -17,7 +17,7 @@ pub use decoder::{Decoder, DecoderConfig, KvCache};
 pub use t5::{EncoderOutput, T5Cache, T5Config, T5};
 pub use weights::CheckpointSource;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::lm::LanguageModel;
 
 /// Loads a model directory (config.json, tokenizer files, weights in any checkpoint layout
@@ -37,6 +37,30 @@ pub fn load(
     } else {
         Box::new(Decoder::load(dir, vb)?)
     })
+}
+
+/// `(rows, length)` of a batch of token rows (with per-token `valid` flags of the same shape,
+/// when given): an error when it is empty or ragged or a token is outside the vocabulary.
+pub(crate) fn batch_shape(
+    ids: &[Vec<u32>],
+    valid: Option<&[Vec<bool>]>,
+    vocab: usize,
+) -> Result<(usize, usize)> {
+    let (b, t) = (ids.len(), ids.first().map_or(0, Vec::len));
+    if b == 0 || t == 0 {
+        return Err(Error::Msg("a model called with an empty batch".into()));
+    }
+    if ids.iter().any(|r| r.len() != t)
+        || valid.is_some_and(|v| v.len() != b || v.iter().any(|r| r.len() != t))
+    {
+        return Err(Error::Msg("a model called with ragged rows".into()));
+    }
+    if let Some(bad) = ids.iter().flatten().find(|&&i| i as usize >= vocab) {
+        return Err(Error::Msg(format!(
+            "token id {bad} is outside the model's vocabulary of {vocab}"
+        )));
+    }
+    Ok((b, t))
 }
 
 /// Parses `f32|float32|bf16|bfloat16|f16|float16`.

@@ -27,6 +27,7 @@ use crate::lm::{GenerationDefaults, GreedyState, LanguageModel, ModelKind};
 use blocks::Block;
 
 use super::attention::Mask;
+use super::batch_shape;
 use super::linear::Lin;
 use super::vector_math::picked_log_probs;
 use super::weights::Weight;
@@ -60,13 +61,7 @@ impl Decoder {
 
     /// The model for `cfg` and `tok` with weights from `vb`.
     pub fn new(cfg: DecoderConfig, tok: Tokenizer, vb: VarBuilder) -> Result<Self> {
-        if tok.vocab_size() > cfg.vocab_size {
-            tracing::warn!(
-                "tokenizer has {} tokens, the model's vocabulary {}",
-                tok.vocab_size(),
-                cfg.vocab_size
-            );
-        }
+        tok.check_vocab(cfg.vocab_size);
         let (dtype, device) = (vb.dtype(), vb.device().clone());
         let h = cfg.hidden_size;
         let gemma = cfg.family == Family::Gemma;
@@ -80,15 +75,12 @@ impl Decoder {
         let layers = (0..cfg.num_layers)
             .map(|i| Block::new(&cfg, &vb.pp(format!("model.layers.{i}"))))
             .collect::<Result<_>>()?;
-        let lm_head = if cfg.tie_word_embeddings {
-            Lin::tied("model.embed_tokens", embed.tensor())?
-        } else if vb.contains_tensor("lm_head.weight") {
-            Lin::load(&vb, &[("lm_head", cfg.vocab_size)], h, false)?
-        } else {
-            return Err(Error::Weights(
-                "`lm_head.weight` is missing and config.json has tie_word_embeddings false".into(),
-            ));
-        };
+        let lm_head = Lin::head(
+            &vb,
+            cfg.tie_word_embeddings,
+            "model.embed_tokens.weight",
+            embed.tensor(),
+        )?;
         Ok(Decoder {
             norm: Weight::load(&vb, "model.norm.weight", &[h], dtype, gemma)?,
             inv_freq: Tensor::new(cfg.inv_freq().as_slice(), &device)?,
@@ -109,16 +101,6 @@ impl Decoder {
     /// The configuration.
     pub fn config(&self) -> &DecoderConfig {
         &self.cfg
-    }
-
-    /// The device the weights live on.
-    pub fn device(&self) -> &Device {
-        &self.device
-    }
-
-    /// Compute dtype.
-    pub fn dtype(&self) -> DType {
-        self.dtype
     }
 
     /// A fresh cache for this model.
@@ -154,25 +136,14 @@ impl Decoder {
         cache: &mut KvCache,
         keep: usize,
     ) -> Result<Option<Tensor>> {
-        let b = ids.len();
-        let t = ids.first().map_or(0, Vec::len);
+        let (b, t) = batch_shape(ids, Some(valid), self.cfg.vocab_size)?;
         let keep = keep.min(t);
-        if b == 0 || t == 0 {
-            return Err(Error::Msg("forward called with an empty batch".into()));
-        }
-        if ids.iter().any(|r| r.len() != t)
-            || valid.len() != b
-            || valid.iter().any(|r| r.len() != t)
-        {
-            return Err(Error::Msg("forward: ragged ids/valid rows".into()));
-        }
         if !cache.is_empty() && cache.batch() != b {
             return Err(Error::Msg(format!(
                 "forward: batch of {b} rows on a cache of {} rows",
                 cache.batch()
             )));
         }
-        check_vocab(ids, self.cfg.vocab_size)?;
         let past = cache.len();
         if cache.valid.is_empty() {
             cache.valid = vec![Vec::new(); b];
@@ -235,16 +206,6 @@ impl Decoder {
     /// Projects hidden states (any leading shape, last dim = hidden) to f32 vocabulary logits.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         Ok(self.lm_head.forward(hidden)?.to_dtype(DType::F32)?)
-    }
-}
-
-/// An error when a token id is outside the model's vocabulary of `vocab`.
-pub(crate) fn check_vocab(ids: &[Vec<u32>], vocab: usize) -> Result<()> {
-    match ids.iter().flatten().find(|&&i| i as usize >= vocab) {
-        Some(bad) => Err(Error::Msg(format!(
-            "token id {bad} is outside the model's vocabulary of {vocab}"
-        ))),
-        None => Ok(()),
     }
 }
 

@@ -38,7 +38,7 @@ use crate::lm::{GenerationDefaults, GreedyState, LanguageModel, ModelKind};
 use blocks::Stack;
 
 use super::attention::{padding_mask, weigh_values, MASKED};
-use super::decoder::check_vocab;
+use super::batch_shape;
 use super::linear::Lin;
 use super::vector_math::picked_log_probs;
 use super::weights::Weight;
@@ -100,18 +100,8 @@ pub struct T5Cache {
 }
 
 impl T5Cache {
-    /// Decoder positions cached so far.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// True before the first decoder step.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
     /// Rows of the encoder output the cross attention reads (1 when shared).
-    pub fn encoder_rows(&self) -> usize {
+    fn encoder_rows(&self) -> usize {
         self.cross.first().map_or(0, |(k, _)| k.dim(0).unwrap_or(0))
     }
 
@@ -179,13 +169,7 @@ impl T5 {
         generation: &GenerationConfig,
         vb: VarBuilder,
     ) -> Result<Self> {
-        if tok.vocab_size() > cfg.vocab_size {
-            tracing::warn!(
-                "tokenizer has {} tokens, the model's vocabulary {}",
-                tok.vocab_size(),
-                cfg.vocab_size
-            );
-        }
+        tok.check_vocab(cfg.vocab_size);
         // The three embedding names are one tied matrix; safetensors conversions that drop
         // duplicates may keep any one of them.
         let shared_name = [
@@ -198,15 +182,7 @@ impl T5 {
         .unwrap_or("shared.weight");
         let (d, dtype) = (cfg.d_model, vb.dtype());
         let shared = Weight::load(&vb, shared_name, &[cfg.vocab_size, d], dtype, false)?;
-        let lm_head = if cfg.tie_word_embeddings {
-            Lin::tied(shared_name.trim_end_matches(".weight"), shared.tensor())?
-        } else if vb.contains_tensor("lm_head.weight") {
-            Lin::load(&vb, &[("lm_head", cfg.vocab_size)], d, false)?
-        } else {
-            return Err(Error::Weights(
-                "`lm_head.weight` is missing and config.json has tie_word_embeddings false".into(),
-            ));
-        };
+        let lm_head = Lin::head(&vb, cfg.tie_word_embeddings, shared_name, shared.tensor())?;
         Ok(T5 {
             encoder: Stack::new(&cfg, &vb.pp("encoder"), false)?,
             decoder: Stack::new(&cfg, &vb.pp("decoder"), true)?,
@@ -232,29 +208,6 @@ impl T5 {
     /// The configuration.
     pub fn config(&self) -> &T5Config {
         &self.cfg
-    }
-
-    /// The device the weights live on.
-    pub fn device(&self) -> &Device {
-        &self.device
-    }
-
-    /// Compute dtype.
-    pub fn dtype(&self) -> DType {
-        self.dtype
-    }
-
-    fn check_ids(&self, ids: &[Vec<u32>]) -> Result<(usize, usize)> {
-        let b = ids.len();
-        let t = ids.first().map_or(0, Vec::len);
-        if b == 0 || t == 0 {
-            return Err(Error::Msg("T5 called with an empty batch".into()));
-        }
-        if ids.iter().any(|r| r.len() != t) {
-            return Err(Error::Msg("T5: ragged id rows".into()));
-        }
-        check_vocab(ids, self.cfg.vocab_size)?;
-        Ok((b, t))
     }
 
     fn embed(&self, ids: &[Vec<u32>], b: usize, t: usize) -> Result<Tensor> {
@@ -368,12 +321,7 @@ impl T5 {
     /// Runs the encoder on right-padded rows `ids` (`valid[b][i]` false = padding, never
     /// attended to).
     pub fn encode(&self, ids: &[Vec<u32>], valid: &[Vec<bool>]) -> Result<EncoderOutput> {
-        let (b, t) = self.check_ids(ids)?;
-        if valid.len() != b || valid.iter().any(|r| r.len() != t) {
-            return Err(Error::Msg(
-                "T5 encode: ids and valid rows differ in shape".into(),
-            ));
-        }
+        let (b, t) = batch_shape(ids, Some(valid), self.cfg.vocab_size)?;
         let mut x = self.embed(ids, b, t)?;
         let mut bias = self.position_bias(&self.encoder, 0, t, t)?;
         if let Some(m) = padding_mask(valid, &self.device)? {
@@ -421,7 +369,7 @@ impl T5 {
     /// Runs decoder inputs `ids` (`[batch][t]`, equal lengths, no padding: every row is at the
     /// same position) on top of `cache`; returns final-norm hidden states `[batch, t, d_model]`.
     pub fn decode(&self, ids: &[Vec<u32>], cache: &mut T5Cache) -> Result<Tensor> {
-        let (b, t) = self.check_ids(ids)?;
+        let (b, t) = batch_shape(ids, None, self.cfg.vocab_size)?;
         let enc_rows = cache.encoder_rows();
         if enc_rows != 1 && enc_rows != b {
             return Err(Error::Msg(format!(
