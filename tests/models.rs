@@ -46,35 +46,7 @@ impl Default for TinyLlama {
 impl TinyLlama {
     /// Tensor names and shapes, as transformers' LlamaForCausalLM names them.
     pub fn shapes(&self) -> Vec<(String, Vec<usize>)> {
-        let h = self.hidden;
-        let kv = h / self.heads * self.kv_heads;
-        let mut v = vec![("model.embed_tokens.weight".to_string(), vec![self.vocab, h])];
-        for l in 0..self.layers {
-            let p = format!("model.layers.{l}");
-            v.push((format!("{p}.input_layernorm.weight"), vec![h]));
-            v.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
-            v.push((format!("{p}.self_attn.q_proj.weight"), vec![h, h]));
-            v.push((format!("{p}.self_attn.k_proj.weight"), vec![kv, h]));
-            v.push((format!("{p}.self_attn.v_proj.weight"), vec![kv, h]));
-            v.push((format!("{p}.self_attn.o_proj.weight"), vec![h, h]));
-            v.push((
-                format!("{p}.mlp.gate_proj.weight"),
-                vec![self.intermediate, h],
-            ));
-            v.push((
-                format!("{p}.mlp.up_proj.weight"),
-                vec![self.intermediate, h],
-            ));
-            v.push((
-                format!("{p}.mlp.down_proj.weight"),
-                vec![h, self.intermediate],
-            ));
-        }
-        v.push(("model.norm.weight".to_string(), vec![h]));
-        if !self.tied {
-            v.push(("lm_head.weight".to_string(), vec![self.vocab, h]));
-        }
-        v
+        crate::synthetic::decoder_shapes(&self.config())
     }
 
     /// `config.json` for this shape.

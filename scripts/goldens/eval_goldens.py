@@ -4,7 +4,7 @@
 Builds tiny random-weight Llama (Llama-2 tokenizer), Llama with llama3 rope scaling (Llama-3
 tokenizer), Mistral (sliding window), Qwen2 (qkv bias) and Gemma (tied head, GeGLU) models
 whose weights come from the same counter-based generator as
-`crates/eval-harness/src/synthetic.rs` (so no weights are committed), writes competition-schema
+`tests/synthetic.rs` (testkit; so no weights are committed), writes competition-schema
 rows, and records per model: token ids, sampled logits, multiple-choice scores (the starter
 kit's algorithm and the full log-likelihood) and greedy generations. Also records rouge_score
 values for a varied set of pairs.
@@ -49,7 +49,7 @@ def fnv1a64(s):
 
 
 def values(name, n, scale, offset):
-    """Mirror of synthetic::values: f32 `unit * scale + offset`."""
+    """Mirror of testkit::synthetic::values: f32 `unit * scale + offset`."""
     with np.errstate(over="ignore"):
         i = np.arange(1, n + 1, dtype=np.uint64)
         z = np.uint64(fnv1a64(name)) + i * np.uint64(0x9E3779B97F4A7C15)

@@ -13,7 +13,7 @@ Writes into crates/eval-harness/tests/goldens/:
   must be regenerated from it (this script does both).
 - t5_v11.json: a tiny random T5 v1.1 (gated-gelu, untied head), t5_orig.json: a tiny original
   T5 (relu, tied head with the d_model^-0.5 rescale). Weights come from the counter-based
-  generator of `crates/eval-harness/src/synthetic.rs` (`t5_weights`), so none are committed.
+  generator of `tests/synthetic.rs` (testkit: `t5_weights`), so none are committed.
   Per model: token ids, sampled logits + logsumexp, starter-kit multiple-choice scores
   (encoder once, labels padded with 0, decoder inputs shifted right from the start token,
   every label token scored) and greedy generations with the kit's flan-t5 length (max_length
@@ -130,7 +130,7 @@ class KitTokenizer:
 
 
 def t5_weights(cfg, eos):
-    """Mirror of synthetic::t5_weights."""
+    """Mirror of testkit::synthetic::t5_weights."""
     d, inner, ff, v = cfg["d_model"], cfg["num_heads"] * cfg["d_kv"], cfg["d_ff"], cfg["vocab_size"]
     tied = cfg["tie_word_embeddings"]
     gated = cfg["feed_forward_proj"].startswith("gated-")
@@ -259,7 +259,7 @@ LORA_RANK, LORA_ALPHA = 16, 32
 
 def lora_factors(cfg, which):
     """Factors of adapter `which` (1 or 2) on every q/v of the model, PEFT names: mirror of
-    synthetic::t5_qv_lora_factors."""
+    testkit::synthetic::t5_qv_lora_factors."""
     d, inner = cfg["d_model"], cfg["num_heads"] * cfg["d_kv"]
     mods = []
     for l in range(cfg["num_layers"]):

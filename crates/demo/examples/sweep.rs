@@ -15,13 +15,13 @@ fn main() -> anyhow::Result<()> {
         );
         let out = tempfile::tempdir()?;
         demo::compare::run_merge(&toml, &out.path().join("m"))?;
-        let m = eval_harness::runner::LoadedModel::load(
+        let m = eval_harness::load(
             &out.path().join("m"),
             None,
             candle_core::DType::F32,
             &candle_core::Device::Cpu,
         )?;
-        let s = demo::compare::score_model(&dir, &m)?;
+        let s = demo::compare::score_model(&dir, &*m)?;
         let avg = s.iter().sum::<f64>() / s.len() as f64;
         println!("{spec:<60} {s:.3?} avg {avg:.3}");
     }

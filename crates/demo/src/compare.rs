@@ -6,8 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
-use eval_harness::runner::{EvalOptions, LoadedModel};
-use eval_harness::score::Scoring;
+use eval_harness::{EvalOptions, LanguageModel, Scoring};
 use merge_core::config::MergeConfig;
 use merge_core::merge::{self, MergeOptions};
 use merge_core::source::Resolver;
@@ -104,13 +103,13 @@ impl Table {
 }
 
 /// Scores a loaded model on every skill's validation CSV of `dir`.
-pub fn score_model(dir: &Path, m: &LoadedModel) -> Result<Vec<f64>> {
+pub fn score_model(dir: &Path, m: &dyn LanguageModel) -> Result<Vec<f64>> {
     let opts = eval_options();
     let mut out = Vec::new();
     for k in Skill::ALL {
         let path = crate::validation_csv(dir, k);
         let ds = eval_harness::dataset::load(&path)?;
-        let r = eval_harness::runner::evaluate(m, &ds, &opts)?;
+        let r = eval_harness::evaluate(m, &ds, &opts)?;
         out.push(
             *r.scores
                 .get(k.metric())
@@ -173,8 +172,13 @@ pub fn run_merge(toml: &str, out: &Path) -> Result<()> {
 /// ([`REFERENCE_MERGES`]). Cached per row in `dir/compare/`.
 pub fn compare(dir: &Path) -> Result<Table> {
     let cache = dir.join("compare");
-    let load = |model: &Path, adapter: Option<&Path>| -> Result<LoadedModel> {
-        Ok(LoadedModel::load(model, adapter, DType::F32, &Device::Cpu)?)
+    let load = |model: &Path, adapter: Option<&Path>| -> Result<Box<dyn LanguageModel>> {
+        Ok(eval_harness::load(
+            model,
+            adapter,
+            DType::F32,
+            &Device::Cpu,
+        )?)
     };
     let mut rows = Vec::new();
     for (name, model, adapter) in [
@@ -186,7 +190,7 @@ pub fn compare(dir: &Path) -> Result<Table> {
         let k = key(&["model", name]);
         rows.push(cached_scores(&cache, name, &k, || {
             let adapter: Option<PathBuf> = adapter.map(|a| dir.join(a));
-            score_model(dir, &load(&dir.join(model), adapter.as_deref())?)
+            score_model(dir, &*load(&dir.join(model), adapter.as_deref())?)
         })?);
     }
     for (method, params) in REFERENCE_MERGES {
@@ -200,7 +204,7 @@ pub fn compare(dir: &Path) -> Result<Table> {
             || {
                 let out = cache.join(format!("merged-{method}"));
                 run_merge(&toml, &out)?;
-                score_model(dir, &load(&out, None)?)
+                score_model(dir, &*load(&out, None)?)
             },
         )?);
         rows.last_mut().expect("pushed").name = name;

@@ -394,8 +394,7 @@ fn write_lora(dir: &Path, lora: &LoraSet) -> Result<()> {
 mod tests {
     use super::*;
     use candle_core::IndexOp;
-    use eval_harness::models::{Decoder, DecoderConfig};
-    use eval_harness::weights::CheckpointSource;
+    use eval_harness::models::{CheckpointSource, Decoder};
 
     fn tiny() -> TinyConfig {
         TinyConfig {
@@ -413,9 +412,10 @@ mod tests {
 
     /// Hidden states → logits of the harness's decoder for one unpadded row.
     fn harness_logits(dir: &Path, adapter: Option<&Path>, ids: &[u32]) -> Vec<Vec<f32>> {
-        let cfg = DecoderConfig::from_file(&dir.join("config.json")).unwrap();
-        let src = CheckpointSource::open(dir, adapter).unwrap();
-        let d = Decoder::load(cfg, &src, DType::F32, &Device::Cpu).unwrap();
+        let vb = CheckpointSource::open(dir, adapter)
+            .unwrap()
+            .into_var_builder(DType::F32, &Device::Cpu);
+        let d = Decoder::load(dir, vb).unwrap();
         let mut cache = d.new_cache();
         let h = d
             .forward(&[ids.to_vec()], &[vec![true; ids.len()]], &mut cache)
@@ -448,7 +448,16 @@ mod tests {
         }
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("m");
-        let side = [("config.json", pretty(&cfg.hf_config()))];
+        // The harness loads a model directory with its tokenizer; any will do here.
+        let tok = crate::tokenizer::train(&["a b c".to_string()], cfg.vocab_size).unwrap();
+        let side = [
+            ("config.json", pretty(&cfg.hf_config())),
+            ("tokenizer.json", tok.to_string(false).unwrap()),
+            (
+                "tokenizer_config.json",
+                pretty(&crate::tokenizer::tokenizer_config()),
+            ),
+        ];
         write_model(&dir, &cfg, &params, &side).unwrap();
         let ids: Vec<u32> = vec![1, 5, 9, 33, 12, 7, 7, 20, 3, 39, 2];
         let input = Tensor::new(ids.as_slice(), &Device::Cpu)

@@ -16,7 +16,7 @@
 
 use std::path::{Path, PathBuf};
 
-use eval_harness::synthetic::{write_model_dir, write_t5_model_dir};
+use testkit::synthetic::{write_decoder_dir, write_t5_dir};
 
 type Result<T> = std::result::Result<T, String>;
 
@@ -46,14 +46,12 @@ fn main() -> Result<()> {
             serde_json::from_str(&text).map_err(|e| format!("parsing {}: {e}", path.display()))?;
         let dir = out.join(name);
         if T5S.contains(name) {
-            write_t5_model_dir(&dir, &golden["config"], &goldens.join("t5-tokenizer"))
-                .map_err(|e| format!("writing fixture `{name}`: {e}"))?;
+            write_t5_dir(&dir, &golden["config"], &goldens.join("t5-tokenizer"));
         } else {
             let tok = golden["tokenizer"]
                 .as_str()
                 .ok_or_else(|| format!("{}: no `tokenizer`", path.display()))?;
-            write_model_dir(&dir, &golden["config"], &tokenizers.join(tok))
-                .map_err(|e| format!("writing fixture `{name}` (tokenizer `{tok}`): {e}"))?;
+            write_decoder_dir(&dir, &golden["config"], &tokenizers.join(tok));
         }
         let max_gen_len = golden["max_gen_len"]
             .as_u64()

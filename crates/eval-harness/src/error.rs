@@ -33,7 +33,20 @@ pub enum Error {
     /// A tensor operation failed.
     #[error("tensor: {0}")]
     Candle(#[from] candle_core::Error),
-    /// Anything else, with a message that says what to do.
+    /// One row of a data file could not be evaluated.
+    #[error("{}:{line}: row id `{id}`: {source}", path.display())]
+    Row {
+        /// The data file.
+        path: PathBuf,
+        /// Its line.
+        line: u64,
+        /// The row's id.
+        id: String,
+        /// Why.
+        source: Box<Error>,
+    },
+    /// A request the model cannot run (an empty batch, a token outside the vocabulary, an
+    /// input that tokenizes to nothing), or an output that cannot be written.
     #[error("{0}")]
     Msg(String),
 }
@@ -47,6 +60,14 @@ impl Error {
         Error::Io {
             path: path.into(),
             source,
+        }
+    }
+
+    /// A configuration problem in `path`.
+    pub fn config(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        Error::Config {
+            path: path.into(),
+            message: message.into(),
         }
     }
 }

@@ -1,18 +1,25 @@
 //! A checkpoint in, predictions and scores out: the competition's local evaluation of decoder
 //! and encoder-decoder (T5) models with the official starter kit's semantics (see
 //! docs/starter-kit-semantics.md).
+//!
+//! [`load`] a model directory into a [`LanguageModel`] (the architecture comes from
+//! `config.json`), then [`evaluate`] it on a [`dataset`]; [`report`] writes the outputs.
+//! [`LanguageModel::set_weight`] replaces weights in place, so merges can be evaluated in
+//! memory.
 
+pub mod choices;
 pub mod dataset;
 pub mod error;
+pub mod evaluate;
+pub mod greedy;
+pub mod hf;
+pub mod lm;
 pub mod metrics;
 pub mod models;
-pub mod tokenize;
-pub mod weights;
-
-pub use error::{Error, Result};
-pub mod generate;
 pub mod report;
-pub mod runner;
-pub mod score;
-pub mod seq2seq;
-pub mod synthetic;
+
+pub use choices::Scoring;
+pub use error::{Error, Result};
+pub use evaluate::{evaluate, EvalOptions, DEFAULT_BATCH_SIZE};
+pub use lm::{LanguageModel, ModelKind};
+pub use models::{load, resolve_dtype};

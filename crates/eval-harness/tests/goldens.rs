@@ -5,14 +5,16 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, IndexOp};
+use candle_nn::VarBuilder;
+use eval_harness::choices::{score_choices, Scoring};
 use eval_harness::dataset;
-use eval_harness::generate::greedy_batch;
+use eval_harness::greedy::greedy;
+use eval_harness::hf::tokenizer::{Tokenizer, TokenizerKind};
 use eval_harness::metrics::rouge;
 use eval_harness::models::{Decoder, DecoderConfig};
-use eval_harness::score::{score_choices, Scoring};
-use eval_harness::synthetic::decoder_weights;
-use eval_harness::tokenize::EvalTokenizer;
+use eval_harness::LanguageModel;
 use serde_json::Value;
+use testkit::synthetic::decoder_weights;
 
 fn goldens() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/goldens")
@@ -34,8 +36,13 @@ fn tokenizer_dir(name: &str) -> PathBuf {
 struct Fixture {
     g: Value,
     model: Decoder,
-    tok: EvalTokenizer,
     rows: dataset::Dataset,
+}
+
+impl Fixture {
+    fn tok(&self) -> &Tokenizer {
+        self.model.tokenizer()
+    }
 }
 
 fn fixture(name: &str) -> Fixture {
@@ -43,18 +50,14 @@ fn fixture(name: &str) -> Fixture {
         &std::fs::read_to_string(goldens().join(format!("{name}.json"))).unwrap(),
     )
     .unwrap();
-    let tok =
-        EvalTokenizer::from_dir(&tokenizer_dir(g["tokenizer"].as_str().unwrap()), None).unwrap();
+    let dir = tokenizer_dir(g["tokenizer"].as_str().unwrap());
+    let tok = Tokenizer::from_dir(&dir, TokenizerKind::Decoder { eos: None }).unwrap();
     let cfg = DecoderConfig::from_json(&g["config"]).unwrap();
-    let w = decoder_weights(&cfg, tok.eos_id()).unwrap();
-    let model = Decoder::load(cfg, &w, DType::F32, &Device::Cpu).unwrap();
+    let w = decoder_weights(&g["config"], tok.eos_id());
+    let vb = VarBuilder::from_tensors(w, DType::F32, &Device::Cpu);
+    let model = Decoder::new(cfg, tok, vb).unwrap();
     let rows = dataset::load(&goldens().join("rows.csv")).unwrap();
-    Fixture {
-        g,
-        model,
-        tok,
-        rows,
-    }
+    Fixture { g, model, rows }
 }
 
 fn ids(v: &Value) -> Vec<u32> {
@@ -73,7 +76,7 @@ fn check_logits(f: &Fixture) {
     let vocab: Vec<u32> = ids(&f.g["vocab_ids"]);
     for l in f.g["logits"].as_array().unwrap() {
         let e = example(f, l["id"].as_str().unwrap());
-        let input = f.tok.encode_input(&e.input).unwrap();
+        let input = f.tok().encode_input(&e.input).unwrap();
         assert_eq!(input, ids(&l["input_ids"]), "input ids of {}", e.id);
         let mut cache = f.model.new_cache();
         let h = f
@@ -114,7 +117,7 @@ fn check_choices(f: &Fixture) {
             .zip(m["choice_ids"].as_array().unwrap())
         {
             assert_eq!(
-                f.tok.encode_target(c.0).unwrap(),
+                f.tok().encode_target(c.0).unwrap(),
                 ids(c.1),
                 "target ids of {:?}",
                 c.0
@@ -124,7 +127,7 @@ fn check_choices(f: &Fixture) {
             (Scoring::StarterKit, "kit_scores", "kit_prediction"),
             (Scoring::Full, "full_scores", "full_prediction"),
         ] {
-            let r = score_choices(&f.model, &f.tok, &e.input, &e.answer_choices, mode).unwrap();
+            let r = score_choices(&f.model, &e.input, &e.answer_choices, mode).unwrap();
             for (a, b) in r.scores.iter().zip(m[key].as_array().unwrap()) {
                 let d = (a - b.as_f64().unwrap()).abs();
                 assert!(d <= 1e-3, "{} {} {key}: {a} vs {b}", f.g["model"], e.id);
@@ -152,23 +155,23 @@ fn check_generation(f: &Fixture) {
         .iter()
         .map(|g| {
             let e = example(f, g["id"].as_str().unwrap());
-            let p = f.tok.encode_input(&e.input).unwrap();
+            let p = f.tok().encode_input(&e.input).unwrap();
             assert_eq!(p, ids(&g["input_ids"]));
             p
         })
         .collect();
     let max_new = f.g["max_gen_len"].as_u64().unwrap() as usize;
-    let eos = f.tok.eos_id();
+    let eos = [f.tok().eos_id()];
     // Batch of 1, and all rows in one left-padded batch (the "batch 8" case: <= 8 rows).
     let single: Vec<Vec<u32>> = prompts
         .iter()
         .map(|p| {
-            greedy_batch(&f.model, std::slice::from_ref(p), max_new, eos)
+            greedy(&f.model, std::slice::from_ref(p), max_new, &eos)
                 .unwrap()
                 .remove(0)
         })
         .collect();
-    let batched = greedy_batch(&f.model, &prompts, max_new, eos).unwrap();
+    let batched = greedy(&f.model, &prompts, max_new, &eos).unwrap();
     for ((g, s), b) in gens.iter().zip(&single).zip(&batched) {
         assert_eq!(
             s,
@@ -184,7 +187,7 @@ fn check_generation(f: &Fixture) {
             f.g["model"],
             g["id"]
         );
-        assert_eq!(f.tok.decode(s).unwrap(), g["text"].as_str().unwrap());
+        assert_eq!(f.tok().decode(s).unwrap(), g["text"].as_str().unwrap());
     }
 }
 

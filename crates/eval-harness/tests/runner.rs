@@ -4,12 +4,10 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
-use eval_harness::dataset;
 use eval_harness::report::write_eval_outputs;
-use eval_harness::runner::{evaluate, EvalOptions, LoadedModel};
-use eval_harness::score::Scoring;
-use eval_harness::synthetic::write_model_dir;
+use eval_harness::{dataset, evaluate, load, EvalOptions, Scoring};
 use serde_json::Value;
+use testkit::synthetic::write_decoder_dir;
 
 fn goldens() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/goldens")
@@ -34,12 +32,11 @@ fn model_dir(name: &str, tmp: &Path) -> (PathBuf, Value) {
     )
     .unwrap();
     let dir = tmp.join(name);
-    write_model_dir(
+    write_decoder_dir(
         &dir,
         &g["config"],
         &tokenizer_dir(g["tokenizer"].as_str().unwrap()),
-    )
-    .unwrap();
+    );
     (dir, g)
 }
 
@@ -49,14 +46,15 @@ fn batch_size_does_not_change_predictions() {
     let ds = dataset::load(&goldens().join("rows.csv")).unwrap();
     for name in ["llama", "mistral", "qwen2", "gemma", "llama3"] {
         let (dir, g) = model_dir(name, tmp.path());
-        let m = LoadedModel::load(&dir, None, DType::F32, &Device::Cpu).unwrap();
+        let m = load(&dir, None, DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(m.kind().as_str(), "decoder");
         // The long row is longer than max_position_embeddings (64).
         let longest = ds
             .examples
             .iter()
-            .map(|e| m.tok.encode_input(&e.input).unwrap().len())
+            .map(|e| m.tokenizer().encode_input(&e.input).unwrap().len())
             .max();
-        assert!(longest.unwrap() > m.model.config().max_position_embeddings);
+        assert!(longest.unwrap() as u64 > g["config"]["max_position_embeddings"].as_u64().unwrap());
         let opts = |b: usize| EvalOptions {
             batch_size: b,
             max_gen_len: Some(g["max_gen_len"].as_u64().unwrap() as usize),
@@ -64,12 +62,12 @@ fn batch_size_does_not_change_predictions() {
             scoring: Scoring::StarterKit,
             progress: false,
         };
-        let r1 = evaluate(&m, &ds, &opts(1)).unwrap();
-        let r8 = evaluate(&m, &ds, &opts(8)).unwrap();
+        let r1 = evaluate(&*m, &ds, &opts(1)).unwrap();
+        let r8 = evaluate(&*m, &ds, &opts(8)).unwrap();
         let p1: Vec<&str> = r1.examples.iter().map(|e| e.prediction.as_str()).collect();
         let p8: Vec<&str> = r8.examples.iter().map(|e| e.prediction.as_str()).collect();
         assert_eq!(p1, p8, "{name}: batch 1 vs batch 8");
-        let r32 = evaluate(&m, &ds, &opts(32)).unwrap();
+        let r32 = evaluate(&*m, &ds, &opts(32)).unwrap();
         let p32: Vec<&str> = r32.examples.iter().map(|e| e.prediction.as_str()).collect();
         assert_eq!(p1, p32, "{name}: batch 1 vs batch 32");
         // And both equal the transformers goldens.
@@ -109,7 +107,7 @@ fn batch_size_does_not_change_predictions() {
 fn writes_outputs_and_honours_limit_and_full_scoring() {
     let tmp = tempfile::tempdir().unwrap();
     let (dir, _) = model_dir("llama", tmp.path());
-    let m = LoadedModel::load(&dir, None, DType::F32, &Device::Cpu).unwrap();
+    let m = load(&dir, None, DType::F32, &Device::Cpu).unwrap();
     let ds = dataset::load(&goldens().join("rows.csv")).unwrap();
     let opts = EvalOptions {
         batch_size: 4,
@@ -118,7 +116,7 @@ fn writes_outputs_and_honours_limit_and_full_scoring() {
         scoring: Scoring::Full,
         progress: false,
     };
-    let r = evaluate(&m, &ds, &opts).unwrap();
+    let r = evaluate(&*m, &ds, &opts).unwrap();
     assert_eq!(r.examples.len(), 5);
     assert!(r.scores.contains_key("accuracy_norm"));
     assert!(r.examples.iter().all(|e| e.seconds >= 0.0));
@@ -140,7 +138,7 @@ fn writes_outputs_and_honours_limit_and_full_scoring() {
 fn bf16_runs() {
     let tmp = tempfile::tempdir().unwrap();
     let (dir, _) = model_dir("qwen2", tmp.path());
-    let m = LoadedModel::load(&dir, None, DType::BF16, &Device::Cpu).unwrap();
+    let m = load(&dir, None, DType::BF16, &Device::Cpu).unwrap();
     let ds = dataset::load(&goldens().join("rows.csv")).unwrap();
     let opts = EvalOptions {
         batch_size: 8,
@@ -149,7 +147,7 @@ fn bf16_runs() {
         scoring: Scoring::StarterKit,
         progress: false,
     };
-    let r = evaluate(&m, &ds, &opts).unwrap();
+    let r = evaluate(&*m, &ds, &opts).unwrap();
     assert_eq!(r.examples.len(), ds.examples.len());
     assert!(r
         .examples
@@ -161,8 +159,9 @@ fn bf16_runs() {
 #[test]
 fn adapter_is_folded_into_the_weights() {
     use candle_core::{IndexOp, Tensor};
-    use eval_harness::models::{Decoder, DecoderConfig};
-    use eval_harness::synthetic::{decoder_weights, values};
+    use eval_harness::hf::tokenizer::{Tokenizer, TokenizerKind};
+    use eval_harness::models::{CheckpointSource, Decoder, DecoderConfig};
+    use testkit::synthetic::{decoder_weights, values};
 
     let tmp = tempfile::tempdir().unwrap();
     let (dir, g) = model_dir("llama", tmp.path());
@@ -179,7 +178,7 @@ fn adapter_is_folded_into_the_weights() {
     )
     .unwrap();
     let mut factors = std::collections::HashMap::new();
-    let mut folded = decoder_weights(&cfg, 2).unwrap();
+    let mut folded = decoder_weights(&g["config"], 2);
     for (m, out) in [
         ("q_proj", cfg.num_heads * cfg.head_dim),
         ("v_proj", cfg.num_kv_heads * cfg.head_dim),
@@ -208,11 +207,18 @@ fn adapter_is_folded_into_the_weights() {
     }
     candle_core::safetensors::save(&factors, adapter.join("adapter_model.safetensors")).unwrap();
 
-    let with = LoadedModel::load(&dir, Some(&adapter), DType::F32, &Device::Cpu).unwrap();
-    let reference = Decoder::load(cfg, &folded, DType::F32, &Device::Cpu).unwrap();
-    let plain = LoadedModel::load(&dir, None, DType::F32, &Device::Cpu).unwrap();
-    let ids = with
-        .tok
+    let open = |adapter: Option<&Path>| {
+        let vb = CheckpointSource::open(&dir, adapter)
+            .unwrap()
+            .into_var_builder(DType::F32, &Device::Cpu);
+        Decoder::load(&dir, vb).unwrap()
+    };
+    let with = open(Some(&adapter));
+    let tok = Tokenizer::from_dir(&dir, TokenizerKind::Decoder { eos: None }).unwrap();
+    let vb = candle_nn::VarBuilder::from_tensors(folded, DType::F32, &Device::Cpu);
+    let reference = Decoder::new(cfg, tok, vb).unwrap();
+    let plain = open(None);
+    let ids = eval_harness::LanguageModel::tokenizer(&with)
         .encode_input("The adapter changes the attention.")
         .unwrap();
     let logits = |m: &Decoder| {
@@ -222,7 +228,7 @@ fn adapter_is_folded_into_the_weights() {
             .unwrap();
         m.logits(&hs.i(0).unwrap()).unwrap()
     };
-    let a = logits(&with.model);
+    let a = logits(&with);
     let diff: f32 = (&a - logits(&reference))
         .unwrap()
         .abs()
@@ -232,7 +238,7 @@ fn adapter_is_folded_into_the_weights() {
         .to_scalar()
         .unwrap();
     assert!(diff < 1e-4, "folded adapter differs by {diff}");
-    let moved: f32 = (&a - logits(&plain.model))
+    let moved: f32 = (&a - logits(&plain))
         .unwrap()
         .abs()
         .unwrap()
@@ -242,7 +248,7 @@ fn adapter_is_folded_into_the_weights() {
         .unwrap();
     assert!(moved > 1e-2, "the adapter had no effect");
 
-    let err = LoadedModel::load(
+    let err = load(
         &dir,
         Some(&tmp.path().join("missing")),
         DType::F32,

@@ -8,14 +8,16 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, IndexOp, Tensor};
-use eval_harness::dataset;
+use candle_nn::VarBuilder;
+use eval_harness::choices::score_choices;
+use eval_harness::greedy::greedy;
+use eval_harness::hf::tokenizer::{Tokenizer, TokenizerKind};
+use eval_harness::hf::GenerationConfig;
 use eval_harness::models::t5::relative_position_bucket;
 use eval_harness::models::{T5Config, T5};
-use eval_harness::runner::{AnyModel, EvalOptions};
-use eval_harness::score::Scoring;
-use eval_harness::seq2seq::{greedy_batch, score_choices, Seq2SeqModel, Seq2SeqTokenizer};
-use eval_harness::synthetic::{t5_qv_lora_factors, t5_weights, write_t5_model_dir};
+use eval_harness::{dataset, evaluate, load, EvalOptions, LanguageModel, Scoring};
 use serde_json::Value;
+use testkit::synthetic::{t5_qv_lora_factors, t5_weights, write_t5_dir};
 
 fn goldens() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/goldens")
@@ -41,23 +43,36 @@ fn ids(v: &Value) -> Vec<u32> {
 struct Fixture {
     g: Value,
     model: T5,
-    tok: Seq2SeqTokenizer,
     rows: dataset::Dataset,
+}
+
+impl Fixture {
+    fn tok(&self) -> &Tokenizer {
+        self.model.tokenizer()
+    }
+}
+
+fn tokenizer(cfg: &T5Config) -> Tokenizer {
+    let kind = TokenizerKind::EncoderDecoder {
+        eos: cfg.eos_token_id,
+        pad: cfg.pad_token_id,
+    };
+    Tokenizer::from_dir(&tokenizer_dir(), kind).unwrap()
+}
+
+/// A T5 from `config` with weights `w`, no generation config.
+fn t5(config: &Value, w: HashMap<String, Tensor>) -> eval_harness::Result<T5> {
+    let cfg = T5Config::from_json(config).unwrap();
+    let generation = GenerationConfig::from_json(serde_json::json!({})).unwrap();
+    let vb = VarBuilder::from_tensors(w, DType::F32, &Device::Cpu);
+    T5::new(cfg.clone(), tokenizer(&cfg), &generation, vb)
 }
 
 fn fixture(name: &str) -> Fixture {
     let g = golden(name);
-    let cfg = T5Config::from_json(&g["config"]).unwrap();
-    let tok = Seq2SeqTokenizer::from_dir(&tokenizer_dir(), &cfg).unwrap();
-    let w = t5_weights(&cfg, cfg.eos_token_id).unwrap();
-    let model = T5::load(cfg, &w, DType::F32, &Device::Cpu).unwrap();
+    let model = t5(&g["config"], t5_weights(&g["config"], 1)).unwrap();
     let rows = dataset::load(&goldens().join("rows.csv")).unwrap();
-    Fixture {
-        g,
-        model,
-        tok,
-        rows,
-    }
+    Fixture { g, model, rows }
 }
 
 fn example<'a>(rows: &'a dataset::Dataset, id: &str) -> &'a dataset::Example {
@@ -69,7 +84,7 @@ fn check_logits(f: &Fixture) {
     let dec = ids(&f.g["decoder_ids"]);
     for l in f.g["logits"].as_array().unwrap() {
         let e = example(&f.rows, l["id"].as_str().unwrap());
-        let input = f.tok.encode(&e.input).unwrap();
+        let input = f.tok().encode_input(&e.input).unwrap();
         assert_eq!(input, ids(&l["input_ids"]), "input ids of {}", e.id);
         let enc = f
             .model
@@ -109,23 +124,22 @@ fn check_logits(f: &Fixture) {
 fn check_choices(f: &Fixture) {
     for m in f.g["mc"].as_array().unwrap() {
         let e = example(&f.rows, m["id"].as_str().unwrap());
-        assert_eq!(f.tok.encode(&e.input).unwrap(), ids(&m["input_ids"]));
+        assert_eq!(
+            f.tok().encode_input(&e.input).unwrap(),
+            ids(&m["input_ids"])
+        );
         for (c, want) in e
             .answer_choices
             .iter()
             .zip(m["choice_ids"].as_array().unwrap())
         {
-            assert_eq!(f.tok.encode(c).unwrap(), ids(want), "choice ids of {c:?}");
+            assert_eq!(
+                f.tok().encode_target(c).unwrap(),
+                ids(want),
+                "choice ids of {c:?}"
+            );
         }
-        let r = score_choices(
-            &f.model,
-            &f.tok,
-            0,
-            &e.input,
-            &e.answer_choices,
-            Scoring::StarterKit,
-        )
-        .unwrap();
+        let r = score_choices(&f.model, &e.input, &e.answer_choices, Scoring::StarterKit).unwrap();
         for (a, b) in r.scores.iter().zip(m["scores"].as_array().unwrap()) {
             let d = (a - b.as_f64().unwrap()).abs();
             assert!(d <= 1e-3, "{} {}: score {a} vs {b}", f.g["model"], e.id);
@@ -146,27 +160,27 @@ fn check_generation(f: &Fixture) {
         .iter()
         .map(|g| {
             let e = example(&f.rows, g["id"].as_str().unwrap());
-            let p = f.tok.encode(&e.input).unwrap();
+            let p = f.tok().encode_input(&e.input).unwrap();
             assert_eq!(p, ids(&g["input_ids"]));
             p
         })
         .collect();
     // The kit's flan-t5 length: max_length 20 including the decoder start token.
-    let (max_new, eos, pad) = (19, [f.tok.eos_id()], f.tok.pad_id());
+    let (max_new, eos) = (19, [f.tok().eos_id()]);
     let single: Vec<Vec<u32>> = inputs
         .iter()
         .map(|p| {
-            greedy_batch(&f.model, std::slice::from_ref(p), max_new, 0, &eos, pad)
+            greedy(&f.model, std::slice::from_ref(p), max_new, &eos)
                 .unwrap()
                 .remove(0)
         })
         .collect();
-    let batched = greedy_batch(&f.model, &inputs, max_new, 0, &eos, pad).unwrap();
+    let batched = greedy(&f.model, &inputs, max_new, &eos).unwrap();
     for ((g, s), b) in gens.iter().zip(&single).zip(&batched) {
         let want = ids(&g["generated_ids"]);
         assert_eq!(s, &want, "{} {} batch 1", f.g["model"], g["id"]);
         assert_eq!(b, &want, "{} {} batched", f.g["model"], g["id"]);
-        assert_eq!(f.tok.decode(s).unwrap(), g["text"].as_str().unwrap());
+        assert_eq!(f.tok().decode(s).unwrap(), g["text"].as_str().unwrap());
     }
 }
 
@@ -214,18 +228,20 @@ fn relative_position_buckets_match_transformers() {
 #[test]
 fn t5_tokenizer_truncates_appends_eos_and_cleans_up() {
     let cfg = T5Config::from_json(&serde_json::json!({"model_type": "t5"})).unwrap();
-    let tok = Seq2SeqTokenizer::from_dir(&tokenizer_dir(), &cfg).unwrap();
+    let tok = tokenizer(&cfg);
     assert_eq!(
         (tok.eos_id(), tok.pad_id(), tok.max_length()),
         (1, 0, Some(64))
     );
-    let short = tok.encode("The report was not ready.").unwrap();
+    let short = tok.encode_input("The report was not ready.").unwrap();
     assert_eq!(short.last(), Some(&1));
-    let long = tok.encode(&"the report was not ready ".repeat(40)).unwrap();
+    let long = tok
+        .encode_input(&"the report was not ready ".repeat(40))
+        .unwrap();
     assert_eq!(long.len(), 64);
     assert_eq!(long[63], 1, "EOS survives truncation");
     // No clean_up_tokenization_spaces key: transformers 4.39 cleans up.
-    let ids = tok.encode("yes , it is n't").unwrap();
+    let ids = tok.encode_input("yes , it is n't").unwrap();
     assert_eq!(tok.decode(&ids).unwrap(), "yes, it isn't");
 }
 
@@ -239,13 +255,6 @@ fn opts(batch_size: usize, max_gen_len: Option<usize>) -> EvalOptions {
     }
 }
 
-fn seq2seq(m: &AnyModel) -> &Seq2SeqModel {
-    match m {
-        AnyModel::Seq2Seq(s) => s,
-        AnyModel::Decoder(_) => panic!("a T5 config.json loaded as a decoder"),
-    }
-}
-
 #[test]
 fn runner_picks_t5_from_config_and_is_batch_size_invariant() {
     let tmp = tempfile::tempdir().unwrap();
@@ -253,14 +262,13 @@ fn runner_picks_t5_from_config_and_is_batch_size_invariant() {
     for name in ["t5_v11", "t5_orig"] {
         let g = golden(name);
         let dir = tmp.path().join(name);
-        write_t5_model_dir(&dir, &g["config"], &tokenizer_dir()).unwrap();
-        let m = AnyModel::load(&dir, None, DType::F32, &Device::Cpu).unwrap();
-        assert_eq!(m.kind(), "encoder-decoder");
-        let s = seq2seq(&m);
+        write_t5_dir(&dir, &g["config"], &tokenizer_dir());
+        let m = load(&dir, None, DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(m.kind().as_str(), "encoder-decoder");
         // No generation_config.json and no max_gen_len: transformers' default of 20 tokens.
-        assert_eq!(s.generation.new_tokens(None), 19);
-        let r1 = m.evaluate(&ds, &opts(1, None)).unwrap();
-        let r8 = m.evaluate(&ds, &opts(8, None)).unwrap();
+        assert_eq!(m.generation().max_new_tokens, 19);
+        let r1 = evaluate(&*m, &ds, &opts(1, None)).unwrap();
+        let r8 = evaluate(&*m, &ds, &opts(8, None)).unwrap();
         let p1: Vec<&str> = r1.examples.iter().map(|e| e.prediction.as_str()).collect();
         let p8: Vec<&str> = r8.examples.iter().map(|e| e.prediction.as_str()).collect();
         assert_eq!(p1, p8, "{name}: batch 1 vs batch 8");
@@ -296,7 +304,7 @@ fn runner_picks_t5_from_config_and_is_batch_size_invariant() {
             assert_eq!(r1.scores[k], r8.scores[k]);
         }
         // An explicit max_gen_len wins over the generation config: greedy outputs are prefixes.
-        let r2 = m.evaluate(&ds, &opts(4, Some(2))).unwrap();
+        let r2 = evaluate(&*m, &ds, &opts(4, Some(2))).unwrap();
         for e in r2.examples.iter().filter(|e| e.eval_type == "generation") {
             let x = g["gen"]
                 .as_array()
@@ -306,7 +314,8 @@ fn runner_picks_t5_from_config_and_is_batch_size_invariant() {
                 .unwrap();
             let want = ids(&x["generated_ids"]);
             let want = &want[..want.len().min(2)];
-            assert_eq!(e.prediction, s.tok.decode(want).unwrap(), "{name} {}", e.id);
+            let text = m.tokenizer().decode(want).unwrap();
+            assert_eq!(e.prediction, text, "{name} {}", e.id);
         }
     }
 }
@@ -316,15 +325,15 @@ fn generation_config_file_sets_the_length() {
     let tmp = tempfile::tempdir().unwrap();
     let g = golden("t5_orig");
     let dir = tmp.path().join("m");
-    write_t5_model_dir(&dir, &g["config"], &tokenizer_dir()).unwrap();
+    write_t5_dir(&dir, &g["config"], &tokenizer_dir());
     std::fs::write(
         dir.join("generation_config.json"),
         r#"{"decoder_start_token_id": 0, "eos_token_id": 1, "pad_token_id": 0, "max_length": 4}"#,
     )
     .unwrap();
-    let m = AnyModel::load(&dir, None, DType::F32, &Device::Cpu).unwrap();
+    let m = load(&dir, None, DType::F32, &Device::Cpu).unwrap();
     let ds = dataset::load(&goldens().join("rows.csv")).unwrap();
-    let r = m.evaluate(&ds, &opts(8, None)).unwrap();
+    let r = evaluate(&*m, &ds, &opts(8, None)).unwrap();
     for e in r.examples.iter().filter(|e| e.eval_type == "generation") {
         assert!(e.output_tokens[0] <= 3, "{}: {:?}", e.id, e.output_tokens);
     }
@@ -339,14 +348,13 @@ fn flant5_avg_standin_evaluates_end_to_end() {
     let base = golden("t5_v11");
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("base");
-    write_t5_model_dir(&dir, &base["config"], &tokenizer_dir()).unwrap();
-    let cfg = T5Config::from_json(&base["config"]).unwrap();
+    write_t5_dir(&dir, &base["config"], &tokenizer_dir());
     let ac = &g["adapter_config"];
     let rank = ac["r"].as_u64().unwrap() as usize;
     assert_eq!(rank, 16);
     // The kit's flant5_avg: LoRA factors averaged 0.5/0.5, the first adapter's config.
-    let f1 = t5_qv_lora_factors(&cfg, 1, rank).unwrap();
-    let f2 = t5_qv_lora_factors(&cfg, 2, rank).unwrap();
+    let f1 = t5_qv_lora_factors(&base["config"], 1, rank);
+    let f2 = t5_qv_lora_factors(&base["config"], 2, rank);
     let avg: HashMap<String, Tensor> = f1
         .iter()
         .map(|(k, a)| {
@@ -360,11 +368,11 @@ fn flant5_avg_standin_evaluates_end_to_end() {
     candle_core::safetensors::save(&avg, adapter.join("adapter_model.safetensors")).unwrap();
 
     let ds = dataset::load(&goldens().join("rows.csv")).unwrap();
-    let m = AnyModel::load(&dir, Some(&adapter), DType::F32, &Device::Cpu).unwrap();
-    let plain = AnyModel::load(&dir, None, DType::F32, &Device::Cpu).unwrap();
-    let r = m.evaluate(&ds, &opts(8, None)).unwrap();
-    let r1 = m.evaluate(&ds, &opts(1, None)).unwrap();
-    let p = plain.evaluate(&ds, &opts(8, None)).unwrap();
+    let m = load(&dir, Some(&adapter), DType::F32, &Device::Cpu).unwrap();
+    let plain = load(&dir, None, DType::F32, &Device::Cpu).unwrap();
+    let r = evaluate(&*m, &ds, &opts(8, None)).unwrap();
+    let r1 = evaluate(&*m, &ds, &opts(1, None)).unwrap();
+    let p = evaluate(&*plain, &ds, &opts(8, None)).unwrap();
     let mut moved = 0f64;
     for ((e, e1), ep) in r.examples.iter().zip(&r1.examples).zip(&p.examples) {
         assert_eq!(e.prediction, e1.prediction, "{}: batch 8 vs 1", e.id);
@@ -404,11 +412,11 @@ fn half_precision_runs() {
     let tmp = tempfile::tempdir().unwrap();
     let g = golden("t5_v11");
     let dir = tmp.path().join("m");
-    write_t5_model_dir(&dir, &g["config"], &tokenizer_dir()).unwrap();
+    write_t5_dir(&dir, &g["config"], &tokenizer_dir());
     let ds = dataset::load(&goldens().join("rows.csv")).unwrap();
     for dtype in [DType::BF16, DType::F16] {
-        let m = AnyModel::load(&dir, None, dtype, &Device::Cpu).unwrap();
-        let r = m.evaluate(&ds, &opts(8, Some(3))).unwrap();
+        let m = load(&dir, None, dtype, &Device::Cpu).unwrap();
+        let r = evaluate(&*m, &ds, &opts(8, Some(3))).unwrap();
         assert_eq!(r.examples.len(), ds.examples.len());
         let scores: Vec<f64> = r
             .examples
@@ -427,12 +435,12 @@ fn embedding_may_be_stored_under_a_stack_name() {
     // Deduplicating safetensors converters may keep `encoder.embed_tokens.weight` (or the
     // decoder's) instead of `shared.weight`: same model.
     let f = fixture("t5_orig");
-    let cfg = f.model.config().clone();
-    let mut w = t5_weights(&cfg, cfg.eos_token_id).unwrap();
+    let config = &f.g["config"];
+    let mut w = t5_weights(config, 1);
     let shared = w.remove("shared.weight").unwrap();
     w.insert("decoder.embed_tokens.weight".into(), shared);
-    let m = T5::load(cfg, &w, DType::F32, &Device::Cpu).unwrap();
-    let input = f.tok.encode("Hello").unwrap();
+    let m = t5(config, w).unwrap();
+    let input = f.tok().encode_input("Hello").unwrap();
     let enc = |m: &T5| {
         m.encode(std::slice::from_ref(&input), &[vec![true; input.len()]])
             .unwrap()
@@ -443,10 +451,52 @@ fn embedding_may_be_stored_under_a_stack_name() {
             .unwrap()
     };
     assert_eq!(enc(&m), enc(&f.model));
-    let mut w = t5_weights(f.model.config(), 1).unwrap();
+    let mut w = t5_weights(config, 1);
     w.remove("shared.weight");
-    let err = T5::load(f.model.config().clone(), &w, DType::F32, &Device::Cpu)
-        .err()
-        .unwrap();
+    let err = t5(config, w).err().unwrap();
     assert!(err.to_string().contains("shared.weight"), "{err}");
+}
+
+#[test]
+fn scale_decoder_outputs_is_honoured_when_present() {
+    // transformers 5 writes `scale_decoder_outputs`; without it the head is rescaled by
+    // d_model^-0.5 exactly when it is tied (transformers 4.39, the kit's).
+    let logits = |name: &str, scale: Option<bool>| -> (Vec<f32>, f64) {
+        let mut config = golden(name)["config"].clone();
+        if let Some(s) = scale {
+            config["scale_decoder_outputs"] = s.into();
+        }
+        let m = t5(&config, t5_weights(&golden(name)["config"], 1)).unwrap();
+        let enc = m.encode(&[vec![5, 9, 1]], &[vec![true; 3]]).unwrap();
+        let mut cache = m.new_cache(&enc).unwrap();
+        let h = m.decode(&[vec![0, 7]], &mut cache).unwrap();
+        let l = m
+            .logits(&h)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        (l, (m.config().d_model as f64).powf(-0.5))
+    };
+    for (name, rescaled_by_default) in [("t5_orig", true), ("t5_v11", false)] {
+        let (default, s) = logits(name, None);
+        let (scaled, _) = logits(name, Some(true));
+        let (unscaled, _) = logits(name, Some(false));
+        assert_eq!(
+            default,
+            if rescaled_by_default {
+                &scaled
+            } else {
+                &unscaled
+            }[..]
+        );
+        for (a, b) in scaled.iter().zip(&unscaled) {
+            let want = *b as f64 * s;
+            assert!(
+                (*a as f64 - want).abs() <= 1e-4 * want.abs().max(1.0),
+                "{name}: {a} vs {want}"
+            );
+        }
+    }
 }

@@ -116,7 +116,7 @@ fn default_scoring() -> String {
     "starter-kit".into()
 }
 fn default_batch_size() -> usize {
-    eval_harness::runner::DEFAULT_BATCH_SIZE
+    eval_harness::DEFAULT_BATCH_SIZE
 }
 fn default_dtype() -> String {
     "auto".into()

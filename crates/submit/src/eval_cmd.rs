@@ -7,8 +7,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use eval_harness::dataset;
 use eval_harness::report::{self, DatasetOutcome};
-use eval_harness::runner::{self, AnyModel, EvalOptions};
-use eval_harness::score::Scoring;
+use eval_harness::{EvalOptions, LanguageModel, Scoring};
 
 /// Options shared by `eval` and `predict`.
 #[derive(clap::Args, Debug, Clone)]
@@ -24,7 +23,7 @@ pub struct ModelArgs {
     /// cache: Llama-2-7B in bf16 takes about 0.5 MB per cached token).
     #[arg(
         long,
-        default_value_t = eval_harness::runner::DEFAULT_BATCH_SIZE,
+        default_value_t = eval_harness::DEFAULT_BATCH_SIZE,
         value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
     )]
     pub batch_size: usize,
@@ -85,24 +84,23 @@ fn options(a: &ModelArgs) -> EvalOptions {
     }
 }
 
-fn load_model(a: &ModelArgs) -> Result<AnyModel> {
+fn load_model(a: &ModelArgs) -> Result<Box<dyn LanguageModel>> {
     let device = crate::device::resolve(&a.device)?;
-    let dtype = runner::resolve_dtype(&a.dtype, &device).map_err(anyhow::Error::msg)?;
+    let dtype = eval_harness::resolve_dtype(&a.dtype, &device).map_err(anyhow::Error::msg)?;
     let t = Instant::now();
-    let m =
-        AnyModel::load(&a.model, a.adapter.as_deref(), dtype, &device).with_context(|| match &a
-            .adapter
-        {
+    let m = eval_harness::load(&a.model, a.adapter.as_deref(), dtype, &device).with_context(
+        || match &a.adapter {
             Some(ad) => format!(
                 "loading {} with adapter {}",
                 a.model.display(),
                 ad.display()
             ),
             None => format!("loading the model from {}", a.model.display()),
-        })?;
+        },
+    )?;
     tracing::info!(
         "{} model loaded in {:.1}s",
-        m.kind(),
+        m.kind().as_str(),
         t.elapsed().as_secs_f64()
     );
     Ok(m)
@@ -146,7 +144,7 @@ pub fn run_eval(args: EvalArgs) -> Result<()> {
     let opts = options(&args.model);
     let mut results: Vec<DatasetOutcome> = Vec::new();
     for ds in &datasets {
-        let r = m.evaluate(ds, &opts)?;
+        let r = eval_harness::evaluate(&*m, ds, &opts)?;
         eprintln!(
             "{}: {} rows in {:.1}s ({:.2} rows/s)",
             r.name,
@@ -167,7 +165,7 @@ pub fn run_eval(args: EvalArgs) -> Result<()> {
 pub fn run_predict(args: PredictArgs) -> Result<()> {
     let ds = dataset::load(&args.data)?;
     let m = load_model(&args.model)?;
-    let r = m.evaluate(&ds, &options(&args.model))?;
+    let r = eval_harness::evaluate(&*m, &ds, &options(&args.model))?;
     report::write_atomic(&args.out, |p| report::write_predictions_csv(p, &r.examples))
         .with_context(|| format!("writing {}", args.out.display()))?;
     eprintln!(

@@ -38,7 +38,7 @@ fn tiny_config() -> serde_json::Value {
 
 /// A tiny model directory; `scale` makes the second expert differ from the first.
 fn write_model(dir: &Path, scale: f64) {
-    eval_harness::synthetic::write_model_dir(dir, &tiny_config(), &tokenizer_dir()).unwrap();
+    testkit::synthetic::write_decoder_dir(dir, &tiny_config(), &tokenizer_dir());
     let p = dir.join("model.safetensors");
     let tensors: Vec<(String, candle_core::Tensor)> =
         candle_core::safetensors::load(&p, &Device::Cpu)

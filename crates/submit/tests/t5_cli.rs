@@ -8,9 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use candle_core::Tensor;
-use eval_harness::models::T5Config;
-use eval_harness::synthetic::{t5_qv_lora_factors, write_t5_model_dir};
 use serde_json::Value;
+use testkit::synthetic::{t5_qv_lora_factors, write_t5_dir};
 
 fn goldens() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../eval-harness/tests/goldens")
@@ -68,10 +67,10 @@ fn expected(g: &Value) -> HashMap<String, String> {
 }
 
 /// Writes adapter `which` (1 or 2) of the flant5_avg stand-in: rank 16 on every `q`/`v`.
-fn write_adapter(dir: &Path, cfg: &T5Config, adapter_config: &Value, which: usize) {
+fn write_adapter(dir: &Path, cfg: &Value, adapter_config: &Value, which: usize) {
     std::fs::create_dir_all(dir).unwrap();
     std::fs::write(dir.join("adapter_config.json"), adapter_config.to_string()).unwrap();
-    let f = t5_qv_lora_factors(cfg, which, 16).unwrap();
+    let f = t5_qv_lora_factors(cfg, which, 16);
     candle_core::safetensors::save(&f, dir.join("adapter_model.safetensors")).unwrap();
 }
 
@@ -98,13 +97,12 @@ fn eval_and_predict_pick_t5_from_config_and_fold_the_averaged_adapter() {
     let tmp = tempfile::tempdir().unwrap();
     let base = golden("t5_v11");
     let model = tmp.path().join("flan-t5-tiny");
-    write_t5_model_dir(&model, &base["config"], &goldens().join("t5-tokenizer")).unwrap();
+    write_t5_dir(&model, &base["config"], &goldens().join("t5-tokenizer"));
 
     // The flant5_avg layout: two rank-16 q/v adapters, factors averaged 0.5/0.5.
     let lora = golden("t5_lora");
-    let cfg = T5Config::from_json(&base["config"]).unwrap();
-    let f1 = t5_qv_lora_factors(&cfg, 1, 16).unwrap();
-    let f2 = t5_qv_lora_factors(&cfg, 2, 16).unwrap();
+    let f1 = t5_qv_lora_factors(&base["config"], 1, 16);
+    let f2 = t5_qv_lora_factors(&base["config"], 2, 16);
     let avg: HashMap<String, Tensor> = f1
         .iter()
         .map(|(k, a)| {
@@ -180,16 +178,15 @@ fn run_merges_flant5_avg_standin_and_evaluates_it() {
     write_test_csv(&ws.join("data/test.csv"));
     let base = golden("t5_v11");
     let lora = golden("t5_lora");
-    let cfg = T5Config::from_json(&base["config"]).unwrap();
+    let cfg = &base["config"];
     let models = ws.join("models");
-    write_t5_model_dir(
+    write_t5_dir(
         &models.join("flan-t5-tiny"),
         &base["config"],
         &goldens().join("t5-tokenizer"),
-    )
-    .unwrap();
-    write_adapter(&models.join("lora_a"), &cfg, &lora["adapter_config"], 1);
-    write_adapter(&models.join("lora_b"), &cfg, &lora["adapter_config"], 2);
+    );
+    write_adapter(&models.join("lora_a"), cfg, &lora["adapter_config"], 1);
+    write_adapter(&models.join("lora_b"), cfg, &lora["adapter_config"], 2);
     let entry = ws.join("submissions/flant5_tiny");
     std::fs::create_dir_all(&entry).unwrap();
     std::fs::write(

@@ -57,16 +57,24 @@ pub fn attend(a: &CpuAttention) -> Option<Vec<f32>> {
             assert_eq!(a.v.len(), a.k.len());
             assert!(a.first_query + t <= a.keys);
             let mut out = vec![0f32; b * t * nh * hd];
-            let out_ptr = OutPtr(out.as_mut_ptr());
+            // One task per (row, head, block of queries), so a task reuses its keys and values
+            // from cache; its output slots (one per query, `head_dim` long, strided in the
+            // output) are handed to it as disjoint slices.
             let blocks = t.div_ceil(QUERY_BLOCK);
-            (0..b * nh * blocks).into_par_iter().for_each(|task| {
-                let (row, rest) = (task / (nh * blocks), task % (nh * blocks));
-                let (head, block) = (rest / blocks, rest % blocks);
+            let mut tasks: Vec<Vec<&mut [f32]>> = (0..b * nh * blocks)
+                .map(|_| Vec::with_capacity(QUERY_BLOCK))
+                .collect();
+            for (slot, o) in out.chunks_exact_mut(hd).enumerate() {
+                let (row, qi, head) = (slot / (t * nh), slot / nh % t, slot % nh);
+                tasks[(row * nh + head) * blocks + qi / QUERY_BLOCK].push(o);
+            }
+            tasks.into_par_iter().enumerate().for_each(|(task, slots)| {
+                let (row, head, block) = (task / (nh * blocks), task / blocks % nh, task % blocks);
                 let mut scores = vec![0f32; a.keys.next_multiple_of(8)];
-                let q0 = block * QUERY_BLOCK;
-                for qi in q0..(q0 + QUERY_BLOCK).min(t) {
-                    // Safety: every (row, query, head) output slot is written by one task only.
-                    unsafe { attend_one(a, row, head, qi, &mut scores, &out_ptr) };
+                for (i, o) in slots.into_iter().enumerate() {
+                    // SAFETY: AVX2 and FMA were detected above, and the asserts above bound
+                    // every query, key and value read for (row, head, query).
+                    unsafe { attend_one(a, row, head, block * QUERY_BLOCK + i, &mut scores, o) };
                 }
             });
             return Some(out);
@@ -76,11 +84,12 @@ pub fn attend(a: &CpuAttention) -> Option<Vec<f32>> {
     None
 }
 
-struct OutPtr(*mut f32);
-unsafe impl Sync for OutPtr {}
-unsafe impl Send for OutPtr {}
-
-/// Output row `[row, qi, head, ..]` from the keys query `qi` sees.
+/// Output `out` (`head_dim` long: slot `[row, qi, head, ..]`) from the keys query `qi` sees.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA, and `a` must satisfy the bounds [`attend`] asserts
+/// (queries, keys and values are read through raw pointers); `scores` holds `a.keys` rounded
+/// up to a multiple of 8.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn attend_one(
@@ -89,7 +98,7 @@ unsafe fn attend_one(
     head: usize,
     qi: usize,
     scores: &mut [f32],
-    out: &OutPtr,
+    out: &mut [f32],
 ) {
     use std::arch::x86_64::*;
     let hd = a.head_dim;
@@ -108,10 +117,7 @@ unsafe fn attend_one(
     }
     if lo > abs {
         // No real key visible (a padding position): its output is never used.
-        let o = out
-            .0
-            .add(((row * a.queries + qi) * a.heads + head) * a.head_dim);
-        std::ptr::write_bytes(o, 0, a.head_dim);
+        out.fill(0.0);
         return;
     }
     let n = abs + 1 - lo;
@@ -153,10 +159,9 @@ unsafe fn attend_one(
             max = max.max(*s);
         }
     }
-    let o = out.0.add(((row * a.queries + qi) * a.heads + head) * hd);
     if max == f32::NEG_INFINITY {
         // No real key visible (a padding position): its output is never used.
-        std::ptr::write_bytes(o, 0, hd);
+        out.fill(0.0);
         return;
     }
     // Weights exp(s - max), eight at a time (the tail padded with -inf, which gives 0).
@@ -183,7 +188,7 @@ unsafe fn attend_one(
             }
         }
         for (l, a) in acc[..lanes].iter().enumerate() {
-            _mm256_storeu_ps(o.add(d0 + 8 * l), _mm256_mul_ps(*a, inv));
+            _mm256_storeu_ps(out.as_mut_ptr().add(d0 + 8 * l), _mm256_mul_ps(*a, inv));
         }
     }
 }

@@ -12,38 +12,138 @@
 use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Storage, Tensor};
+use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
+use super::weights::{fetch, full_name, prepare};
 use crate::error::Result;
 
-/// `y = x·W^T + b` with `W^T` kept contiguous.
+/// `y = x·W^T + b` with `W^T` kept contiguous, over one or more checkpoint modules whose
+/// outputs sit side by side (stacked q/k/v or gate/up: one product instead of several).
 pub struct Lin {
+    /// Per part: the checkpoint module name (`….q_proj`) and its output rows.
+    parts: Vec<(String, usize)>,
     wt: Tensor,
     bias: Option<Tensor>,
     inp: usize,
     out: usize,
+    dtype: DType,
+    device: Device,
     /// `W^T` in [`PANEL`]-column panels for [`panel_matmul`]; `None` inside where the weights
-    /// are not f32 on the CPU.
+    /// are not f32 on the CPU. Made on first use, dropped when a weight is replaced.
     panels: OnceLock<Option<Vec<f32>>>,
 }
 
 impl Lin {
-    /// From HF's `[out, in]` weight (transposed once here) and optional `[out]` bias.
-    pub fn new(w: Tensor, bias: Option<Tensor>) -> Result<Self> {
-        let (out, inp) = w.dims2()?;
+    /// Reads the modules `parts` (`(name, output rows)` under `vb`'s prefix; HF `[out, in]`
+    /// weights, `[out]` biases when `bias`) as one layer in `vb`'s dtype and device.
+    pub fn load(vb: &VarBuilder, parts: &[(&str, usize)], inp: usize, bias: bool) -> Result<Self> {
+        let named = parts
+            .iter()
+            .map(|&(p, rows)| (full_name(vb, p), rows))
+            .collect();
+        let mut lin = Lin::empty(named, inp, bias, vb.dtype(), vb.device())?;
+        for (i, &(p, _)) in parts.iter().enumerate() {
+            lin.set_part(i, &fetch(vb, &format!("{p}.weight"), vb.dtype())?, false)?;
+            if bias {
+                lin.set_part(i, &fetch(vb, &format!("{p}.bias"), vb.dtype())?, true)?;
+            }
+        }
+        Ok(lin)
+    }
+
+    /// The output head: `lm_head` from `vb`, or when `tied` the embedding `w` (`[vocab,
+    /// hidden]`, as the model holds it) that the checkpoint calls `name` — replacing that
+    /// tensor then replaces both.
+    pub fn head(vb: &VarBuilder, tied: bool, name: &str, w: &Tensor) -> Result<Self> {
+        let (rows, inp) = w.dims2()?;
+        if !tied {
+            if !vb.contains_tensor("lm_head.weight") {
+                return Err(crate::error::Error::Weights(
+                    "`lm_head.weight` is missing and config.json has tie_word_embeddings false"
+                        .into(),
+                ));
+            }
+            return Lin::load(vb, &[("lm_head", rows)], inp, false);
+        }
+        let module = name.trim_end_matches(".weight").to_string();
+        let mut lin = Lin::empty(vec![(module, rows)], inp, false, w.dtype(), w.device())?;
+        lin.set_part(0, w, false)?;
+        Ok(lin)
+    }
+
+    fn empty(
+        parts: Vec<(String, usize)>,
+        inp: usize,
+        bias: bool,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let out = parts.iter().map(|(_, rows)| rows).sum();
         Ok(Lin {
-            wt: transposed(&w)?,
-            bias,
+            wt: Tensor::zeros((inp, out), dtype, device)?,
+            bias: bias
+                .then(|| Tensor::zeros(out, dtype, device))
+                .transpose()?,
+            parts,
             inp,
             out,
+            dtype,
+            device: device.clone(),
             panels: OnceLock::new(),
         })
     }
 
-    /// Several bias-free layers over the same input as one (HF `[out_i, in]` weights, outputs
-    /// side by side in the given order): one product instead of several smaller ones.
-    pub fn stacked(ws: &[Tensor]) -> Result<Self> {
-        Self::new(Tensor::cat(ws, 0)?, None)
+    /// Replaces the weight or bias `name` when it is one of this layer's; `Ok(false)` otherwise.
+    pub fn set(&mut self, name: &str, t: &Tensor) -> Result<bool> {
+        let (module, is_bias) = match (name.strip_suffix(".weight"), name.strip_suffix(".bias")) {
+            (Some(m), _) => (m, false),
+            (_, Some(m)) if self.bias.is_some() => (m, true),
+            _ => return Ok(false),
+        };
+        match self.parts.iter().position(|(p, _)| p == module) {
+            Some(i) => self.set_part(i, t, is_bias).map(|()| true),
+            None => Ok(false),
+        }
+    }
+
+    /// Writes part `i`'s weight (HF `[rows, in]`, transposed here) or bias into the layer, in
+    /// place among stacked parts, and drops the panel copy.
+    fn set_part(&mut self, i: usize, t: &Tensor, is_bias: bool) -> Result<()> {
+        let (name, rows) = &self.parts[i];
+        let offset: usize = self.parts[..i].iter().map(|(_, r)| r).sum();
+        let whole = self.parts.len() == 1;
+        if is_bias {
+            let b = prepare(
+                &format!("{name}.bias"),
+                t,
+                &[*rows],
+                self.dtype,
+                &self.device,
+                false,
+            )?;
+            match &mut self.bias {
+                Some(dst) if !whole => dst.slice_set(&b, 0, offset)?,
+                dst => *dst = Some(b),
+            }
+        } else {
+            let w = prepare(
+                &format!("{name}.weight"),
+                t,
+                &[*rows, self.inp],
+                self.dtype,
+                &self.device,
+                false,
+            )?;
+            let wt = transposed(&w)?;
+            if whole {
+                self.wt = wt;
+            } else {
+                self.wt.slice_set(&wt, 1, offset)?;
+            }
+        }
+        self.panels = OnceLock::new();
+        Ok(())
     }
 
     /// Applies the layer to `x` of shape `[.., in]`.
@@ -190,7 +290,8 @@ pub fn panel_matmul(x: &[f32], packed: &[f32], m: usize, k: usize, n: usize) -> 
                     for (i, y) in out.chunks_exact_mut(m * PANEL).enumerate() {
                         let p = t * per_task + i;
                         let w = &packed[p * k * PANEL..(p + 1) * k * PANEL];
-                        // Safety: AVX2 and FMA were detected above.
+                        // SAFETY: AVX2 and FMA were detected above; `w` is one whole panel
+                        // (`k·16`), `y` one panel's output (`m·16`) and `xt` is `k·m` long.
                         unsafe { panel_rows(&xt, w, y, m, k) };
                     }
                 });
@@ -210,6 +311,9 @@ pub fn panel_matmul(x: &[f32], packed: &[f32], m: usize, k: usize, n: usize) -> 
 
 /// One panel's output (`[m][16]`) for all rows, in near-equal tiles of up to [`ROW_TILE`] rows
 /// (16 rows: 6 + 5 + 5).
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; `xt.len() >= k·m`, `w.len() == k·16`, `y.len() == m·16`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn panel_rows(xt: &[f32], w: &[f32], y: &mut [f32], m: usize, k: usize) {
@@ -218,6 +322,7 @@ unsafe fn panel_rows(xt: &[f32], w: &[f32], y: &mut [f32], m: usize, k: usize) {
     for t in 0..tiles {
         let rows = m / tiles + usize::from(t < m % tiles);
         let out = &mut y[r0 * PANEL..(r0 + rows) * PANEL];
+        // SAFETY: this function's contract, with `out` exactly `rows` output rows at `r0`.
         match rows {
             6 => tile::<6>(xt, w, out, m, k, r0),
             5 => tile::<5>(xt, w, out, m, k, r0),
@@ -231,6 +336,10 @@ unsafe fn panel_rows(xt: &[f32], w: &[f32], y: &mut [f32], m: usize, k: usize) {
 }
 
 /// `y[0..R][0..16] = x[r0..r0+R, ..] · panel`, the sums in registers over all `k`.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; `w.len() == k·16`, `y.len() == R·16` and `xt` (`[k, m]`)
+/// holds columns `r0..r0+R` (the loads read `xt[kk·m + r0 + i]` and `w` through raw pointers).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
@@ -268,29 +377,69 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
-    #[test]
-    fn matches_the_untransposed_product() {
-        let d = Device::Cpu;
-        let w = Tensor::randn(0f32, 1.0, (300, 70), &d).unwrap();
-        let b = Tensor::randn(0f32, 1.0, 300, &d).unwrap();
-        let lin = Lin::new(w.clone(), Some(b.clone())).unwrap();
-        let x = Tensor::randn(0f32, 1.0, (2, 5, 70), &d).unwrap();
-        let reference = x
-            .broadcast_matmul(&w.t().unwrap())
-            .unwrap()
-            .broadcast_add(&b)
-            .unwrap();
-        let y = lin.forward(&x).unwrap();
-        assert_eq!(y.dims(), &[2, 5, 300]);
-        let diff: f32 = (&y - &reference)
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
             .unwrap()
             .abs()
             .unwrap()
             .max_all()
             .unwrap()
             .to_scalar()
+            .unwrap()
+    }
+
+    #[test]
+    fn matches_the_untransposed_product_and_replaces_parts_in_place() {
+        let d = Device::Cpu;
+        let rnd = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, &d).unwrap();
+        let (a, b, bias) = (rnd(&[300, 70]), rnd(&[20, 70]), rnd(&[300]));
+        let vb = VarBuilder::from_tensors(
+            [("m.a.weight", &a), ("m.a.bias", &bias), ("m.b.weight", &b)]
+                .into_iter()
+                .map(|(n, t)| (n.to_string(), t.clone()))
+                .collect(),
+            DType::F32,
+            &d,
+        );
+        let lin = Lin::load(&vb.pp("m"), &[("a", 300)], 70, true).unwrap();
+        let x = rnd(&[2, 5, 70]);
+        let reference = x
+            .broadcast_matmul(&a.t().unwrap())
+            .unwrap()
+            .broadcast_add(&bias)
             .unwrap();
-        assert!(diff < 1e-4, "{diff}");
+        let y = lin.forward(&x).unwrap();
+        assert_eq!(y.dims(), &[2, 5, 300]);
+        assert!(max_diff(&y, &reference) < 1e-4);
+        // Stacked parts: replacing one (after the panel copy was made) is exactly loading it.
+        let mut stacked = Lin::load(&vb.pp("m"), &[("b", 20), ("a", 300)], 70, false).unwrap();
+        let one_row = x.narrow(1, 0, 1).unwrap();
+        stacked.forward(&one_row).unwrap();
+        let a2 = rnd(&[300, 70]);
+        assert!(stacked.set("m.a.weight", &a2).unwrap());
+        assert!(!stacked.set("m.a.bias", &bias).unwrap());
+        assert!(!stacked.set("m.c.weight", &a2).unwrap());
+        let e = stacked.set("m.b.weight", &a2).unwrap_err();
+        assert!(
+            e.to_string().contains("`m.b.weight` has shape [300, 70]"),
+            "{e}"
+        );
+        let vb2 = VarBuilder::from_tensors(
+            [("m.a.weight", &a2), ("m.b.weight", &b)]
+                .into_iter()
+                .map(|(n, t)| (n.to_string(), t.clone()))
+                .collect(),
+            DType::F32,
+            &d,
+        );
+        let fresh = Lin::load(&vb2.pp("m"), &[("b", 20), ("a", 300)], 70, false).unwrap();
+        for input in [&one_row, &x] {
+            let (got, want) = (
+                stacked.forward(input).unwrap(),
+                fresh.forward(input).unwrap(),
+            );
+            assert_eq!(max_diff(&got, &want), 0.0);
+        }
     }
 
     #[cfg(target_arch = "x86_64")]

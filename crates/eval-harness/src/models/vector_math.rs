@@ -8,7 +8,7 @@
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// Whether this CPU runs the functions here.
 pub fn available() -> bool {
@@ -30,7 +30,7 @@ pub fn softmax_rows(x: &mut [f32], cols: usize) -> bool {
     }
     #[cfg(target_arch = "x86_64")]
     x.par_chunks_mut(cols).for_each(|row| {
-        // Safety: AVX2/FMA checked above.
+        // SAFETY: AVX2/FMA checked above.
         unsafe { softmax_row(row) }
     });
     true
@@ -73,10 +73,41 @@ fn gated(y: &[f32], ff: usize, gate_fn: Gate) -> Option<Vec<f32>> {
         .zip(y.par_chunks(2 * ff))
         .for_each(|(o, row)| {
             let (gate, up) = row.split_at(ff);
-            // Safety: AVX2/FMA checked above.
+            // SAFETY: AVX2/FMA checked above; `gate`, `up` and `o` are all `ff` long.
             unsafe { gated_row(gate, up, o, gate_fn) }
         });
     Some(out)
+}
+
+/// `log_softmax(logits)[row, targets[row]]` for every row of `logits` (`[.., vocab]`), without
+/// materialising the log-softmax: one pass for the maximum and one for the sum of exponentials
+/// per row (vectorised where the CPU allows), rows in parallel.
+pub(crate) fn picked_log_probs(logits: &Tensor, targets: &[u32]) -> Result<Vec<f32>> {
+    let vocab = logits.dim(candle_core::D::Minus1)?;
+    let flat: Vec<f32> = logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    if flat.len() != targets.len() * vocab {
+        return Err(Error::Msg(format!(
+            "{} targets for {} rows of logits",
+            targets.len(),
+            flat.len() / vocab.max(1)
+        )));
+    }
+    if let Some(&bad) = targets.iter().find(|&&t| t as usize >= vocab) {
+        return Err(Error::Msg(format!(
+            "target id {bad} is outside the vocabulary of {vocab}"
+        )));
+    }
+    Ok(flat
+        .par_chunks(vocab)
+        .zip(targets.par_iter())
+        .map(|(row, &t)| {
+            let lse = log_sum_exp(row).unwrap_or_else(|| {
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                max + row.iter().map(|&x| (x - max).exp()).sum::<f32>().ln()
+            });
+            row[t as usize] - lse
+        })
+        .collect())
 }
 
 /// `ln Σ e^x` over `row`, or `None` without AVX2/FMA.
@@ -86,7 +117,7 @@ pub fn log_sum_exp(row: &[f32]) -> Option<f32> {
     }
     #[cfg(target_arch = "x86_64")]
     {
-        // Safety: AVX2/FMA checked above.
+        // SAFETY: AVX2/FMA checked above.
         Some(unsafe { log_sum_exp_row(row) })
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -98,6 +129,10 @@ fn max_of(row: &[f32]) -> f32 {
     row.iter().copied().fold(f32::NEG_INFINITY, f32::max)
 }
 
+/// Softmax of one row in place.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn softmax_row(row: &mut [f32]) {
@@ -132,6 +167,10 @@ unsafe fn softmax_row(row: &mut [f32]) {
     }
 }
 
+/// `ln Σ e^x` over one row.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn log_sum_exp_row(row: &[f32]) -> f32 {
@@ -154,6 +193,9 @@ unsafe fn log_sum_exp_row(row: &[f32]) -> f32 {
 /// `act(gate) · up` element by element. Both activations are `x / (1 + e^{-z})`: SiLU with
 /// `z = x`; `gelu_new(x) = ½x(1 + tanh u)`, `u = √(2/π)(x + 0.044715x³)`, with `z = 2u` (the
 /// same function, without the cancellation of `1 + tanh u` for negative `u`).
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; `up` and `out` are at least as long as `gate`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn gated_row(gate: &[f32], up: &[f32], out: &mut [f32], gate_fn: Gate) {
@@ -190,6 +232,9 @@ unsafe fn gated_row(gate: &[f32], up: &[f32], out: &mut [f32], gate_fn: Gate) {
 }
 
 /// `e^(x - m)` for up to 8 values (the tail of a row), through the same vector code.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn exp8_partial(xs: &[f32], m: std::arch::x86_64::__m256) -> [f32; 8] {
@@ -205,6 +250,9 @@ unsafe fn exp8_partial(xs: &[f32], m: std::arch::x86_64::__m256) -> [f32; 8] {
 }
 
 /// Sum of the eight lanes.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
@@ -219,6 +267,9 @@ pub(crate) unsafe fn hsum(x: std::arch::x86_64::__m256) -> f32 {
 /// `e^x` lane by lane, within 2 ulp of the exact value for results in the normal range; `-inf`
 /// and anything whose result is below the smallest normal float give 0, and inputs above 88
 /// are taken as 88 (about 1.7e38).
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
@@ -265,6 +316,7 @@ mod tests {
     fn exp8(xs: [f32; 8]) -> [f32; 8] {
         use std::arch::x86_64::*;
         let mut out = [0f32; 8];
+        // SAFETY: both arrays hold eight floats; the caller checked AVX2/FMA.
         unsafe { _mm256_storeu_ps(out.as_mut_ptr(), exp_ps(_mm256_loadu_ps(xs.as_ptr()))) };
         out
     }

@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
-use eval_harness::runner::{AnyModel, EvalOptions};
+use eval_harness::{EvalOptions, LanguageModel};
 use merge_core::merge::{self, MergeInputs, MergeOptions};
 use merge_core::source::{HubSettings, ModelFiles, Resolver};
 
@@ -227,35 +227,34 @@ impl<'a> Run<'a> {
     fn load_model<'m>(
         &self,
         merged: &Path,
-        model: &'m mut Option<AnyModel>,
-    ) -> Result<&'m AnyModel> {
+        model: &'m mut Option<Box<dyn LanguageModel>>,
+    ) -> Result<&'m dyn LanguageModel> {
         if model.is_none() {
-            let dtype =
-                eval_harness::runner::resolve_dtype(&self.entry.file.eval.dtype, &self.device)
-                    .map_err(anyhow::Error::msg)?;
+            let dtype = eval_harness::resolve_dtype(&self.entry.file.eval.dtype, &self.device)
+                .map_err(anyhow::Error::msg)?;
             *model = Some(if merged.join("adapter_config.json").is_file() {
                 let base = match &self.inputs.base {
                     Some(b) => b.checkpoint().files().clone(),
                     None => self.inputs.reference.files().clone(),
                 };
-                AnyModel::load(
+                eval_harness::load(
                     &identity::model_dir(&base)?,
                     Some(merged),
                     dtype,
                     &self.device,
                 )?
             } else {
-                AnyModel::load(merged, None, dtype, &self.device)?
+                eval_harness::load(merged, None, dtype, &self.device)?
             });
         }
-        Ok(model.as_ref().expect("loaded above"))
+        Ok(model.as_deref().expect("loaded above"))
     }
 
     /// Scores on the validation files in `work/eval`; returns the path of its scores.json.
     fn eval(
         &self,
         merged: &Merged,
-        model: &mut Option<AnyModel>,
+        model: &mut Option<Box<dyn LanguageModel>>,
         reports: &mut Vec<StageReport>,
     ) -> Result<PathBuf> {
         let out = self.work.join("eval");
@@ -272,7 +271,7 @@ impl<'a> Run<'a> {
                 let m = self.load_model(&merged.dir, model)?;
                 let results = data
                     .iter()
-                    .map(|ds| Ok(m.evaluate(ds, &opts)?))
+                    .map(|ds| Ok(eval_harness::evaluate(m, ds, &opts)?))
                     .collect::<Result<Vec<_>>>()?;
                 if out.exists() {
                     std::fs::remove_dir_all(&out)?;
@@ -288,7 +287,7 @@ impl<'a> Run<'a> {
     fn predict(
         &self,
         merged: &Merged,
-        model: &mut Option<AnyModel>,
+        model: &mut Option<Box<dyn LanguageModel>>,
         reports: &mut Vec<StageReport>,
     ) -> Result<PathBuf> {
         let csv = self.work.join("predict").join("submission.csv");
@@ -303,7 +302,7 @@ impl<'a> Run<'a> {
         self.stage("predict")
             .run_or_reuse(&key, csv.is_file(), reports, || {
                 let ds = eval_harness::dataset::load(&self.test_file)?;
-                let r = self.load_model(&merged.dir, model)?.evaluate(&ds, &opts)?;
+                let r = eval_harness::evaluate(self.load_model(&merged.dir, model)?, &ds, &opts)?;
                 std::fs::create_dir_all(csv.parent().expect("has parent"))?;
                 eval_harness::report::write_atomic(&csv, |p| {
                     eval_harness::report::write_predictions_csv(p, &r.examples)

@@ -1,0 +1,85 @@
+//! What evaluation needs from a model, whatever its architecture: the few operations of
+//! [`LanguageModel`], implemented by the decoder and by T5. The model does not know the task
+//! (as lm-evaluation-harness's `LM` with `loglikelihood` / `generate_until`): multiple choice
+//! asks it for the log-probabilities of continuations ([`crate::choices`]), generation for one
+//! batched greedy step at a time ([`crate::greedy`]).
+
+use candle_core::Tensor;
+
+use crate::error::Result;
+use crate::hf::Tokenizer;
+
+/// The two kinds of model the kit evaluates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelKind {
+    /// Decoder-only (Llama, Mistral, Qwen2, Gemma).
+    Decoder,
+    /// Encoder-decoder (T5, Flan-T5, mT5).
+    EncoderDecoder,
+}
+
+impl ModelKind {
+    /// `decoder` or `encoder-decoder`, for logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelKind::Decoder => "decoder",
+            ModelKind::EncoderDecoder => "encoder-decoder",
+        }
+    }
+}
+
+/// How a model generates when the caller sets no length.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationDefaults {
+    /// New tokens per generation.
+    pub max_new_tokens: usize,
+    /// Generation stops at any of these (kept at the end of the output).
+    pub eos_token_ids: Vec<u32>,
+}
+
+/// A loaded model and its tokenizer, as evaluation uses them.
+///
+/// `load` in [`crate::models`] picks the implementation from `config.json`'s `model_type`.
+pub trait LanguageModel: Send + Sync {
+    /// Which kind of model this is (the starter kit scores choices differently per kind).
+    fn kind(&self) -> ModelKind;
+
+    /// The kit's tokenizer of this model.
+    fn tokenizer(&self) -> &Tokenizer;
+
+    /// Generation length and stop tokens when the caller sets none.
+    fn generation(&self) -> &GenerationDefaults;
+
+    /// Prefills `prompt` into a state once and scores every continuation from it: for each
+    /// continuation `c`, `log p(c[j] | prompt, c[..j])` for `j` in `first_scored..c.len()`
+    /// (tokens before `first_scored` are context only).
+    fn continuation_log_probs(
+        &self,
+        prompt: &[u32],
+        continuations: &[Vec<u32>],
+        first_scored: usize,
+    ) -> Result<Vec<Vec<f32>>>;
+
+    /// Prefills `prompts` (non-empty) into one decoding state and returns it with the f32
+    /// logits `[prompts, vocab]` of every row's first new token.
+    fn start_greedy<'a>(
+        &'a self,
+        prompts: &[Vec<u32>],
+    ) -> Result<(Box<dyn GreedyState + 'a>, Tensor)>;
+
+    /// Replaces the weight the checkpoint calls `name` in place (no reload of config or
+    /// tokenizer) with `tensor`, given as the checkpoint reader returns it (its storage dtype,
+    /// on the CPU), applying exactly what loading applies (dtype and device, norm folds,
+    /// transposition, stacking, the tied head following its embedding). `Ok(false)` for
+    /// tensors the model does not read; an error naming the tensor for a wrong shape.
+    fn set_weight(&mut self, name: &str, tensor: &Tensor) -> Result<bool>;
+}
+
+/// The state of a batch of greedy generations.
+pub trait GreedyState {
+    /// Appends one token to every row and returns the f32 logits `[rows, vocab]` of the next.
+    fn step(&mut self, tokens: &[u32]) -> Result<Tensor>;
+
+    /// Keeps only `rows` (indices into the current rows, in order): finished rows leave.
+    fn retain(&mut self, rows: &[usize]) -> Result<()>;
+}
