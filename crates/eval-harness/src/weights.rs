@@ -88,7 +88,7 @@ impl WeightSource for std::collections::HashMap<String, Tensor> {
 /// for `modules_to_save`.
 pub struct CheckpointSource {
     ckpt: merge_core::checkpoint::Checkpoint,
-    adapter: Option<merge_core::lora::Adapter>,
+    adapter: Option<merge_core::adapter::Adapter>,
 }
 
 impl CheckpointSource {
@@ -100,7 +100,7 @@ impl CheckpointSource {
         let adapter = match adapter_dir {
             None => None,
             Some(a) => {
-                let adapter = merge_core::lora::Adapter::open_dir(a)
+                let adapter = merge_core::adapter::Adapter::open_dir(a)
                     .map_err(|e| Error::Weights(e.to_string()))?;
                 adapter
                     .check_against(&ckpt)

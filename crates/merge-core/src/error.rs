@@ -59,6 +59,14 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// A [`crate::engine::TensorSink`] refused a tensor.
+    #[error("tensor `{tensor}`: {source}")]
+    Sink {
+        tensor: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+
     /// A tensor operation failed (candle).
     #[error("tensor `{tensor}`: {source}")]
     Tensor {

@@ -6,8 +6,8 @@
 //! `HUGGINGFACE_HUB_CACHE`, else `$HF_HOME/hub` (default `~/.cache/huggingface/hub`);
 //! `HF_ENDPOINT` for the server; `HF_HUB_OFFLINE=1` resolves from the cache only.
 //!
-//! `demo:NAME` names a member of the offline demo family (`llm-merging demo`): the directory
-//! `NAME` inside [`demo_dir`].
+//! Aliases registered from outside ([`Resolver::with_alias`]) name local directories by a
+//! prefix: the demo crate registers `demo:NAME` for its offline model family.
 //!
 //! Files are fetched lazily, one by one, when a step asks for them, so a merge downloads
 //! config, index and shards, and nothing else.
@@ -124,42 +124,17 @@ impl HubSettings {
     }
 }
 
-/// Prefix of references to the offline demo family (`demo:base`, `demo:largest`, ...).
-pub const DEMO_PREFIX: &str = "demo:";
-
-/// The workspace root above `start`: the nearest directory whose `Cargo.toml` declares a
-/// `[workspace]`.
-pub fn find_workspace(start: &Path) -> Option<PathBuf> {
-    let start = start.canonicalize().unwrap_or_else(|_| start.to_path_buf());
-    start.ancestors().find_map(|d| {
-        let text = std::fs::read_to_string(d.join("Cargo.toml")).ok()?;
-        text.contains("[workspace]").then(|| d.to_path_buf())
-    })
-}
-
-/// Where the demo family lives: `LLM_MERGING_DEMO_DIR`, else `.cache/demo` in the workspace
-/// above `start` (or above the working directory).
-pub fn demo_dir(start: Option<&Path>) -> Result<PathBuf> {
-    if let Some(d) = env("LLM_MERGING_DEMO_DIR") {
-        return Ok(PathBuf::from(d));
-    }
-    let cwd = std::env::current_dir().ok();
-    start
-        .and_then(find_workspace)
-        .or_else(|| cwd.as_deref().and_then(find_workspace))
-        .map(|w| w.join(".cache").join("demo"))
-        .ok_or_else(|| Error::Config {
-            path: "demo:".into(),
-            message: "cannot find the workspace for `demo:` models; set LLM_MERGING_DEMO_DIR"
-                .into(),
-        })
-}
+/// Resolves the rest of an aliased reference (`NAME` of `demo:NAME`) to a local model
+/// directory; see [`Resolver::with_alias`].
+pub type Alias = Arc<dyn Fn(&str) -> Result<PathBuf> + Send + Sync>;
 
 /// Resolves model references to file providers.
 pub struct Resolver {
     settings: HubSettings,
     /// Directory that relative local paths are taken from first (the config's directory).
     base_dir: Option<PathBuf>,
+    /// Reference prefixes resolved to local directories by a function.
+    aliases: Vec<(String, Alias)>,
     api: std::sync::OnceLock<std::result::Result<Api, String>>,
 }
 
@@ -174,6 +149,7 @@ impl Resolver {
         Resolver {
             settings,
             base_dir: None,
+            aliases: Vec::new(),
             api: std::sync::OnceLock::new(),
         }
     }
@@ -182,6 +158,18 @@ impl Resolver {
     pub fn with_base_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.base_dir = Some(dir.into());
         self
+    }
+
+    /// References starting with `prefix` resolve to the local directory `resolve` gives for
+    /// the rest of the reference (`demo:base` → `resolve("base")`).
+    pub fn with_alias(mut self, prefix: impl Into<String>, resolve: Alias) -> Self {
+        self.aliases.push((prefix.into(), resolve));
+        self
+    }
+
+    /// The directory relative paths are looked up in first, if set.
+    pub fn base_dir(&self) -> Option<&Path> {
+        self.base_dir.as_deref()
     }
 
     /// The settings in use.
@@ -209,15 +197,10 @@ impl Resolver {
 
     /// Resolve a reference: a local directory as it is, a hub id to a pinned commit.
     pub fn resolve(&self, r: &ModelRef) -> Result<ModelFiles> {
-        if let Some(name) = r.model.strip_prefix(DEMO_PREFIX) {
-            let dir = demo_dir(self.base_dir.as_deref())?.join(name);
-            if !dir.is_dir() {
-                return Err(Error::MissingFile {
-                    path: dir,
-                    hint: Some("demo model; build the demo family with `llm-merging demo`".into()),
-                });
+        for (prefix, resolve) in &self.aliases {
+            if let Some(rest) = r.model.strip_prefix(prefix.as_str()) {
+                return Ok(ModelFiles::local(r.clone(), resolve(rest)?));
             }
-            return Ok(ModelFiles::local(r.clone(), dir));
         }
         if let Some(dir) = self.local_dir(&r.model)? {
             if r.revision.is_some() {
@@ -296,7 +279,6 @@ impl Resolver {
                     info.sha,
                 )),
                 files: Some(files),
-                snapshot: None,
             })),
         })
     }
@@ -414,8 +396,6 @@ struct HubRepo {
     repo: hf_hub::api::sync::ApiRepo,
     /// The repository's file list at the pinned commit.
     files: Option<BTreeSet<String>>,
-    #[allow(dead_code)]
-    snapshot: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for ModelFiles {
@@ -511,26 +491,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn demo_models_live_under_the_workspace() {
+    fn aliases_resolve_to_the_directory_their_function_gives() {
         let tmp = tempfile::tempdir().unwrap();
-        let ws = tmp.path().canonicalize().unwrap();
-        std::fs::write(ws.join("Cargo.toml"), "[workspace]\nmembers = []\n").unwrap();
-        let entry = ws.join("submissions").join("demo");
-        std::fs::create_dir_all(&entry).unwrap();
-        assert_eq!(find_workspace(&entry), Some(ws.clone()));
-        // A missing family says how to build it (whatever LLM_MERGING_DEMO_DIR says).
-        let r = Resolver::from_env().with_base_dir(&entry);
-        let err = r
-            .resolve(&ModelRef::new("demo:no-such-model"))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("llm-merging demo"), "{err}");
-        if std::env::var_os("LLM_MERGING_DEMO_DIR").is_none() {
-            std::fs::create_dir_all(ws.join(".cache/demo/base")).unwrap();
-            let f = r.resolve(&ModelRef::new("demo:base")).unwrap();
-            assert_eq!(f.local_dir(), Some(ws.join(".cache/demo/base").as_path()));
-            assert_eq!(f.commit, None);
-        }
+        std::fs::create_dir_all(tmp.path().join("family/base")).unwrap();
+        let root = tmp.path().join("family");
+        let r = Resolver::from_env()
+            .with_alias("fam:", Arc::new(move |name: &str| Ok(root.join(name))));
+        let f = r.resolve(&ModelRef::new("fam:base")).unwrap();
+        assert_eq!(
+            f.local_dir(),
+            Some(tmp.path().join("family/base").as_path())
+        );
+        assert_eq!(f.commit, None);
     }
 
     #[test]

@@ -4,9 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use merge_core::adapter::{write_adapter, Adapter};
 use merge_core::checkpoint::Checkpoint;
-use merge_core::lora::{write_adapter, Adapter};
-use merge_core::merge::{self, MergeOptions};
+use merge_core::engine::{self, MergeOptions};
 use merge_core::source::{HubSettings, Resolver};
 use merge_core::MergeConfig;
 use testkit::models::{self, TinyLlama};
@@ -152,7 +152,7 @@ fn tied_embeddings_read_the_head_from_the_embedding() {
     )
     .unwrap();
     let out = tmp.path().join("out");
-    merge::run(&cfg, &resolver(tmp.path()), &MergeOptions::new(&out)).unwrap();
+    engine::run(&cfg, &resolver(tmp.path()), &MergeOptions::new(&out)).unwrap();
     let merged = Checkpoint::open_dir(&out).unwrap();
     assert!(merged.tie_word_embeddings());
     assert!(!merged.names().any(|n| n == "lm_head.weight"));
@@ -177,7 +177,7 @@ fn half_precision_inputs_merge_in_f32_and_keep_their_dtype() {
     )
     .unwrap();
     let out = tmp.path().join("out");
-    merge::run(&cfg, &resolver(tmp.path()), &MergeOptions::new(&out)).unwrap();
+    engine::run(&cfg, &resolver(tmp.path()), &MergeOptions::new(&out)).unwrap();
     let merged = Checkpoint::open_dir(&out).unwrap();
     // Default output dtype: the first model's.
     assert_eq!(merged.storage_dtype(), DType::BF16);
@@ -203,7 +203,7 @@ fn adapter_over_its_own_base_path() {
     )
     .unwrap();
     let out = tmp.path().join("out");
-    merge::run(&cfg, &resolver(&fixtures()), &MergeOptions::new(&out)).unwrap();
+    engine::run(&cfg, &resolver(&fixtures()), &MergeOptions::new(&out)).unwrap();
     let merged = Checkpoint::open_dir(&out).unwrap();
     let golden = Checkpoint::open_dir(fixtures().join("goldens/peft_lora_a")).unwrap();
     for name in golden.names() {

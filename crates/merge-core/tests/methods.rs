@@ -2,32 +2,41 @@
 //! and the geometric median.
 
 use candle_core::{Device, Tensor};
-use merge_core::methods::{self, Params, TensorInputs};
+use merge_core::methods::{Params, TensorInputs};
+use merge_core::registry::{self, Method};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 const N: usize = 1 << 20;
 
+fn method(name: &str) -> &'static dyn merge_core::methods::MergeMethod {
+    match registry::lookup(name) {
+        Some(Method::Tensor(m)) => m,
+        _ => panic!("{name} is not a tensor-level method"),
+    }
+}
+
+/// The method's defaults, then `global` / `per_model` (flags given as booleans).
 fn params(
-    method: &str,
+    name: &str,
     global: &[(&'static str, f64)],
     per_model: &[(&'static str, f64)],
     k: usize,
 ) -> (Params, Vec<Params>) {
-    let m = methods::lookup(method).unwrap();
-    let mut g = Params::new();
-    for s in m.parameters() {
-        g.insert(s.name, s.default.unwrap_or(f64::NAN));
+    let m = method(name);
+    let mut g = Params::defaults(m.parameters());
+    for &(k, v) in global {
+        match k {
+            "rescale" | "normalize" => g.set(k, v != 0.0),
+            _ => g.set(k, v),
+        }
     }
-    for (k, v) in global {
-        g.insert(*k, *v);
+    let mut p = Params::defaults(m.model_parameters());
+    for s in m.model_parameters().iter().filter(|s| s.default.is_none()) {
+        p.set(s.name, 1.0);
     }
-    let mut p = Params::new();
-    for s in m.model_parameters() {
-        p.insert(s.name, s.default.unwrap_or(1.0));
-    }
-    for (k, v) in per_model {
-        p.insert(*k, *v);
+    for &(k, v) in per_model {
+        p.set(k, v);
     }
     (g, vec![p; k])
 }
@@ -40,8 +49,7 @@ fn run(
     p: &[Params],
     seed: u64,
 ) -> Vec<f32> {
-    methods::lookup(method)
-        .unwrap()
+    self::method(method)
         .merge(&TensorInputs {
             name: "model.layers.0.mlp.up_proj.weight",
             base: Some(base),
@@ -241,9 +249,9 @@ fn geometric_median_matches_direct_weiszfeld() {
         4,
     );
     for (pi, w) in p.iter_mut().zip(weights) {
-        pi.insert("weight", w);
+        pi.set("weight", w);
     }
-    g.insert("eps", 1e-12);
+    g.set("eps", 1e-12);
     let out = run("geometric_median", &small(&base), &models, &g, &p, 0);
     for j in 0..4 {
         let want = f64::from(base[j]) + expected[j];
@@ -306,9 +314,9 @@ fn geometric_median_resists_one_outlier() {
 #[test]
 fn every_method_has_a_parsing_example_config() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../submissions/examples");
-    for name in methods::all_names() {
+    for name in registry::names() {
         let path = dir.join(format!("{name}.toml"));
-        let cfg = merge_core::MergeConfig::from_toml_file(&path)
+        let cfg = merge_core::MergeConfig::from_file(&path)
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         assert_eq!(cfg.method, name, "{}", path.display());
     }

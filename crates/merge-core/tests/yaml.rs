@@ -2,9 +2,10 @@
 
 use std::path::{Path, PathBuf};
 
-use merge_core::merge::{self, MergeOptions};
+use merge_core::config::mergekit;
+use merge_core::engine::{self, MergeOptions};
 use merge_core::source::{HubSettings, Resolver};
-use merge_core::{mergekit_yaml, MergeConfig};
+use merge_core::MergeConfig;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/merge")
@@ -70,13 +71,13 @@ fn yaml_and_toml_give_identical_output() {
     let from_yaml = MergeConfig::from_file(&yaml_path).unwrap();
     let from_toml = MergeConfig::from_toml_str(TOML, "ties.toml").unwrap();
     assert_eq!(from_yaml, from_toml);
-    merge::run(
+    engine::run(
         &from_yaml,
         &resolver(),
         &MergeOptions::new(tmp.path().join("y")),
     )
     .unwrap();
-    merge::run(
+    engine::run(
         &from_toml,
         &resolver(),
         &MergeOptions::new(tmp.path().join("t")),
@@ -86,7 +87,7 @@ fn yaml_and_toml_give_identical_output() {
     let t = std::fs::read(tmp.path().join("t/model.safetensors")).unwrap();
     assert!(y == t, "outputs differ");
     // The converted TOML reads back as the same config.
-    let converted = mergekit_yaml::from_str(YAML, "ties.yml").unwrap().to_toml();
+    let converted = mergekit::parse(YAML, "ties.yml").unwrap().to_toml();
     assert_eq!(
         MergeConfig::from_toml_str(&converted, "c.toml").unwrap(),
         from_toml

@@ -22,7 +22,7 @@ pub struct DemoArgs {
 
 /// The demo directory for this workspace (`LLM_MERGING_DEMO_DIR` overrides).
 fn demo_dir(start: Option<&Path>) -> Result<PathBuf> {
-    Ok(merge_core::source::demo_dir(start)?)
+    Ok(demo::demo_dir(start)?)
 }
 
 /// Builds the demo family when the cache is missing or from another recipe.
@@ -40,7 +40,7 @@ fn ensure(dir: &Path) -> Result<()> {
 
 /// Before an entry runs: builds the demo family if the entry uses `demo:` models.
 pub fn ensure_for_entry(entry: &Entry) -> Result<()> {
-    if entry.text.contains(merge_core::source::DEMO_PREFIX) {
+    if entry.text.contains(demo::DEMO_PREFIX) {
         ensure(&demo_dir(Some(&entry.dir))?)?;
     }
     Ok(())

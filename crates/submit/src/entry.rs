@@ -257,7 +257,7 @@ impl Entry {
             "ENTRY_DIR" => Some(self.dir.display().to_string()),
             "WORKSPACE" => Some(self.workspace.display().to_string()),
             // The offline demo family's directory (`llm-merging demo`).
-            "DEMO_DIR" => merge_core::source::demo_dir(Some(&self.workspace))
+            "DEMO_DIR" => demo::demo_dir(Some(&self.workspace))
                 .ok()
                 .map(|d| d.display().to_string()),
             other => std::env::var(other).ok(),

@@ -256,7 +256,7 @@ pub fn check_entry(entry: &Entry, settings: &HubSettings) -> Result<Vec<ModelChe
         let (role, r) = refs[i].clone();
         i += 1;
         // Demo models (`demo:NAME`) are local: built on this machine, never on the hub.
-        let local = r.model.starts_with(merge_core::source::DEMO_PREFIX)
+        let local = r.model.starts_with(demo::DEMO_PREFIX)
             || entry.dir.join(&r.model).is_dir()
             || std::path::Path::new(&r.model).is_dir();
         if local || settings.offline {

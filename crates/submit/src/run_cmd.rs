@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use merge_core::merge::{self, MergeOptions, SIDE_FILES};
+use merge_core::engine::{self, MergeOptions, SIDE_FILES};
 use merge_core::source::{HubSettings, ModelFiles, Resolver};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -145,7 +145,7 @@ pub fn run(args: &RunArgs) -> Result<Vec<StageReport>> {
     crate::demo_cmd::ensure_for_entry(&entry)?;
     let settings = HubSettings::from_env();
     let token = settings.token.clone();
-    let resolver = Resolver::new(settings).with_base_dir(&entry.dir);
+    let resolver = demo::with_demo_models(Resolver::new(settings).with_base_dir(&entry.dir));
     let cfg = &entry.file.merge;
     let eval = &entry.file.eval;
     let dev = crate::device::resolve(&eval.device)?;
@@ -172,7 +172,7 @@ pub fn run(args: &RunArgs) -> Result<Vec<StageReport>> {
     // ---- merge ----
     let merged = work.join("merged");
     let merge_state_path = work.join("merge.json");
-    let inputs = merge::open_inputs(cfg, &resolver)?;
+    let inputs = engine::Inputs::open(cfg, &resolver)?;
     let mut h = Sha256::new();
     h.update(format!("merge;{};", env!("CARGO_PKG_VERSION")));
     h.update(cfg.to_toml().as_bytes());
@@ -182,8 +182,9 @@ pub fn run(args: &RunArgs) -> Result<Vec<StageReport>> {
     }
     for (i, m) in inputs.models.iter().enumerate() {
         input_files.push((format!("model {}", i + 1), m.checkpoint().files().clone()));
-        if let merge_core::model::InputModel::Adapted { adapter, .. } = m {
-            input_files.push((format!("adapter {}", i + 1), adapter.files().clone()));
+        if let engine::InputModel::Adapted { adapter, .. } = m {
+            let files = adapter.files().expect("opened from files");
+            input_files.push((format!("adapter {}", i + 1), files.clone()));
         }
     }
     for (_, f) in &input_files {
@@ -205,17 +206,9 @@ pub fn run(args: &RunArgs) -> Result<Vec<StageReport>> {
             opts.overwrite = true;
             // Merges stay on the CPU, which was faster than the GPU for every method measured
             // (scripts/gpu-check.sh); `device` is the evaluation's.
-            opts.device = merge_core::merge::Device::Cpu;
-            match merge_core::adapter_merge::lookup(&cfg.method) {
-                // Adapters in, one adapter out (the kit's llama_avg / flant5_avg).
-                Some(method) => {
-                    merge_core::adapter_merge::run(cfg, method, &resolver, &opts)?;
-                }
-                None => {
-                    let plan = merge::plan(cfg, &inputs)?;
-                    merge::execute(cfg, &plan, &inputs, &opts)?;
-                }
-            }
+            opts.device = engine::Device::Cpu;
+            // Adapter-level methods write an adapter (the kit's llama_avg / flant5_avg).
+            engine::merge_to_disk(cfg, &inputs, &opts)?;
             let mut models = Vec::new();
             for (role, f) in &input_files {
                 let dir = materialize_weights_dir(f)?;

@@ -16,6 +16,7 @@ use std::sync::Mutex;
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
+use super::convert::{encodable, tensor_bytes, with_encoded};
 use super::dtype_to_safetensors;
 use crate::error::{Error, Result};
 
@@ -233,13 +234,13 @@ impl CheckpointWriter {
                 ),
             });
         }
-        if tensor.dtype() == DType::F32 && float_out(slot.dtype) {
+        if tensor.dtype() == DType::F32 && encodable(slot.dtype) {
             // Converted and written a chunk at a time, from the tensor's own buffer.
             let data = tensor
                 .to_device(&candle_core::Device::Cpu)
                 .and_then(|t| t.flatten_all())
                 .map_err(|e| Error::tensor(name, e))?;
-            let done = crate::methods::with_f32_slices(&[&data], |s| {
+            let done = crate::tensor::with_f32_slices(&[&data], |s| {
                 Ok(s[0]
                     .par_chunks(WRITE_CHUNK)
                     .enumerate()
@@ -269,12 +270,12 @@ impl CheckpointWriter {
     }
 
     /// Write elements `first .. first + data.len()` of a planned floating-point tensor,
-    /// converted to its planned dtype (through a reused per-thread byte buffer). Safe to call
-    /// from many threads at once for disjoint ranges; call
-    /// [`CheckpointWriter::mark_written`] once every range of the tensor is written.
+    /// converted to its planned dtype (by [`with_encoded`]). Safe to call from many threads at
+    /// once for disjoint ranges; call [`CheckpointWriter::mark_written`] once every range of
+    /// the tensor is written.
     pub fn write_f32_range(&self, name: &str, first: usize, data: &[f32]) -> Result<()> {
         let slot = self.slot(name)?;
-        if !float_out(slot.dtype) {
+        if !encodable(slot.dtype) {
             return Err(Error::Write {
                 path: self.target.clone(),
                 message: format!(
@@ -284,34 +285,7 @@ impl CheckpointWriter {
             });
         }
         let at = (first * slot.dtype.size_in_bytes()) as u64;
-        // SAFETY (both views): plain numeric buffers seen as their bytes, which is the
-        // little-endian safetensors layout on this (little-endian, checked below) host.
-        fn as_bytes<T>(v: &[T]) -> &[u8] {
-            unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
-        }
-        thread_local! {
-            static HALVES: std::cell::Cell<Vec<u16>> = const { std::cell::Cell::new(Vec::new()) };
-        }
-        match slot.dtype {
-            DType::F32 => self.write_bytes(slot, at, as_bytes(data)),
-            DType::BF16 | DType::F16 => {
-                let mut halves = HALVES.with(|b| b.take());
-                halves.clear();
-                if slot.dtype == DType::BF16 {
-                    halves.extend(data.iter().map(|v| super::convert::f32_to_bf16(*v)));
-                } else {
-                    halves.extend(data.iter().map(|v| half::f16::from_f32(*v).to_bits()));
-                }
-                let result = self.write_bytes(slot, at, as_bytes(&halves));
-                HALVES.with(|b| b.set(halves));
-                result
-            }
-            DType::F64 => {
-                let wide: Vec<f64> = data.iter().map(|v| f64::from(*v)).collect();
-                self.write_bytes(slot, at, as_bytes(&wide))
-            }
-            _ => unreachable!("checked by float_out"),
-        }
+        with_encoded(slot.dtype, data, |bytes| self.write_bytes(slot, at, bytes))
     }
 
     /// Record that every byte of `name` has been written (by [`CheckpointWriter::write_f32_range`]).
@@ -381,11 +355,6 @@ impl CheckpointWriter {
     }
 }
 
-/// Output dtypes [`CheckpointWriter::write_f32_range`] converts f32 to.
-fn float_out(dtype: DType) -> bool {
-    matches!(dtype, DType::BF16 | DType::F16 | DType::F32 | DType::F64)
-}
-
 /// Elements per chunk when a whole f32 tensor is converted and written in parallel.
 const WRITE_CHUNK: usize = 1 << 20;
 
@@ -427,33 +396,6 @@ fn header_for(group: &[&OutputTensor]) -> Result<ShardLayout> {
         header,
         data_len: offset,
         offsets,
-    })
-}
-
-/// Little-endian bytes of `tensor` converted to `dtype`.
-pub fn tensor_bytes(tensor: &Tensor, dtype: DType) -> candle_core::Result<Vec<u8>> {
-    let t = tensor
-        .to_device(&candle_core::Device::Cpu)?
-        .to_dtype(dtype)?
-        .flatten_all()?;
-    fn bytes_of<T: Copy>(v: Vec<T>) -> Vec<u8> {
-        let n = v.len() * std::mem::size_of::<T>();
-        let mut out = Vec::with_capacity(n);
-        // SAFETY: T is a plain numeric type without padding; reading its bytes is sound.
-        out.extend_from_slice(unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, n) });
-        out
-    }
-    #[cfg(not(target_endian = "little"))]
-    compile_error!("safetensors is little-endian; this writer assumes a little-endian host");
-    Ok(match dtype {
-        DType::F32 => bytes_of(t.to_vec1::<f32>()?),
-        DType::F16 => bytes_of(t.to_vec1::<half::f16>()?),
-        DType::BF16 => bytes_of(t.to_vec1::<half::bf16>()?),
-        DType::F64 => bytes_of(t.to_vec1::<f64>()?),
-        DType::I64 => bytes_of(t.to_vec1::<i64>()?),
-        DType::U32 => bytes_of(t.to_vec1::<u32>()?),
-        DType::U8 => bytes_of(t.to_vec1::<u8>()?),
-        other => candle_core::bail!("cannot write dtype {other:?}"),
     })
 }
 

@@ -14,7 +14,7 @@ use std::sync::Mutex;
 use candle_core::Result;
 use rayon::prelude::*;
 
-use super::{declared, Params};
+use super::Params;
 use crate::checkpoint::MappedTensor;
 
 /// Elements per chunk (256 KB of f32): large enough that per-chunk overhead vanishes, small
@@ -122,14 +122,19 @@ impl StreamInputs<'_> {
         self.len().div_ceil(STREAM_CHUNK)
     }
 
-    /// A global parameter (declared by the method, so always present).
+    /// A global number parameter (declared by the method, so always present).
     pub fn param(&self, name: &str) -> f64 {
-        declared(self.params, name, "parameter")
+        self.params.number(name)
     }
 
-    /// A per-model parameter of model `i`.
+    /// A global flag parameter (declared by the method, so always present).
+    pub fn flag(&self, name: &str) -> bool {
+        self.params.flag(name)
+    }
+
+    /// A per-model number parameter of model `i`.
     pub fn model_param(&self, i: usize, name: &str) -> f64 {
-        declared(&self.model_params[i], name, "model parameter")
+        self.model_params[i].number(name)
     }
 }
 

@@ -3,7 +3,7 @@
 //! defaults.
 //!
 //! For each tensor, with base θ₀ and experts θᵢ:
-//! 1. δᵢ = θᵢ − θ₀, sparsified per expert (see [`crate::sparsify`]) with that expert's
+//! 1. δᵢ = θᵢ − θ₀, sparsified per expert (see [`super::sparsify`]) with that expert's
 //!    `density` (and `gamma` / `epsilon`); `rescale` restores the kept mass;
 //! 2. δᵢ ← wᵢ·δᵢ;
 //! 3. consensus (TIES' sign election, methods marked "sum"): per element the majority sign
@@ -50,195 +50,12 @@
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
+use super::sparsify::{self, magnitude_masks, Mask};
 use super::{
-    fold_chunks, map_chunks, stream_chunks, tensor_like, with_f32_slices, ChunkSink, MergeMethod,
-    ParamSpec, Params, Source, StreamInputs, TensorInputs, VecSink, STREAM_CHUNK,
+    stream_chunks, ChunkSink, MergeMethod, ParamSpec, Params, Source, StreamInputs, TensorInputs,
+    VecSink,
 };
-use crate::sparsify::{self, mag_key, RNG_CHUNK};
-
-// Streamed masks are cut at chunk boundaries: random blocks must not straddle them.
-const _: () = assert!(STREAM_CHUNK.is_multiple_of(RNG_CHUNK));
-
-/// How one expert's task vector is masked while streaming (what [`sparsify`] does to a
-/// whole tensor, decided per element).
-enum Mask {
-    /// Keep every element.
-    All,
-    /// Zero every element.
-    Nothing,
-    /// Magnitude selection: keep |δ| keys above `key`; of the keys equal to it, drop the
-    /// first `skip` in position order (`starts[c]`: how many equal keys precede chunk `c`;
-    /// one entry more than there are chunks, the last the total).
-    Threshold {
-        key: u32,
-        skip: usize,
-        starts: Vec<usize>,
-    },
-    /// DARE's Bernoulli mask, drawn per `RNG_CHUNK` block from `seed`.
-    Random {
-        density: f64,
-        rescale: bool,
-        seed: u64,
-    },
-}
-
-impl Mask {
-    /// Apply to chunk `index` (whose first element is `first`) of a task vector.
-    fn apply(&self, d: &mut [f32], index: usize, first: usize) {
-        match self {
-            Mask::All => {}
-            Mask::Nothing => d.fill(0.0),
-            Mask::Threshold { key, skip, starts } => {
-                let (key, skip) = (*key, *skip);
-                let (before, after) = (starts[index], starts[index + 1]);
-                // Whether the keys equal to the threshold are kept: all of them in this chunk,
-                // none, or (in the one chunk where the count of dropped ties runs out) the
-                // later ones, decided element by element.
-                let keep_ties = if before >= skip {
-                    true
-                } else if after <= skip {
-                    false
-                } else {
-                    let mut seen = before;
-                    for v in d.iter_mut() {
-                        let k = mag_key(*v);
-                        let tie = k == key;
-                        let keep = (k > key) | (tie & (seen >= skip));
-                        seen += usize::from(tie);
-                        *v = f32::from_bits(v.to_bits() & 0u32.wrapping_sub(u32::from(keep)));
-                    }
-                    return;
-                };
-                // Branch-free (whether an element is kept is as good as random), vectorised.
-                let floor = if keep_ties { key } else { key + 1 };
-                for v in d.iter_mut() {
-                    let keep = mag_key(*v) >= floor;
-                    *v = f32::from_bits(v.to_bits() & 0u32.wrapping_sub(u32::from(keep)));
-                }
-            }
-            Mask::Random {
-                density,
-                rescale,
-                seed,
-            } => {
-                for (b, block) in d.chunks_mut(RNG_CHUNK).enumerate() {
-                    sparsify::bernoulli_block(
-                        block,
-                        first / RNG_CHUNK + b,
-                        *density,
-                        *rescale,
-                        *seed,
-                    );
-                }
-            }
-        }
-    }
-}
-
-/// Adds the high 16 bits of the keys |m − b| to `h` (65536 bins). Two count lanes, so runs
-/// of equal keys (common in task vectors of bf16 models) do not wait on one counter.
-fn add_high_histogram(h: &mut [u32], m: &[f32], b: &[f32]) {
-    const BINS: usize = 1 << 16;
-    let (lane0, lane1) = h.split_at_mut(BINS);
-    let mut pairs_m = m.chunks_exact(2);
-    let mut pairs_b = b.chunks_exact(2);
-    for (pm, pb) in (&mut pairs_m).zip(&mut pairs_b) {
-        lane0[(mag_key(pm[0] - pb[0]) >> 16) as usize] += 1;
-        lane1[(mag_key(pm[1] - pb[1]) >> 16) as usize] += 1;
-    }
-    for (m, b) in pairs_m.remainder().iter().zip(pairs_b.remainder()) {
-        lane0[(mag_key(m - b) >> 16) as usize] += 1;
-    }
-}
-
-/// The magnitude-selection masks for `select` (expert index, ascending rank of the smallest
-/// kept key) over the task vectors of `x`: two parallel radix passes over the streamed
-/// inputs, like [`sparsify::key_at_rank`] — a histogram of the high 16 bits of every key,
-/// then the low 16 bits of the keys in the bin that holds the rank, kept per chunk so the
-/// equal keys before each chunk are counted without a third pass.
-fn magnitude_masks(x: &StreamInputs, select: &[(usize, usize)]) -> Result<Vec<Mask>> {
-    const BINS: usize = 1 << 16;
-    let e = select.len();
-    // Per thread: two u32 lanes per expert (`stream_masks` only streams tensors of fewer
-    // than 2³² elements), summed at the end.
-    let high = fold_chunks(
-        x,
-        || vec![0u32; 2 * BINS * e],
-        |mut h, c| {
-            let b = c.base.as_deref().expect("requires_base");
-            for (s, &(i, _)) in select.iter().enumerate() {
-                add_high_histogram(&mut h[2 * BINS * s..2 * BINS * (s + 1)], c.models[i], b);
-            }
-            h
-        },
-        |mut a, b| {
-            a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-            a
-        },
-    )?;
-    let mut totals = vec![0u64; BINS * e];
-    for s in 0..e {
-        let lanes = &high[2 * BINS * s..2 * BINS * (s + 1)];
-        let t = &mut totals[BINS * s..BINS * (s + 1)];
-        for (bin, t) in t.iter_mut().enumerate() {
-            *t = u64::from(lanes[bin]) + u64::from(lanes[BINS + bin]);
-        }
-    }
-    drop(high);
-    let bins: Vec<(u32, usize)> = select
-        .iter()
-        .enumerate()
-        .map(|(s, &(_, rank))| {
-            let (bin, below) = sparsify::locate(&totals[BINS * s..BINS * (s + 1)], rank);
-            (bin as u32, below)
-        })
-        .collect();
-    drop(totals);
-    // Per chunk and expert: the low halves of the keys in the selected bin, in order.
-    let lows: Vec<Vec<Vec<u16>>> = map_chunks(x, |c| {
-        let b = c.base.as_deref().expect("requires_base");
-        select
-            .iter()
-            .zip(&bins)
-            .map(|(&(i, _), &(bin, _))| {
-                c.models[i]
-                    .iter()
-                    .zip(b)
-                    .filter_map(|(m, b)| {
-                        let k = mag_key(m - b);
-                        (k >> 16 == bin).then_some((k & 0xffff) as u16)
-                    })
-                    .collect()
-            })
-            .collect()
-    })?;
-    Ok(select
-        .iter()
-        .zip(&bins)
-        .enumerate()
-        .map(|(s, (&(_, rank), &(bin, below_high)))| {
-            let mut h = vec![0u64; BINS];
-            for chunk in &lows {
-                for &l in &chunk[s] {
-                    h[l as usize] += 1;
-                }
-            }
-            let (low, below_low) = sparsify::locate(&h, rank - below_high);
-            let mut starts = Vec::with_capacity(lows.len() + 1);
-            let mut acc = 0usize;
-            for chunk in &lows {
-                starts.push(acc);
-                acc += chunk[s].iter().filter(|&&l| l as usize == low).count();
-            }
-            starts.push(acc);
-            Mask::Threshold {
-                key: (bin << 16) | low as u32,
-                skip: rank - below_high - below_low,
-                starts,
-            }
-        })
-        .collect())
-}
+use crate::tensor::{tensor_like, with_f32_slices};
 
 /// How task vectors are sparsified before they are combined.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -273,9 +90,9 @@ pub struct TaskArithmeticFamily {
 
 const fn shared(normalize: bool, rescale: bool) -> [ParamSpec; 4] {
     [
-        ParamSpec::optional("int8_mask", 0.0),
-        ParamSpec::optional("normalize", if normalize { 1.0 } else { 0.0 }),
-        ParamSpec::optional("rescale", if rescale { 1.0 } else { 0.0 }),
+        ParamSpec::flag("int8_mask", false),
+        ParamSpec::flag("normalize", normalize),
+        ParamSpec::flag("rescale", rescale),
         ParamSpec::optional("lambda", 1.0),
     ]
 }
@@ -370,16 +187,17 @@ impl TaskArithmeticFamily {
         rescale: bool,
         seed: u64,
     ) -> std::result::Result<(), String> {
-        let density = p["density"];
+        let density = p.number("density");
         match self.sparsification {
             Sparsification::None => {}
             Sparsification::Magnitude => sparsify::magnitude(delta, density, rescale),
             Sparsification::MagnitudeOutliers => {
-                sparsify::magnitude_outliers(delta, density, p["gamma"], rescale)
+                sparsify::magnitude_outliers(delta, density, p.number("gamma"), rescale)
             }
             Sparsification::Random => sparsify::bernoulli(delta, density, rescale, seed),
             Sparsification::DellaMagprune => {
-                sparsify::della_magprune(delta, row_len, density, p["epsilon"], rescale, seed)?
+                let epsilon = p.number("epsilon");
+                sparsify::della_magprune(delta, row_len, density, epsilon, rescale, seed)?
             }
         }
         Ok(())
@@ -391,7 +209,7 @@ impl TaskArithmeticFamily {
     /// (breadcrumbs, DELLA, or L1 rescaling after magnitude selection).
     fn stream_masks(&self, x: &StreamInputs) -> Option<Result<Vec<Mask>>> {
         let n = x.len();
-        let rescale = x.param("rescale") != 0.0;
+        let rescale = x.flag("rescale");
         let mut masks = Vec::with_capacity(x.models.len());
         let mut select = Vec::new();
         for i in 0..x.models.len() {
@@ -438,7 +256,7 @@ impl TaskArithmeticFamily {
     fn stream(&self, x: &StreamInputs, masks: &[Mask], sink: &dyn ChunkSink) -> Result<()> {
         let k = x.models.len();
         let weights: Vec<f32> = (0..k).map(|i| x.model_param(i, "weight") as f32).collect();
-        let combine = Combine::new(self, x.param("normalize"), x.param("lambda"), &weights);
+        let combine = Combine::new(self, x.flag("normalize"), x.param("lambda"), &weights);
         let plain = self.sparsification == Sparsification::None && !combine.consensus;
         stream_chunks(x, sink, |mut c, out| {
             let b: &[f32] = c.base.as_deref().expect("requires_base");
@@ -505,11 +323,11 @@ impl Scratch {
 
 impl Combine {
     /// From the method and its `normalize`, `lambda` and per-model `weight` parameters.
-    fn new(method: &TaskArithmeticFamily, normalize: f64, lambda: f64, weights: &[f32]) -> Self {
+    fn new(method: &TaskArithmeticFamily, normalize: bool, lambda: f64, weights: &[f32]) -> Self {
         let sum_w: f32 = weights.iter().sum();
         Combine {
             consensus: method.consensus.is_some(),
-            normalize: normalize != 0.0,
+            normalize,
             linear_div: if sum_w.abs() < 1e-8 { 1.0 } else { sum_w },
             lambda: lambda as f32,
         }
@@ -622,7 +440,7 @@ impl MergeMethod for TaskArithmeticFamily {
     ) -> std::result::Result<(), String> {
         if self.sparsification == Sparsification::DellaMagprune {
             for p in model_params {
-                let (d, e) = (p["density"], p["epsilon"]);
+                let (d, e) = (p.number("density"), p.number("epsilon"));
                 if d < 1.0 && d > 0.0 && (d + e >= 1.0 || d - e <= 0.0) {
                     return Err(format!(
                         "epsilon ({e}) must keep density ± epsilon in (0, 1) (density {d})"
@@ -637,7 +455,7 @@ impl MergeMethod for TaskArithmeticFamily {
         let base = x.base.expect("requires_base");
         let k = x.models.len();
         let weights: Vec<f32> = (0..k).map(|i| x.model_param(i, "weight") as f32).collect();
-        let rescale = x.param("rescale") != 0.0;
+        let rescale = x.flag("rescale");
         let row_len = match base.dims() {
             [] => 1,
             [n] => *n,
@@ -672,7 +490,7 @@ impl MergeMethod for TaskArithmeticFamily {
             // Combine into the first buffer, a block at a time (each block of it copied first,
             // as it is read while written). Weights are applied here, after sparsification, as
             // mergekit does.
-            let combine = Combine::new(self, x.param("normalize"), x.param("lambda"), &weights);
+            let combine = Combine::new(self, x.flag("normalize"), x.param("lambda"), &weights);
             let (first, rest) = deltas.split_first_mut().expect("at least one model");
             first
                 .par_chunks_mut(COMBINE_BLOCK)
@@ -695,6 +513,7 @@ impl MergeMethod for TaskArithmeticFamily {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::methods::STREAM_CHUNK;
     use rand::{RngCore, SeedableRng};
 
     /// The whole-tensor algorithm: sparsify each task vector with `sparsify`, then combine.
@@ -759,19 +578,15 @@ mod tests {
         let densities = [0.5, 0.3];
         for method in [&TIES, &DARE_TIES] {
             let rescale = method.sparsification == Sparsification::Random;
-            let params: Params = [
-                ("int8_mask", 0.0),
-                ("normalize", 1.0),
-                ("rescale", if rescale { 1.0 } else { 0.0 }),
-                ("lambda", 1.0),
-            ]
-            .into_iter()
-            .collect();
+            let mut params = Params::defaults(method.params);
+            params.set("normalize", true);
+            params.set("rescale", rescale);
             let model_params: Vec<Params> = (0..2)
                 .map(|i| {
-                    [("weight", f64::from(weights[i])), ("density", densities[i])]
-                        .into_iter()
-                        .collect()
+                    let mut p = Params::defaults(method.model_params);
+                    p.set("weight", f64::from(weights[i]));
+                    p.set("density", densities[i]);
+                    p
                 })
                 .collect();
             let sources: Vec<Source> = models.iter().map(|m| Source::F32(m)).collect();

@@ -1,5 +1,6 @@
 //! mergekit's YAML configs, read into our [`MergeConfig`], so a participant's configs run
-//! unchanged (`llm-merging merge CONFIG.yml`) and translate (`llm-merging convert`).
+//! unchanged (`llm-merging merge CONFIG.yml`) and translate (`llm-merging convert`). Schema
+//! only, like [`super::toml`]: the method name is checked by the registry.
 //!
 //! The part of mergekit's schema this reads:
 //!
@@ -29,9 +30,7 @@ use std::path::Path;
 
 use serde_yaml::Value;
 
-use crate::config::{
-    FilteredValue, MergeConfig, ModelEntry, OutDType, ParamValue, ScalarOrGradient,
-};
+use super::{FilteredValue, MergeConfig, ModelEntry, OutDType, ParamValue, ScalarOrGradient};
 use crate::error::{Error, Result};
 
 const KNOWN: [&str; 7] = [
@@ -51,10 +50,10 @@ pub fn is_yaml(path: &Path) -> bool {
         .is_some_and(|e| e.eq_ignore_ascii_case("yml") || e.eq_ignore_ascii_case("yaml"))
 }
 
-/// Read a mergekit YAML config file.
-pub fn from_file(path: &Path) -> Result<MergeConfig> {
+/// Read a mergekit YAML config file (schema checks only).
+pub fn read(path: &Path) -> Result<MergeConfig> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    from_str(&text, &path.display().to_string())
+    parse(&text, &path.display().to_string())
 }
 
 /// Split `model@revision`.
@@ -166,8 +165,8 @@ fn string<'a>(v: &'a Value, at: &str) -> Result<&'a str> {
         .ok_or_else(|| Error::config(at, "must be a string"))
 }
 
-/// Parse mergekit YAML text; `origin` names it in errors.
-pub fn from_str(text: &str, origin: &str) -> Result<MergeConfig> {
+/// Parse mergekit YAML text (schema checks only); `origin` names it in errors.
+pub fn parse(text: &str, origin: &str) -> Result<MergeConfig> {
     let doc: Value = serde_yaml::from_str(text).map_err(|e| {
         let at = match e.location() {
             Some(l) => format!("{origin}:{}:{}", l.line(), l.column()),
@@ -318,7 +317,7 @@ pub fn from_str(text: &str, origin: &str) -> Result<MergeConfig> {
         parameters: params,
         models,
     };
-    cfg.validate(origin)?;
+    cfg.check_schema(origin)?;
     Ok(cfg)
 }
 
@@ -348,7 +347,7 @@ models:
 
     #[test]
     fn reads_the_supported_schema() {
-        let c = from_str(TIES, "c.yml").unwrap();
+        let c = parse(TIES, "c.yml").unwrap();
         assert_eq!(c.method, "ties");
         assert_eq!(c.base_model.as_deref(), Some("meta-llama/Meta-Llama-3-8B"));
         assert_eq!(c.base_revision.as_deref(), Some("abc123"));
@@ -360,17 +359,16 @@ models:
             c.parameters["density"],
             ParamValue::Gradient(vec![1.0, 0.7, 0.1])
         );
-        let w = &c.models[1].parameters["weight"];
+        let filter = |f: Option<&str>, v: f64| FilteredValue {
+            filter: f.map(str::to_string),
+            value: ScalarOrGradient::Number(v),
+        };
         assert_eq!(
-            w.evaluate("model.layers.0.self_attn.q_proj.weight", 0.0),
-            Some(0.3)
-        );
-        assert_eq!(
-            w.evaluate("model.layers.0.mlp.up_proj.weight", 0.0),
-            Some(0.5)
+            c.models[1].parameters["weight"],
+            ParamValue::Filtered(vec![filter(Some("self_attn"), 0.3), filter(None, 0.5)])
         );
         // and it converts to TOML that reads back the same
-        let again = MergeConfig::from_toml_str(&c.to_toml(), "c.toml").unwrap();
+        let again = super::super::toml::parse(&c.to_toml(), "c.toml").unwrap();
         assert_eq!(c, again);
     }
 
@@ -381,10 +379,6 @@ models:
             (
                 "merge_method: linear\nmodels: [{model: a}]\ntokenizer: {}\n",
                 "`tokenizer`",
-            ),
-            (
-                "merge_method: nuslerp\nmodels: [{model: a}]\n",
-                "unknown merge method `nuslerp`",
             ),
             (
                 "merge_method: linear\nmodels: [{model: a, layer_range: [0, 2]}]\n",
@@ -399,7 +393,7 @@ models:
                 "weight",
             ),
         ] {
-            let e = from_str(text, "c.yml").unwrap_err().to_string();
+            let e = parse(text, "c.yml").unwrap_err().to_string();
             assert!(e.contains(needle), "{text:?}: {e}");
         }
     }

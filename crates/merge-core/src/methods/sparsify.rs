@@ -7,6 +7,10 @@
 //! - [`della_magprune`] (DELLA): keep with a probability that grows with the element's
 //!   magnitude rank in its row, from density − ε to density + ε.
 //!
+//! Streamed merges mask task vectors a chunk at a time instead (`Mask`), with the same
+//! result: random masks are drawn per `RNG_CHUNK` block, and magnitude thresholds come from
+//! two radix passes over the streamed inputs (`magnitude_masks`).
+//!
 //! Magnitude ranks come from selection (a parallel two-pass radix select on the bits of |δ|,
 //! O(n)), never a full sort; only DELLA, whose probabilities need every rank, sorts (one row
 //! at a time, rows in parallel).
@@ -22,6 +26,8 @@ use rand::RngCore;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
+
+use super::{fold_chunks, map_chunks, StreamInputs, STREAM_CHUNK};
 
 /// Elements per independently seeded random chunk: the mask depends only on the seed and the
 /// chunk index, so it is the same however many threads draw it.
@@ -312,6 +318,187 @@ pub fn della_magprune(
         }
     });
     Ok(())
+}
+
+// Streamed masks are cut at chunk boundaries: random blocks must not straddle them.
+const _: () = assert!(STREAM_CHUNK.is_multiple_of(RNG_CHUNK));
+
+/// How one expert's task vector is masked while streaming (what the functions above do to a
+/// whole tensor, decided per element).
+pub(super) enum Mask {
+    /// Keep every element.
+    All,
+    /// Zero every element.
+    Nothing,
+    /// Magnitude selection: keep |δ| keys above `key`; of the keys equal to it, drop the
+    /// first `skip` in position order (`starts[c]`: how many equal keys precede chunk `c`;
+    /// one entry more than there are chunks, the last the total).
+    Threshold {
+        key: u32,
+        skip: usize,
+        starts: Vec<usize>,
+    },
+    /// DARE's Bernoulli mask, drawn per `RNG_CHUNK` block from `seed`.
+    Random {
+        density: f64,
+        rescale: bool,
+        seed: u64,
+    },
+}
+
+impl Mask {
+    /// Apply to chunk `index` (whose first element is `first`) of a task vector.
+    pub(super) fn apply(&self, d: &mut [f32], index: usize, first: usize) {
+        match self {
+            Mask::All => {}
+            Mask::Nothing => d.fill(0.0),
+            Mask::Threshold { key, skip, starts } => {
+                let (key, skip) = (*key, *skip);
+                let (before, after) = (starts[index], starts[index + 1]);
+                // Whether the keys equal to the threshold are kept: all of them in this chunk,
+                // none, or (in the one chunk where the count of dropped ties runs out) the
+                // later ones, decided element by element.
+                let keep_ties = if before >= skip {
+                    true
+                } else if after <= skip {
+                    false
+                } else {
+                    let mut seen = before;
+                    for v in d.iter_mut() {
+                        let k = mag_key(*v);
+                        let tie = k == key;
+                        let keep = (k > key) | (tie & (seen >= skip));
+                        seen += usize::from(tie);
+                        *v = f32::from_bits(v.to_bits() & 0u32.wrapping_sub(u32::from(keep)));
+                    }
+                    return;
+                };
+                // Branch-free (whether an element is kept is as good as random), vectorised.
+                let floor = if keep_ties { key } else { key + 1 };
+                for v in d.iter_mut() {
+                    let keep = mag_key(*v) >= floor;
+                    *v = f32::from_bits(v.to_bits() & 0u32.wrapping_sub(u32::from(keep)));
+                }
+            }
+            Mask::Random {
+                density,
+                rescale,
+                seed,
+            } => {
+                for (b, block) in d.chunks_mut(RNG_CHUNK).enumerate() {
+                    bernoulli_block(block, first / RNG_CHUNK + b, *density, *rescale, *seed);
+                }
+            }
+        }
+    }
+}
+
+/// Adds the high 16 bits of the keys |m − b| to `h` (65536 bins). Two count lanes, so runs
+/// of equal keys (common in task vectors of bf16 models) do not wait on one counter.
+fn add_high_histogram(h: &mut [u32], m: &[f32], b: &[f32]) {
+    const BINS: usize = 1 << 16;
+    let (lane0, lane1) = h.split_at_mut(BINS);
+    let mut pairs_m = m.chunks_exact(2);
+    let mut pairs_b = b.chunks_exact(2);
+    for (pm, pb) in (&mut pairs_m).zip(&mut pairs_b) {
+        lane0[(mag_key(pm[0] - pb[0]) >> 16) as usize] += 1;
+        lane1[(mag_key(pm[1] - pb[1]) >> 16) as usize] += 1;
+    }
+    for (m, b) in pairs_m.remainder().iter().zip(pairs_b.remainder()) {
+        lane0[(mag_key(m - b) >> 16) as usize] += 1;
+    }
+}
+
+/// The magnitude-selection masks for `select` (expert index, ascending rank of the smallest
+/// kept key) over the task vectors of `x`: two parallel radix passes over the streamed
+/// inputs, like [`key_at_rank`] — a histogram of the high 16 bits of every key,
+/// then the low 16 bits of the keys in the bin that holds the rank, kept per chunk so the
+/// equal keys before each chunk are counted without a third pass.
+pub(super) fn magnitude_masks(
+    x: &StreamInputs,
+    select: &[(usize, usize)],
+) -> candle_core::Result<Vec<Mask>> {
+    const BINS: usize = 1 << 16;
+    let e = select.len();
+    // Per thread: two u32 lanes per expert (`stream_masks` only streams tensors of fewer
+    // than 2³² elements), summed at the end.
+    let high = fold_chunks(
+        x,
+        || vec![0u32; 2 * BINS * e],
+        |mut h, c| {
+            let b = c.base.as_deref().expect("requires_base");
+            for (s, &(i, _)) in select.iter().enumerate() {
+                add_high_histogram(&mut h[2 * BINS * s..2 * BINS * (s + 1)], c.models[i], b);
+            }
+            h
+        },
+        |mut a, b| {
+            a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+            a
+        },
+    )?;
+    let mut totals = vec![0u64; BINS * e];
+    for s in 0..e {
+        let lanes = &high[2 * BINS * s..2 * BINS * (s + 1)];
+        let t = &mut totals[BINS * s..BINS * (s + 1)];
+        for (bin, t) in t.iter_mut().enumerate() {
+            *t = u64::from(lanes[bin]) + u64::from(lanes[BINS + bin]);
+        }
+    }
+    drop(high);
+    let bins: Vec<(u32, usize)> = select
+        .iter()
+        .enumerate()
+        .map(|(s, &(_, rank))| {
+            let (bin, below) = locate(&totals[BINS * s..BINS * (s + 1)], rank);
+            (bin as u32, below)
+        })
+        .collect();
+    drop(totals);
+    // Per chunk and expert: the low halves of the keys in the selected bin, in order.
+    let lows: Vec<Vec<Vec<u16>>> = map_chunks(x, |c| {
+        let b = c.base.as_deref().expect("requires_base");
+        select
+            .iter()
+            .zip(&bins)
+            .map(|(&(i, _), &(bin, _))| {
+                c.models[i]
+                    .iter()
+                    .zip(b)
+                    .filter_map(|(m, b)| {
+                        let k = mag_key(m - b);
+                        (k >> 16 == bin).then_some((k & 0xffff) as u16)
+                    })
+                    .collect()
+            })
+            .collect()
+    })?;
+    Ok(select
+        .iter()
+        .zip(&bins)
+        .enumerate()
+        .map(|(s, (&(_, rank), &(bin, below_high)))| {
+            let mut h = vec![0u64; BINS];
+            for chunk in &lows {
+                for &l in &chunk[s] {
+                    h[l as usize] += 1;
+                }
+            }
+            let (low, below_low) = locate(&h, rank - below_high);
+            let mut starts = Vec::with_capacity(lows.len() + 1);
+            let mut acc = 0usize;
+            for chunk in &lows {
+                starts.push(acc);
+                acc += chunk[s].iter().filter(|&&l| l as usize == low).count();
+            }
+            starts.push(acc);
+            Mask::Threshold {
+                key: (bin << 16) | low as u32,
+                skip: rank - below_high - below_low,
+                starts,
+            }
+        })
+        .collect())
 }
 
 #[cfg(test)]
