@@ -96,9 +96,31 @@ impl Error {
 
     /// A config error located in `path`.
     pub fn config(path: impl Into<String>, message: impl Into<String>) -> Self {
-        Error::Config {
-            path: path.into(),
-            message: message.into(),
-        }
+        let (path, message) = (path.into(), message.into());
+        Error::Config { path, message }
+    }
+
+    /// Merge method `method` cannot do what it was asked.
+    pub fn method(method: impl Into<String>, message: impl Into<String>) -> Self {
+        let (method, message) = (method.into(), message.into());
+        Error::Method { method, message }
+    }
+
+    /// Adapter `adapter` does not fit.
+    pub fn adapter(adapter: impl Into<String>, message: impl Into<String>) -> Self {
+        let (adapter, message) = (adapter.into(), message.into());
+        Error::Adapter { adapter, message }
+    }
+
+    /// The file at `path` cannot be parsed.
+    pub fn corrupt(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        let (path, message) = (path.into(), message.into());
+        Error::Corrupt { path, message }
+    }
+
+    /// Writing to `path` failed.
+    pub fn write(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        let (path, message) = (path.into(), message.into());
+        Error::Write { path, message }
     }
 }

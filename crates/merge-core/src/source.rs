@@ -278,7 +278,7 @@ impl Resolver {
                     RepoType::Model,
                     info.sha,
                 )),
-                files: Some(files),
+                files,
             })),
         })
     }
@@ -395,7 +395,7 @@ enum Backend {
 struct HubRepo {
     repo: hf_hub::api::sync::ApiRepo,
     /// The repository's file list at the pinned commit.
-    files: Option<BTreeSet<String>>,
+    files: BTreeSet<String>,
 }
 
 impl std::fmt::Debug for ModelFiles {
@@ -426,7 +426,7 @@ impl ModelFiles {
     pub fn has(&self, name: &str) -> bool {
         match &self.backend {
             Backend::Local(dir) => dir.join(name).is_file(),
-            Backend::Hub(h) => h.files.as_ref().is_some_and(|f| f.contains(name)),
+            Backend::Hub(h) => h.files.contains(name),
         }
     }
 

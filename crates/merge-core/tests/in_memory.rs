@@ -249,7 +249,10 @@ fn bad_input_fails_before_anything_is_put() {
         &["model `b`", "not opened by this merge session"],
     );
     fails(
-        &linear("lora", "base_model = \"base\"\n[merge.parameters]\ndensity = 0.5\n"),
+        &linear(
+            "lora",
+            "base_model = \"base\"\n[merge.parameters]\ndensity = 0.5\n",
+        ),
         &["`density` is not a parameter of `linear`"],
     );
     fails(

@@ -97,10 +97,7 @@ pub static SVD: Stack = Stack {
 };
 
 fn err(method: &str, message: impl Into<String>) -> Error {
-    Error::Method {
-        method: method.into(),
-        message: message.into(),
-    }
+    Error::method(method, message)
 }
 
 fn terr(name: &str) -> impl FnOnce(candle_core::Error) -> Error + '_ {

@@ -31,9 +31,6 @@ pub struct AdapterConfig {
     pub r: usize,
     /// Default alpha.
     pub lora_alpha: f64,
-    /// Adapted modules: a list of name suffixes or one regex.
-    #[serde(default)]
-    pub target_modules: Option<TargetModules>,
     /// Scale by alpha/√r instead of alpha/r.
     #[serde(default)]
     pub use_rslora: bool,
@@ -58,16 +55,6 @@ pub struct AdapterConfig {
     /// PEFT method; only `LORA` is supported.
     #[serde(default)]
     pub peft_type: Option<String>,
-}
-
-/// `target_modules` is either a list of suffixes or a regex over the full module name.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
-pub enum TargetModules {
-    /// Module name suffixes (`q_proj`, `v_proj`).
-    List(Vec<String>),
-    /// A regex matched against the full module name.
-    Regex(String),
 }
 
 /// PEFT's pattern match: `key` matches module `name` when name is `key` or ends in `.key`
@@ -209,22 +196,20 @@ impl Adapter {
         let label = files.describe();
         let config_path = files.require("adapter_config.json")?;
         let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
-        let raw_config: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| Error::Corrupt {
-                path: config_path.clone(),
-                message: format!("invalid JSON: {e}"),
-            })?;
-        let config: AdapterConfig =
-            serde_json::from_value(raw_config.clone()).map_err(|e| Error::Corrupt {
-                path: config_path.clone(),
-                message: format!("not a LoRA adapter config: {e}"),
-            })?;
+        let raw_config: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::corrupt(config_path.clone(), format!("invalid JSON: {e}")))?;
+        let config: AdapterConfig = serde_json::from_value(raw_config.clone()).map_err(|e| {
+            Error::corrupt(
+                config_path.clone(),
+                format!("not a LoRA adapter config: {e}"),
+            )
+        })?;
         if let Some(t) = &config.peft_type {
             if !t.eq_ignore_ascii_case("lora") {
-                return Err(Error::Adapter {
-                    adapter: label,
-                    message: format!("peft_type `{t}` is not supported (only LORA)"),
-                });
+                return Err(Error::adapter(
+                    label,
+                    format!("peft_type `{t}` is not supported (only LORA)"),
+                ));
             }
         }
         let weights_path = match files.get("adapter_model.safetensors")? {
@@ -255,9 +240,8 @@ impl Adapter {
         tensors: Vec<(String, Tensor)>,
     ) -> Result<Self> {
         let label = label.into();
-        let config = serde_json::from_value(raw_config.clone()).map_err(|e| Error::Adapter {
-            adapter: label.clone(),
-            message: format!("not a LoRA adapter config: {e}"),
+        let config = serde_json::from_value(raw_config.clone()).map_err(|e| {
+            Error::adapter(label.clone(), format!("not a LoRA adapter config: {e}"))
         })?;
         let factors = Factors::Memory(tensors.into_iter().collect());
         Self::from_parts(label, raw_config, config, factors)
@@ -292,22 +276,19 @@ impl Adapter {
         let mut modules = BTreeMap::new();
         for (module, (a, b, embedding)) in parts {
             let (Some(a_key), Some(b_key)) = (a, b) else {
-                return Err(Error::Adapter {
-                    adapter: label,
-                    message: format!("module `{module}` has only one of lora_A / lora_B"),
-                });
+                return Err(Error::adapter(
+                    label,
+                    format!("module `{module}` has only one of lora_A / lora_B"),
+                ));
             };
             let rank = pattern_value(&config.rank_pattern, &module).unwrap_or(config.r);
             let alpha = pattern_value(&config.alpha_pattern, &module).unwrap_or(config.lora_alpha);
             // A is r × in (r × vocab for embeddings): its first dimension is the rank.
             let stored_rank = weights.shape(&a_key).expect("listed")[0];
             if stored_rank != rank {
-                return Err(Error::Adapter {
-                    adapter: label,
-                    message: format!(
+                return Err(Error::adapter(label, format!(
                         "module `{module}`: lora_A has rank {stored_rank} but the config says {rank}"
-                    ),
-                });
+                    )));
             }
             modules.insert(
                 format!("{module}.weight"),
@@ -442,13 +423,10 @@ impl Adapter {
     pub fn check_against(&self, base: &Checkpoint) -> Result<()> {
         for (name, m) in &self.modules {
             let Some(info) = base.info(name) else {
-                return Err(Error::Adapter {
-                    adapter: self.label.clone(),
-                    message: format!(
+                return Err(Error::adapter(self.label.clone(), format!(
                         "target module `{}` does not exist in the base model {} (no tensor `{name}`)",
                         m.module, base.label
-                    ),
-                });
+                    )));
             };
             let a = self.weights.shape(&m.a_key).expect("listed");
             let b = self.weights.shape(&m.b_key).expect("listed");
@@ -458,24 +436,24 @@ impl Adapter {
                 vec![b[0], a[1]]
             };
             if info.shape != expected {
-                return Err(Error::Adapter {
-                    adapter: self.label.clone(),
-                    message: format!(
+                return Err(Error::adapter(
+                    self.label.clone(),
+                    format!(
                         "module `{}`: B·A has shape {expected:?} but `{name}` in {} is {:?}",
                         m.module, base.label, info.shape
                     ),
-                });
+                ));
             }
         }
         for name in self.saved.keys() {
             if !base.contains(name) {
-                return Err(Error::Adapter {
-                    adapter: self.label.clone(),
-                    message: format!(
+                return Err(Error::adapter(
+                    self.label.clone(),
+                    format!(
                         "saved module tensor `{name}` does not exist in the base model {}",
                         base.label
                     ),
-                });
+                ));
             }
         }
         Ok(())

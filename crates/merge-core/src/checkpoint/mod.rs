@@ -195,13 +195,10 @@ impl Checkpoint {
         for (i, shard) in shards.iter().enumerate() {
             for (name, info) in shard.infos() {
                 if let Some((j, _)) = entries.insert(name.clone(), (i, info)) {
-                    return Err(Error::Corrupt {
-                        path: shard.path().to_path_buf(),
-                        message: format!(
-                            "tensor `{name}` is also in {}",
-                            shards[j].path().display()
-                        ),
-                    });
+                    return Err(Error::corrupt(
+                        shard.path().to_path_buf(),
+                        format!("tensor `{name}` is also in {}", shards[j].path().display()),
+                    ));
                 }
             }
         }
@@ -339,11 +336,6 @@ impl Checkpoint {
             .unwrap_or(DType::F32)
     }
 
-    /// Total bytes of stored tensor data.
-    pub fn total_bytes(&self) -> usize {
-        self.entries.values().map(|(_, i)| i.bytes()).sum()
-    }
-
     /// The weight files, for hashing and plans.
     pub fn weight_files(&self) -> Vec<&Path> {
         self.shards.iter().map(Shard::path).collect()
@@ -379,38 +371,4 @@ fn index_shards(index: &Path) -> Result<Vec<String>> {
     }
     shards.sort();
     Ok(shards)
-}
-
-/// Map a safetensors dtype to candle's.
-pub(crate) fn dtype_from_safetensors(d: safetensors::Dtype) -> Option<DType> {
-    use safetensors::Dtype as S;
-    Some(match d {
-        S::F32 => DType::F32,
-        S::F16 => DType::F16,
-        S::BF16 => DType::BF16,
-        S::F64 => DType::F64,
-        S::I64 => DType::I64,
-        S::I32 => DType::I32,
-        S::I16 => DType::I16,
-        S::U32 => DType::U32,
-        S::U8 => DType::U8,
-        _ => return None,
-    })
-}
-
-/// Map a candle dtype to safetensors'.
-pub(crate) fn dtype_to_safetensors(d: DType) -> Option<safetensors::Dtype> {
-    use safetensors::Dtype as S;
-    Some(match d {
-        DType::F32 => S::F32,
-        DType::F16 => S::F16,
-        DType::BF16 => S::BF16,
-        DType::F64 => S::F64,
-        DType::I64 => S::I64,
-        DType::I32 => S::I32,
-        DType::I16 => S::I16,
-        DType::U32 => S::U32,
-        DType::U8 => S::U8,
-        _ => return None,
-    })
 }

@@ -2,10 +2,10 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
 
-use super::{dtype_from_safetensors, MappedTensor, TensorInfo};
+use super::{MappedTensor, TensorInfo};
 use crate::error::{Error, Result};
 
 pub(super) struct SafetensorsFile {
@@ -32,7 +32,7 @@ impl SafetensorsFile {
             .map_err(|e| corrupt(format!("not a valid safetensors file: {e}")))?;
         let mut tensors = Vec::new();
         for (name, info) in metadata.tensors() {
-            let dtype = dtype_from_safetensors(info.dtype).ok_or_else(|| {
+            let dtype = DType::try_from(info.dtype).map_err(|_| {
                 corrupt(format!(
                     "tensor `{name}` has unsupported dtype {:?}",
                     info.dtype

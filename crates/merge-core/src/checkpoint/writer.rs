@@ -17,7 +17,6 @@ use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
 use super::convert::{encodable, tensor_bytes, with_encoded};
-use super::dtype_to_safetensors;
 use crate::error::{Error, Result};
 
 /// transformers' default `max_shard_size` ("5GB").
@@ -103,10 +102,10 @@ impl CheckpointWriter {
         overwrite: bool,
     ) -> Result<Self> {
         if target.exists() && !overwrite {
-            return Err(Error::Write {
-                path: target.to_path_buf(),
-                message: "already exists (use --force to replace it)".into(),
-            });
+            return Err(Error::write(
+                target.to_path_buf(),
+                "already exists (use --force to replace it)",
+            ));
         }
         let parent = match target.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -175,10 +174,10 @@ impl CheckpointWriter {
                     },
                 );
                 if prev.is_some() {
-                    return Err(Error::Write {
-                        path: target.to_path_buf(),
-                        message: format!("tensor `{}` planned twice", t.name),
-                    });
+                    return Err(Error::write(
+                        target.to_path_buf(),
+                        format!("tensor `{}` planned twice", t.name),
+                    ));
                 }
             }
             files.push(file);
@@ -214,9 +213,11 @@ impl CheckpointWriter {
     }
 
     fn slot(&self, name: &str) -> Result<&Slot> {
-        self.slots.get(name).ok_or_else(|| Error::Write {
-            path: self.target.clone(),
-            message: format!("tensor `{name}` was not planned"),
+        self.slots.get(name).ok_or_else(|| {
+            Error::write(
+                self.target.clone(),
+                format!("tensor `{name}` was not planned"),
+            )
         })
     }
 
@@ -225,14 +226,14 @@ impl CheckpointWriter {
     pub fn write(&self, name: &str, tensor: &Tensor) -> Result<()> {
         let slot = self.slot(name)?;
         if tensor.dims() != slot.shape.as_slice() {
-            return Err(Error::Write {
-                path: self.target.clone(),
-                message: format!(
+            return Err(Error::write(
+                self.target.clone(),
+                format!(
                     "tensor `{name}` has shape {:?}, planned {:?}",
                     tensor.dims(),
                     slot.shape
                 ),
-            });
+            ));
         }
         if tensor.dtype() == DType::F32 && encodable(slot.dtype) {
             // Converted and written a chunk at a time, from the tensor's own buffer.
@@ -259,10 +260,7 @@ impl CheckpointWriter {
     fn write_bytes(&self, slot: &Slot, at: u64, bytes: &[u8]) -> Result<()> {
         let path = || self.tmp.path().join(&self.shard_names[slot.shard]);
         if at + bytes.len() as u64 > slot.len {
-            return Err(Error::Write {
-                path: path(),
-                message: "write past the end of a tensor".into(),
-            });
+            return Err(Error::write(path(), "write past the end of a tensor"));
         }
         self.files[slot.shard]
             .write_all_at(bytes, slot.offset + at)
@@ -276,13 +274,13 @@ impl CheckpointWriter {
     pub fn write_f32_range(&self, name: &str, first: usize, data: &[f32]) -> Result<()> {
         let slot = self.slot(name)?;
         if !encodable(slot.dtype) {
-            return Err(Error::Write {
-                path: self.target.clone(),
-                message: format!(
+            return Err(Error::write(
+                self.target.clone(),
+                format!(
                     "tensor `{name}` is planned as {:?}, not a float",
                     slot.dtype
                 ),
-            });
+            ));
         }
         let at = (first * slot.dtype.size_in_bytes()) as u64;
         with_encoded(slot.dtype, data, |bytes| self.write_bytes(slot, at, bytes))
@@ -315,10 +313,10 @@ impl CheckpointWriter {
     pub fn finish(self) -> Result<PathBuf> {
         let written = self.written.lock().expect("not poisoned").clone();
         if let Some(i) = written.iter().position(|w| !w) {
-            return Err(Error::Write {
-                path: self.target.clone(),
-                message: format!("tensor `{}` was never written", self.order[i]),
-            });
+            return Err(Error::write(
+                self.target.clone(),
+                format!("tensor `{}` was never written", self.order[i]),
+            ));
         }
         for (file, name) in self.files.iter().zip(&self.shard_names) {
             file.sync_all()
@@ -371,10 +369,7 @@ fn header_for(group: &[&OutputTensor]) -> Result<ShardLayout> {
     let mut offset = 0u64;
     let mut offsets = Vec::new();
     for t in group {
-        let dtype = dtype_to_safetensors(t.dtype).ok_or_else(|| Error::Write {
-            path: PathBuf::from(&t.name),
-            message: format!("dtype {:?} cannot be written", t.dtype),
-        })?;
+        let dtype = safetensors::Dtype::from(t.dtype);
         let end = offset + t.bytes();
         entries.insert(
             t.name.clone(),

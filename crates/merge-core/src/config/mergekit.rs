@@ -28,9 +28,10 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use serde::Deserialize;
 use serde_yaml::Value;
 
-use super::{FilteredValue, MergeConfig, ModelEntry, OutDType, ParamValue, ScalarOrGradient};
+use super::{FilteredValue, MergeConfig, ModelEntry, OutDType, ParamValue};
 use crate::error::{Error, Result};
 
 const KNOWN: [&str; 7] = [
@@ -42,6 +43,51 @@ const KNOWN: [&str; 7] = [
     "out_dtype",
     "tokenizer_source",
 ];
+
+/// The part of mergekit's schema we read (see the module docs).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Document {
+    merge_method: String,
+    base_model: Option<String>,
+    dtype: Option<String>,
+    out_dtype: Option<String>,
+    tokenizer_source: Option<Value>,
+    parameters: Option<Parameters>,
+    models: Option<Vec<Model>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Model {
+    model: String,
+    parameters: Option<Parameters>,
+}
+
+type Parameters = BTreeMap<String, Value>;
+
+/// A parameter value: ours, or one `{filter, value}` mapping on its own.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Parameter {
+    Value(ParamValue),
+    Filtered(FilteredValue),
+}
+
+/// Parameters as ours; `at` locates them in errors.
+fn ours(p: Option<Parameters>, at: &str) -> Result<BTreeMap<String, ParamValue>> {
+    let convert = |(k, v): (String, Value)| match serde_yaml::from_value(v.clone()) {
+        Ok(Parameter::Value(p)) => Ok((k, p)),
+        Ok(Parameter::Filtered(f)) => Ok((k, ParamValue::Filtered(vec![f]))),
+        Err(_) => Err(Error::config(
+            format!("{at}.{k}"),
+            format!(
+                "unsupported parameter value {v:?} (numbers, booleans, gradients or filter lists)"
+            ),
+        )),
+    };
+    p.unwrap_or_default().into_iter().map(convert).collect()
+}
 
 /// Whether `path` names a YAML file (`.yml` / `.yaml`).
 pub fn is_yaml(path: &Path) -> bool {
@@ -64,161 +110,57 @@ fn split_revision(s: &str) -> (String, Option<String>) {
     }
 }
 
-fn scalar(v: &Value) -> Option<std::result::Result<ScalarOrGradient, ()>> {
-    match v {
-        Value::Bool(b) => Some(Ok(ScalarOrGradient::Bool(*b))),
-        Value::Number(n) => Some(n.as_f64().map(ScalarOrGradient::Number).ok_or(())),
-        Value::Sequence(items) if items.iter().all(|i| matches!(i, Value::Number(_))) => Some(Ok(
-            ScalarOrGradient::Gradient(items.iter().filter_map(Value::as_f64).collect()),
-        )),
-        _ => None,
-    }
-}
-
-fn filtered(v: &Value, at: &str) -> Result<FilteredValue> {
-    let Value::Mapping(m) = v else {
-        return Err(Error::config(
-            at,
-            "a filtered value must be a mapping with `value` (and `filter`)",
-        ));
+/// A YAML error as ours, located at `origin:line:column` where serde_yaml knows it.
+fn yaml_error(origin: &str, e: serde_yaml::Error) -> Error {
+    let at = match e.location() {
+        Some(l) => format!("{origin}:{}:{}", l.line(), l.column()),
+        None => origin.to_string(),
     };
-    let mut filter = None;
-    let mut value = None;
-    for (k, v) in m {
-        match k.as_str() {
-            Some("filter") => {
-                filter = Some(
-                    v.as_str()
-                        .ok_or_else(|| Error::config(at, "`filter` must be a string"))?
-                        .to_string(),
-                )
-            }
-            Some("value") => {
-                value = Some(match scalar(v) {
-                    Some(Ok(s)) => s,
-                    _ => {
-                        return Err(Error::config(
-                            at,
-                            format!(
-                                "unsupported value {v:?} (numbers, booleans or lists of numbers)"
-                            ),
-                        ))
-                    }
-                })
-            }
-            other => {
-                return Err(Error::config(
-                    at,
-                    format!(
-                        "unsupported key `{}` in a filtered value",
-                        other.unwrap_or("?")
-                    ),
-                ))
-            }
-        }
-    }
-    Ok(FilteredValue {
-        filter,
-        value: value.ok_or_else(|| Error::config(at, "a filtered value needs `value`"))?,
-    })
-}
-
-fn param_value(v: &Value, at: &str) -> Result<ParamValue> {
-    if let Some(s) = scalar(v) {
-        return match s {
-            Ok(ScalarOrGradient::Bool(b)) => Ok(ParamValue::Bool(b)),
-            Ok(ScalarOrGradient::Number(x)) => Ok(ParamValue::Number(x)),
-            Ok(ScalarOrGradient::Gradient(g)) => Ok(ParamValue::Gradient(g)),
-            Err(()) => Err(Error::config(at, "number out of range")),
-        };
-    }
-    match v {
-        Value::Mapping(_) => Ok(ParamValue::Filtered(vec![filtered(v, at)?])),
-        Value::Sequence(items) => Ok(ParamValue::Filtered(
-            items.iter().map(|i| filtered(i, at)).collect::<Result<_>>()?,
-        )),
-        other => Err(Error::config(
-            at,
-            format!("unsupported parameter value {other:?} (numbers, booleans, gradients or filter lists)"),
-        )),
-    }
-}
-
-fn parameters(v: &Value, at: &str) -> Result<BTreeMap<String, ParamValue>> {
-    match v {
-        Value::Null => Ok(BTreeMap::new()),
-        Value::Mapping(m) => m
-            .iter()
-            .map(|(k, v)| {
-                let k = k
-                    .as_str()
-                    .ok_or_else(|| Error::config(at, "parameter names must be strings"))?;
-                Ok((k.to_string(), param_value(v, &format!("{at}.{k}"))?))
-            })
-            .collect(),
-        _ => Err(Error::config(at, "`parameters` must be a mapping")),
-    }
-}
-
-fn string<'a>(v: &'a Value, at: &str) -> Result<&'a str> {
-    v.as_str()
-        .ok_or_else(|| Error::config(at, "must be a string"))
+    Error::config(at, e.to_string().replace('\n', " "))
 }
 
 /// Parse mergekit YAML text (schema checks only); `origin` names it in errors.
 pub fn parse(text: &str, origin: &str) -> Result<MergeConfig> {
-    let doc: Value = serde_yaml::from_str(text).map_err(|e| {
-        let at = match e.location() {
-            Some(l) => format!("{origin}:{}:{}", l.line(), l.column()),
-            None => origin.to_string(),
-        };
-        Error::config(at, e.to_string().replace('\n', " "))
-    })?;
+    let doc: Value = serde_yaml::from_str(text).map_err(|e| yaml_error(origin, e))?;
     let Value::Mapping(top) = doc else {
         return Err(Error::config(origin, "a mergekit config is a YAML mapping"));
     };
-    for k in top.keys() {
-        let k = k.as_str().unwrap_or("?");
-        if !KNOWN.contains(&k) {
-            let hint = match k {
-                "slices" | "modules" => {
-                    " (layer slicing is not supported; merge whole models with `models:`)"
-                }
-                "tokenizer" | "chat_template" => {
-                    " (the output takes the base model's tokenizer as is)"
-                }
-                _ => "",
-            };
+    // Unknown keys first, with what to do instead where there is something.
+    if let Some(k) = top
+        .keys()
+        .map(|k| k.as_str().unwrap_or("?"))
+        .find(|k| !KNOWN.contains(k))
+    {
+        let hint = match k {
+            "slices" | "modules" => {
+                " (layer slicing is not supported; merge whole models with `models:`)"
+            }
+            "tokenizer" | "chat_template" => " (the output takes the base model's tokenizer as is)",
+            _ => "",
+        };
+        return Err(Error::config(
+            origin,
+            format!(
+                "unsupported mergekit key `{k}`{hint}; supported: {}",
+                KNOWN.join(", ")
+            ),
+        ));
+    }
+    let doc: Document = serde_yaml::from_str(text).map_err(|e| yaml_error(origin, e))?;
+    let (base_model, base_revision) = match doc.base_model.as_deref() {
+        None => (None, None),
+        Some(s) if s.contains('+') => {
             return Err(Error::config(
                 origin,
-                format!(
-                    "unsupported mergekit key `{k}`{hint}; supported: {}",
-                    KNOWN.join(", ")
-                ),
-            ));
+                format!("base_model `{s}`: a LoRA on the base (`+`) is not supported"),
+            ))
         }
-    }
-    let get = |k: &str| top.get(Value::String(k.into()));
-    let method = string(
-        get("merge_method").ok_or_else(|| Error::config(origin, "missing `merge_method`"))?,
-        &format!("{origin}: merge_method"),
-    )?
-    .to_string();
-    let (base_model, base_revision) = match get("base_model") {
-        None | Some(Value::Null) => (None, None),
-        Some(v) => {
-            let s = string(v, &format!("{origin}: base_model"))?;
-            if s.contains('+') {
-                return Err(Error::config(
-                    origin,
-                    format!("base_model `{s}`: a LoRA on the base (`+`) is not supported"),
-                ));
-            }
+        Some(s) => {
             let (m, r) = split_revision(s);
             (Some(m), r)
         }
     };
-    if let Some(v) = get("tokenizer_source") {
+    if let Some(v) = &doc.tokenizer_source {
         if v.as_str() != Some("base") || base_model.is_none() {
             return Err(Error::config(
                 origin,
@@ -226,95 +168,57 @@ pub fn parse(text: &str, origin: &str) -> Result<MergeConfig> {
             ));
         }
     }
-    let dtype = match get("out_dtype").or_else(|| get("dtype")) {
-        None | Some(Value::Null) => None,
-        Some(v) => {
-            let s = string(v, &format!("{origin}: dtype"))?;
-            Some(
-                serde_json::from_value::<OutDType>(serde_json::Value::String(s.into())).map_err(
-                    |_| {
-                        Error::config(
-                            origin,
-                            format!("unsupported dtype `{s}` (float32, float16, bfloat16)"),
-                        )
-                    },
-                )?,
-            )
-        }
+    let dtype = match doc.out_dtype.or(doc.dtype) {
+        None => None,
+        Some(s) => Some(
+            serde_json::from_value::<OutDType>(serde_json::Value::String(s.clone())).map_err(
+                |_| {
+                    Error::config(
+                        origin,
+                        format!("unsupported dtype `{s}` (float32, float16, bfloat16)"),
+                    )
+                },
+            )?,
+        ),
     };
-    let params = match get("parameters") {
-        Some(v) => parameters(v, &format!("{origin}: parameters"))?,
-        None => BTreeMap::new(),
+    let Some(entries) = doc.models else {
+        return Err(Error::config(
+            origin,
+            "missing `models` (slices are not supported)",
+        ));
     };
+    let base = base_model.clone().map(|m| (m, base_revision.clone()));
     let mut models = Vec::new();
-    match get("models") {
-        Some(Value::Sequence(items)) => {
-            for (i, item) in items.iter().enumerate() {
-                let at = format!("{origin}: models[{i}]");
-                let Value::Mapping(m) = item else {
-                    return Err(Error::config(
-                        at,
-                        "each model is a mapping with `model` (and `parameters`)",
-                    ));
-                };
-                for k in m.keys() {
-                    let k = k.as_str().unwrap_or("?");
-                    if k != "model" && k != "parameters" {
-                        return Err(Error::config(
-                            &at,
-                            format!("unsupported key `{k}` (model, parameters)"),
-                        ));
-                    }
-                }
-                let name = string(
-                    m.get(Value::String("model".into()))
-                        .ok_or_else(|| Error::config(&at, "missing `model`"))?,
-                    &at,
-                )?;
-                let name = match name.split_once('+') {
-                    // `base+lora` where base is the base model: the adapter over the base,
-                    // which is what an adapter entry means here.
-                    Some((b, lora))
-                        if Some(split_revision(b).0) == base_model
-                            && split_revision(b).1 == base_revision =>
-                    {
-                        lora.to_string()
-                    }
-                    Some(_) => {
-                        return Err(Error::config(
-                            &at,
-                            format!("`{name}`: a LoRA (`+`) is supported only over the base_model"),
-                        ))
-                    }
-                    None => name.to_string(),
-                };
-                let (model, revision) = split_revision(&name);
-                let parameters = match m.get(Value::String("parameters".into())) {
-                    Some(v) => parameters(v, &format!("{at}.parameters"))?,
-                    None => BTreeMap::new(),
-                };
-                models.push(ModelEntry {
-                    model,
-                    revision,
-                    parameters,
-                });
+    for (i, m) in entries.into_iter().enumerate() {
+        let name = match m.model.split_once('+') {
+            // `base+lora` where base is the base model: the adapter over the base, which is
+            // what an adapter entry means here.
+            Some((b, lora)) if Some(split_revision(b)) == base.clone() => lora.to_string(),
+            Some(_) => {
+                return Err(Error::config(
+                    format!("{origin}: models[{i}]"),
+                    format!(
+                        "`{}`: a LoRA (`+`) is supported only over the base_model",
+                        m.model
+                    ),
+                ))
             }
-        }
-        Some(_) => return Err(Error::config(origin, "`models` must be a list")),
-        None => {
-            return Err(Error::config(
-                origin,
-                "missing `models` (slices are not supported)",
-            ))
-        }
+            None => m.model,
+        };
+        let (model, revision) = split_revision(&name);
+        models.push(ModelEntry {
+            model,
+            revision,
+            parameters: ours(m.parameters, &format!("{origin}: models[{i}].parameters"))?,
+        });
     }
     let cfg = MergeConfig {
-        method,
+        method: doc.merge_method,
         base_model,
         base_revision,
         dtype,
         seed: 0,
-        parameters: params,
+        parameters: ours(doc.parameters, &format!("{origin}: parameters"))?,
         models,
     };
     cfg.check_schema(origin)?;
@@ -324,6 +228,7 @@ pub fn parse(text: &str, origin: &str) -> Result<MergeConfig> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::ScalarOrGradient;
 
     const TIES: &str = r#"
 merge_method: ties

@@ -193,10 +193,7 @@ impl ChunkSink for StreamSink<'_> {
 }
 
 fn method_error(plan: &MergePlan, name: &str, e: impl std::fmt::Display) -> Error {
-    Error::Method {
-        method: plan.method.name().into(),
-        message: format!("tensor `{name}`: {e}"),
-    }
+    Error::method(plan.method.name(), format!("tensor `{name}`: {e}"))
 }
 
 /// What [`merge_streaming`] did with a tensor.

@@ -102,15 +102,6 @@ enum Opened {
     Adapter(Arc<Adapter>),
 }
 
-impl Opened {
-    fn describe(&self) -> String {
-        match self {
-            Opened::Checkpoint(c) => c.files().describe(),
-            Opened::Adapter(a) => a.label.clone(),
-        }
-    }
-}
-
 /// Resolve and open `r` through `resolver`, once per reference; the config's base model
 /// (`base`) must not be an adapter, which is checked before its files are opened.
 fn open_with(
@@ -156,10 +147,10 @@ impl Inputs {
     ) -> Result<Self> {
         let checkpoint = |o: Opened, r: &ModelRef| match o {
             Opened::Checkpoint(c) => Ok(c),
-            Opened::Adapter(a) => Err(Error::Adapter {
-                adapter: a.label.clone(),
-                message: format!("is the base of a merge input (`{r}`) but a PEFT adapter itself"),
-            }),
+            Opened::Adapter(a) => Err(Error::adapter(
+                a.label.clone(),
+                format!("is the base of a merge input (`{r}`) but a PEFT adapter itself"),
+            )),
         };
         let base_ref = cfg.base_ref();
         let base = match &base_ref {
@@ -221,13 +212,13 @@ impl Inputs {
 
 /// The error for a full model given to an adapter-level method.
 pub(crate) fn not_an_adapter(method: &str, model: &str) -> Error {
-    Error::Method {
-        method: method.into(),
-        message: format!(
+    Error::method(
+        method,
+        format!(
             "{model} is not a PEFT adapter (no adapter_config.json); `{method}` merges LoRA \
              adapters into an adapter — use a model-level method for full models"
         ),
-    }
+    )
 }
 
 /// The base an adapter names (`base_model_name_or_path`, relative to a local adapter's
@@ -237,9 +228,11 @@ fn adapter_base_ref(adapter: &Adapter) -> Result<ModelRef> {
         .config
         .base_model_name_or_path
         .clone()
-        .ok_or_else(|| Error::Adapter {
-            adapter: adapter.label.clone(),
-            message: "names no base_model_name_or_path; set base_model in the merge config".into(),
+        .ok_or_else(|| {
+            Error::adapter(
+                adapter.label.clone(),
+                "names no base_model_name_or_path; set base_model in the merge config",
+            )
         })?;
     let model = match adapter.files().and_then(|f| f.local_dir()) {
         Some(dir) if dir.join(&name).is_dir() => dir.join(&name).display().to_string(),
@@ -296,12 +289,5 @@ impl MergeSession {
                 )
             })
         })
-    }
-
-    /// The files of every model the session opened, for messages and keys.
-    pub fn describe(&self) -> Vec<String> {
-        let mut d: Vec<String> = self.opened.values().map(Opened::describe).collect();
-        d.sort();
-        d
     }
 }

@@ -210,15 +210,15 @@ impl Output for MemoryOutput<'_> {
             bytes.extend_from_slice(&part);
         }
         if bytes.len() as u64 != t.bytes() {
-            return Err(Error::Method {
-                method: "streaming".into(),
-                message: format!(
+            return Err(Error::method(
+                "streaming",
+                format!(
                     "tensor `{}`: the chunks written cover {} of {} bytes",
                     t.name,
                     bytes.len(),
                     t.bytes()
                 ),
-            });
+            ));
         }
         let tensor = Tensor::from_raw_buffer(&bytes, t.dtype, &t.shape, &Device::Cpu)
             .map_err(|e| Error::tensor(&t.name, e))?;
@@ -228,15 +228,15 @@ impl Output for MemoryOutput<'_> {
 
     fn write(&self, t: &OutputTensor, tensor: &Tensor) -> Result<()> {
         if tensor.dims() != t.shape.as_slice() {
-            return Err(Error::Write {
-                path: "(in memory)".into(),
-                message: format!(
+            return Err(Error::write(
+                "(in memory)",
+                format!(
                     "tensor `{}` has shape {:?}, planned {:?}",
                     t.name,
                     tensor.dims(),
                     t.shape
                 ),
-            });
+            ));
         }
         self.sink.put(&t.name, as_stored(t, tensor)?)
     }

@@ -68,9 +68,9 @@ fn check_model_count(method: Method, n: usize) -> Result<()> {
         Some(max) => format!("{min} to {max}"),
         None => format!("at least {min}"),
     };
-    Err(Error::Method {
-        method: method.name().into(),
-        message: format!(
+    Err(Error::method(
+        method.name(),
+        format!(
             "takes {expected} model(s) besides the base, got {n}{}",
             if method.requires_base() {
                 " (an entry naming the base model is the base)"
@@ -78,7 +78,7 @@ fn check_model_count(method: Method, n: usize) -> Result<()> {
                 ""
             }
         ),
-    })
+    ))
 }
 
 /// The output dtype: the config's, else the reference's `torch_dtype`, else its storage dtype.
@@ -97,16 +97,13 @@ pub(crate) fn output_dtype(cfg: &MergeConfig, reference: &Checkpoint) -> OutDTyp
 pub fn plan(cfg: &MergeConfig, inputs: &Inputs) -> Result<MergePlan> {
     let method = registry::get(&cfg.method, "method")?;
     let Method::Tensor(tensor_method) = method else {
-        return Err(Error::Method {
-            method: cfg.method.clone(),
-            message: "merges adapters into an adapter; it has no tensor plan".into(),
-        });
+        return Err(Error::method(
+            cfg.method.clone(),
+            "merges adapters into an adapter; it has no tensor plan",
+        ));
     };
     if method.requires_base() && inputs.base.is_none() {
-        return Err(Error::Method {
-            method: method.name().into(),
-            message: "needs a base_model".into(),
-        });
+        return Err(Error::method(method.name(), "needs a base_model"));
     }
     let params = ConfigParams::new(
         cfg,
@@ -157,9 +154,8 @@ pub fn plan(cfg: &MergeConfig, inputs: &Inputs) -> Result<MergePlan> {
             }
             tensor_method
                 .check_params(&globals, &model_params)
-                .map_err(|message| Error::Method {
-                    method: method.name().into(),
-                    message: format!("tensor `{name}`: {message}"),
+                .map_err(|message| {
+                    Error::method(method.name(), format!("tensor `{name}`: {message}"))
                 })?;
         }
         tensors.push(PlannedTensor {
