@@ -321,3 +321,44 @@ fn every_method_has_a_parsing_example_config() {
         assert_eq!(cfg.method, name, "{}", path.display());
     }
 }
+
+#[test]
+fn magnitude_selection_ranks_by_magnitude_then_position() {
+    // One expert of weight 1 over a zero base: the output is its sparsified task vector.
+    let sparsified =
+        |method: &str, x: &[f32], global: &[(&'static str, f64)], p: &[(&'static str, f64)]| {
+            let (g, p) = params(method, global, p, 1);
+            let out = run(method, &small(&vec![0.0; x.len()]), &[small(x)], &g, &p, 0);
+            let kept: Vec<usize> = (0..x.len()).filter(|&i| out[i] != 0.0).collect();
+            (kept, out)
+        };
+    let x = [0.1, -5.0, 0.3, 2.0, -0.2, 4.0];
+    assert_eq!(
+        sparsified("ties", &x, &[], &[("density", 0.5)]).0,
+        [1, 3, 5]
+    );
+    // At least one element survives a tiny density.
+    assert_eq!(
+        sparsified("ties", &[1.0, -3.0, 2.0], &[], &[("density", 0.01)]).0,
+        [1]
+    );
+    // Rescaling restores the L1 norm.
+    let (kept, out) = sparsified(
+        "ties",
+        &[1.0, -2.0, 3.0, -4.0],
+        &[("rescale", 1.0)],
+        &[("density", 0.5)],
+    );
+    assert_eq!(kept, [2, 3]);
+    assert!(
+        (out.iter().map(|v| v.abs()).sum::<f32>() - 10.0).abs() < 1e-5,
+        "{out:?}"
+    );
+    // Breadcrumbs drops the top `gamma` share, then the bottom, keeping `density`.
+    let ten: Vec<f32> = (1..=10).map(|v| v as f32).collect();
+    let b = |x: &[f32], d, g| sparsified("breadcrumbs", x, &[], &[("density", d), ("gamma", g)]).0;
+    assert_eq!(b(&ten, 0.5, 0.2), [3, 4, 5, 6, 7]);
+    // Equal magnitudes rank by position: ranks 0.5 → 0, then the four 1s → 1, 2, 3, 4.
+    assert_eq!(b(&[1.0, -1.0, 1.0, 1.0, 0.5], 0.4, 0.4), [0, 1]);
+    assert_eq!(b(&[2.0, 1.0, 1.0, 1.0, 3.0], 0.4, 0.2), [0, 3]);
+}

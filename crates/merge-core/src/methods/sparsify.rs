@@ -1,26 +1,23 @@
-//! Sparsification of task vectors (δ = expert − base), in place on f32 data.
+//! Sparsification of task vectors (δ = expert − base), decided chunk by chunk so that merges
+//! stream (and whole-tensor merges use the same masks):
 //!
-//! - [`magnitude`] (TIES): keep the ⌊density·n⌋ largest |δ| (at least one);
-//! - [`magnitude_outliers`] (Model Breadcrumbs): drop the ⌊gamma·n⌋ largest |δ|, then the
+//! - magnitude (TIES): keep the ⌊density·n⌋ largest |δ| (at least one);
+//! - magnitude outliers (Model Breadcrumbs): drop the ⌊gamma·n⌋ largest |δ|, then the
 //!   smallest, keeping ⌊density·n⌋;
-//! - [`bernoulli`] (DARE): keep each element with probability `density`;
+//! - random (DARE): keep each element with probability `density`, drawn per `RNG_CHUNK` block;
 //! - [`della_magprune`] (DELLA): keep with a probability that grows with the element's
-//!   magnitude rank in its row, from density − ε to density + ε.
+//!   magnitude rank in its row, from density − ε to density + ε (whole tensors only).
 //!
-//! Streamed merges mask task vectors a chunk at a time instead (`Mask`), with the same
-//! result: random masks are drawn per `RNG_CHUNK` block, and magnitude thresholds come from
-//! two radix passes over the streamed inputs (`magnitude_masks`).
-//!
-//! Magnitude ranks come from selection (a parallel two-pass radix select on the bits of |δ|,
-//! O(n)), never a full sort; only DELLA, whose probabilities need every rank, sorts (one row
-//! at a time, rows in parallel).
-//! Equal magnitudes are ranked by position, so results never depend on thread scheduling.
+//! Magnitude ranks come from selection ([`select_ranks`]: a parallel two-pass radix select on
+//! the bits of |δ| over the streamed inputs, O(n)), never a full sort; only DELLA, whose
+//! probabilities need every rank, sorts (one row at a time, rows in parallel). Equal
+//! magnitudes are ranked by position, so results never depend on thread scheduling.
 //!
 //! Rescaling: the deterministic methods rescale like mergekit (the kept L1 norm is scaled back
-//! to the original's). The random ones divide each kept element by its keep probability, as in
-//! the DARE and DELLA papers, which keeps the expected value of every element (and so of the
-//! sum) equal to the input; mergekit instead matches L1 norms, which for large tensors is
-//! the same factor up to sampling noise.
+//! to the original's; the method merges such tensors whole). The random ones divide each kept
+//! element by its keep probability, as in the DARE and DELLA papers, which keeps the expected
+//! value of every element (and so of the sum) equal to the input; mergekit instead matches L1
+//! norms, which for large tensors is the same factor up to sampling noise.
 
 use rand::RngCore;
 use rand::SeedableRng;
@@ -48,7 +45,7 @@ pub fn mag_key(x: f32) -> u32 {
 }
 
 /// Σ|x| in f64.
-fn l1(x: &[f32]) -> f64 {
+pub(super) fn l1(x: &[f32]) -> f64 {
     x.par_chunks(RNG_CHUNK)
         .map(|c| c.iter().map(|v| f64::from(v.abs())).sum::<f64>())
         .sum()
@@ -56,53 +53,13 @@ fn l1(x: &[f32]) -> f64 {
 
 /// Scale `x` so its L1 norm is `before` again (mergekit's `RescaleNorm.l1`); left as is when
 /// either norm is below 1e-7.
-fn rescale_l1(x: &mut [f32], before: f64) {
+pub(super) fn rescale_l1(x: &mut [f32], before: f64) {
     let after = l1(x);
     if before < 1e-7 || after < 1e-7 {
         return;
     }
     let f = (before / after) as f32;
     x.par_iter_mut().for_each(|v| *v *= f);
-}
-
-/// Elements per chunk of the parallel passes of the rank selection.
-const SELECT_CHUNK: usize = 1 << 18;
-
-/// Histogram of 16 bits of the magnitude keys (`shift` 16: the high half; 0: the low half of
-/// keys whose high half is `high`), counted in parallel.
-fn histogram(x: &[f32], shift: u32, high: Option<u32>) -> Vec<u64> {
-    x.par_chunks(SELECT_CHUNK)
-        .map(|c| {
-            let mut h = vec![0u64; 1 << 16];
-            for v in c {
-                let k = mag_key(*v);
-                match high {
-                    None => h[(k >> shift) as usize] += 1,
-                    Some(hi) if k >> 16 == hi => h[(k & 0xffff) as usize] += 1,
-                    Some(_) => {}
-                }
-            }
-            h
-        })
-        .reduce(
-            || vec![0u64; 1 << 16],
-            |mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                a
-            },
-        )
-}
-
-/// The magnitude key at ascending rank `rank` (< x.len()) and how many keys are smaller.
-///
-/// A two-pass radix selection (16 bits per pass, parallel histograms): O(n), no copy of the
-/// data, and unlike `select_nth_unstable` it splits across cores.
-pub fn key_at_rank(x: &[f32], rank: usize) -> (u32, usize) {
-    let h1 = histogram(x, 16, None);
-    let (high, below_high) = locate(&h1, rank);
-    let h2 = histogram(x, 0, Some(high as u32));
-    let (low, below_low) = locate(&h2, rank - below_high);
-    (((high as u32) << 16) | low as u32, below_high + below_low)
 }
 
 /// The bin of a histogram that holds ascending rank `rank`, and how many counts lie in the
@@ -121,136 +78,9 @@ pub fn locate<T: Copy + Into<u64>>(h: &[T], rank: usize) -> (usize, usize) {
     unreachable!("rank < number of elements")
 }
 
-/// Zero every element whose ascending-|x| rank is outside `lo..hi` (ties ranked by position).
-pub fn keep_rank_range(x: &mut [f32], lo: usize, hi: usize) {
-    let n = x.len();
-    let hi = hi.min(n);
-    if lo == 0 && hi == n {
-        return;
-    }
-    if hi <= lo {
-        x.fill(0.0);
-        return;
-    }
-    // The key at rank `lo` and the key at rank `hi − 1`, with how many keys are smaller.
-    let lower = (lo > 0).then(|| key_at_rank(x, lo));
-    let upper = (hi < n).then(|| key_at_rank(x, hi - 1));
-    // Elements equal to a threshold are ranked by position: rank = (# smaller) + (# equal
-    // before it). Count the equal ones per chunk, then give each chunk its starting count.
-    let is_tie = |k: u32| lower.is_some_and(|l| l.0 == k) || upper.is_some_and(|u| u.0 == k);
-    let per_chunk: Vec<usize> = x
-        .par_chunks(SELECT_CHUNK)
-        .map(|c| c.iter().filter(|v| is_tie(mag_key(**v))).count())
-        .collect();
-    let mut starts = Vec::with_capacity(per_chunk.len());
-    let mut acc = 0usize;
-    for c in &per_chunk {
-        starts.push(acc);
-        acc += c;
-    }
-    // With two distinct thresholds, ties of each are counted apart: recount per key below.
-    let two_keys = matches!((lower, upper), (Some(l), Some(u)) if l.0 != u.0);
-    let starts_for = |key: u32| -> Vec<usize> {
-        if !two_keys {
-            return starts.clone();
-        }
-        let counts: Vec<usize> = x
-            .par_chunks(SELECT_CHUNK)
-            .map(|c| c.iter().filter(|v| mag_key(**v) == key).count())
-            .collect();
-        let mut s = Vec::with_capacity(counts.len());
-        let mut acc = 0usize;
-        for c in counts {
-            s.push(acc);
-            acc += c;
-        }
-        s
-    };
-    let lower_starts = lower.map(|l| starts_for(l.0));
-    let upper_starts = upper.map(|u| starts_for(u.0));
-    x.par_chunks_mut(SELECT_CHUNK)
-        .enumerate()
-        .for_each(|(c, chunk)| {
-            let mut seen_lo = lower_starts.as_ref().map_or(0, |s| s[c]);
-            let mut seen_hi = upper_starts.as_ref().map_or(0, |s| s[c]);
-            for e in chunk.iter_mut() {
-                let k = mag_key(*e);
-                let keep = match (lower, upper) {
-                    (Some((lk, lb)), _) if k == lk => {
-                        let rank = lb + seen_lo;
-                        seen_lo += 1;
-                        if upper.is_some_and(|u| u.0 == k) {
-                            seen_hi += 1;
-                        }
-                        rank >= lo && rank < hi
-                    }
-                    (_, Some((uk, ub))) if k == uk => {
-                        let rank = ub + seen_hi;
-                        seen_hi += 1;
-                        rank < hi
-                    }
-                    _ => lower.is_none_or(|l| k > l.0) && upper.is_none_or(|u| k < u.0),
-                };
-                if !keep {
-                    *e = 0.0;
-                }
-            }
-        });
-}
-
-/// TIES' magnitude pruning: keep the k = max(1, ⌊density·n⌋) largest |x|; with `rescale`,
-/// restore the L1 norm. density ≥ 1 keeps everything, density ≤ 0 nothing.
-pub fn magnitude(x: &mut [f32], density: f64, rescale: bool) {
-    if density >= 1.0 {
-        return;
-    }
-    let n = x.len();
-    if density <= 0.0 || n == 0 {
-        x.fill(0.0);
-        return;
-    }
-    let k = ((density * n as f64) as usize).max(1);
-    let before = if rescale { l1(x) } else { 0.0 };
-    keep_rank_range(x, n - k, n);
-    if rescale {
-        rescale_l1(x, before);
-    }
-}
-
-/// Model Breadcrumbs: drop the ⌊gamma·n⌋ largest |x| (fewer when density needs them), then
-/// the smallest, keeping ⌊density·n⌋; with `rescale`, restore the L1 norm.
-pub fn magnitude_outliers(x: &mut [f32], density: f64, gamma: f64, rescale: bool) {
-    if density >= 1.0 {
-        return;
-    }
-    let n = x.len();
-    let target = (density.max(0.0) * n as f64) as usize;
-    let n_top = (gamma.max(0.0) * n as f64) as usize;
-    let n_bot = n.saturating_sub(target).saturating_sub(n_top);
-    let before = if rescale { l1(x) } else { 0.0 };
-    keep_rank_range(x, n_bot, n_bot + target);
-    if rescale {
-        rescale_l1(x, before);
-    }
-}
-
-/// DARE: keep each element with probability `density` (seeded), dividing kept elements by
-/// `density` when `rescale`.
-pub fn bernoulli(x: &mut [f32], density: f64, rescale: bool, seed: u64) {
-    if density >= 1.0 {
-        return;
-    }
-    if density <= 0.0 {
-        x.fill(0.0);
-        return;
-    }
-    x.par_chunks_mut(RNG_CHUNK)
-        .enumerate()
-        .for_each(|(c, chunk)| bernoulli_block(chunk, c, density, rescale, seed));
-}
-
-/// [`bernoulli`] on `RNG_CHUNK`-element block number `block` of a tensor (the last block may
-/// be shorter), for 0 < density < 1: the same mask whichever way the tensor is split.
+/// DARE on `RNG_CHUNK`-element block number `block` of a task vector (the last block may be
+/// shorter), for 0 < density < 1: keep each element with probability `density`, dividing it
+/// by `density` when `rescale`; the same mask whichever way the tensor is split.
 pub fn bernoulli_block(x: &mut [f32], block: usize, density: f64, rescale: bool, seed: u64) {
     // keep iff a uniform u32 < density·2³²
     let threshold = (density * 4_294_967_296.0) as u64;
@@ -320,23 +150,28 @@ pub fn della_magprune(
     Ok(())
 }
 
-// Streamed masks are cut at chunk boundaries: random blocks must not straddle them.
+// Masks are cut at chunk boundaries: random blocks must not straddle them.
 const _: () = assert!(STREAM_CHUNK.is_multiple_of(RNG_CHUNK));
 
-/// How one expert's task vector is masked while streaming (what the functions above do to a
-/// whole tensor, decided per element).
+/// A magnitude rank located in one task vector by [`select_ranks`]: the key at that rank, how
+/// many keys equal to it rank below it, and per chunk how many equal keys precede the chunk
+/// (`starts`: one entry more than there are chunks, the last the total).
+pub(super) struct Rank {
+    key: u32,
+    ties_below: usize,
+    starts: Vec<usize>,
+}
+
+/// How one expert's task vector is masked, decided per element of a chunk.
 pub(super) enum Mask {
     /// Keep every element.
     All,
     /// Zero every element.
     Nothing,
-    /// Magnitude selection: keep |δ| keys above `key`; of the keys equal to it, drop the
-    /// first `skip` in position order (`starts[c]`: how many equal keys precede chunk `c`;
-    /// one entry more than there are chunks, the last the total).
-    Threshold {
-        key: u32,
-        skip: usize,
-        starts: Vec<usize>,
+    /// Keep the elements whose magnitude rank is in `from ..= to` (an absent bound: no limit).
+    Ranks {
+        from: Option<Rank>,
+        to: Option<Rank>,
     },
     /// DARE's Bernoulli mask, drawn per `RNG_CHUNK` block from `seed`.
     Random {
@@ -346,39 +181,60 @@ pub(super) enum Mask {
     },
 }
 
+/// Zero the elements of `d` where `keep` is false, branch-free (whether an element is kept is
+/// as good as random), so the loop vectorises.
+#[inline]
+fn keep_where(d: &mut [f32], mut keep: impl FnMut(u32) -> bool) {
+    for v in d.iter_mut() {
+        let k = keep(mag_key(*v));
+        *v = f32::from_bits(v.to_bits() & 0u32.wrapping_sub(u32::from(k)));
+    }
+}
+
 impl Mask {
     /// Apply to chunk `index` (whose first element is `first`) of a task vector.
     pub(super) fn apply(&self, d: &mut [f32], index: usize, first: usize) {
         match self {
             Mask::All => {}
             Mask::Nothing => d.fill(0.0),
-            Mask::Threshold { key, skip, starts } => {
-                let (key, skip) = (*key, *skip);
-                let (before, after) = (starts[index], starts[index + 1]);
-                // Whether the keys equal to the threshold are kept: all of them in this chunk,
-                // none, or (in the one chunk where the count of dropped ties runs out) the
-                // later ones, decided element by element.
-                let keep_ties = if before >= skip {
-                    true
-                } else if after <= skip {
-                    false
-                } else {
-                    let mut seen = before;
-                    for v in d.iter_mut() {
-                        let k = mag_key(*v);
-                        let tie = k == key;
-                        let keep = (k > key) | (tie & (seen >= skip));
-                        seen += usize::from(tie);
-                        *v = f32::from_bits(v.to_bits() & 0u32.wrapping_sub(u32::from(keep)));
+            Mask::Ranks { from, to } => {
+                let (c, end) = (index, index + 1);
+                // Within a chunk the keys equal to a bound are all in the range, all out, or
+                // (in the one chunk where the count runs out) decided one by one.
+                let lower_all = from.as_ref().is_none_or(|r| r.starts[c] >= r.ties_below);
+                let lower_none = from.as_ref().is_some_and(|r| r.starts[end] <= r.ties_below);
+                let upper_all = to
+                    .as_ref()
+                    .is_none_or(|r| r.starts[end] <= r.ties_below + 1);
+                let upper_none = to.as_ref().is_some_and(|r| r.starts[c] > r.ties_below);
+                if (lower_all || lower_none) && (upper_all || upper_none) {
+                    let lo = from.as_ref().map_or(0, |r| r.key + u32::from(lower_none));
+                    match to {
+                        None => keep_where(d, |k| k >= lo),
+                        Some(r) => {
+                            let hi = r.key + u32::from(upper_all);
+                            keep_where(d, |k| (k >= lo) & (k < hi));
+                        }
                     }
                     return;
-                };
-                // Branch-free (whether an element is kept is as good as random), vectorised.
-                let floor = if keep_ties { key } else { key + 1 };
-                for v in d.iter_mut() {
-                    let keep = mag_key(*v) >= floor;
-                    *v = f32::from_bits(v.to_bits() & 0u32.wrapping_sub(u32::from(keep)));
                 }
+                let mut seen_from = from.as_ref().map_or(0, |r| r.starts[c]);
+                let mut seen_to = to.as_ref().map_or(0, |r| r.starts[c]);
+                keep_where(d, |k| {
+                    let after_from = from.as_ref().is_none_or(|r| {
+                        let tie = k == r.key;
+                        let keep = (k > r.key) | (tie & (seen_from >= r.ties_below));
+                        seen_from += usize::from(tie);
+                        keep
+                    });
+                    let before_to = to.as_ref().is_none_or(|r| {
+                        let tie = k == r.key;
+                        let keep = (k < r.key) | (tie & (seen_to <= r.ties_below));
+                        seen_to += usize::from(tie);
+                        keep
+                    });
+                    after_from & before_to
+                });
             }
             Mask::Random {
                 density,
@@ -387,6 +243,49 @@ impl Mask {
             } => {
                 for (b, block) in d.chunks_mut(RNG_CHUNK).enumerate() {
                     bernoulli_block(block, first / RNG_CHUNK + b, *density, *rescale, *seed);
+                }
+            }
+        }
+    }
+
+    /// The mask keeping magnitude ranks `lo .. hi` of an `n`-element task vector, with its
+    /// bounds' ranks added to `select` (to be located by [`select_ranks`] and put in by
+    /// [`Mask::locate`]) where they are inside the tensor.
+    pub(super) fn rank_range(
+        lo: usize,
+        hi: usize,
+        n: usize,
+        expert: usize,
+        select: &mut Vec<(usize, usize)>,
+    ) -> Mask {
+        if hi <= lo {
+            return Mask::Nothing;
+        }
+        if lo == 0 && hi >= n {
+            return Mask::All;
+        }
+        let from = (lo > 0).then(|| select.push((expert, lo)));
+        let to = (hi < n).then(|| select.push((expert, hi - 1)));
+        // Placeholders, filled in by `locate` in the order the ranks were pushed.
+        let unset = || Rank {
+            key: 0,
+            ties_below: 0,
+            starts: Vec::new(),
+        };
+        Mask::Ranks {
+            from: from.map(|()| unset()),
+            to: to.map(|()| unset()),
+        }
+    }
+
+    /// Fill in the bounds of every `Ranks` mask from `ranks`, located in the order
+    /// [`Mask::rank_range`] pushed them.
+    pub(super) fn locate(masks: &mut [Mask], ranks: Vec<Rank>) {
+        let mut ranks = ranks.into_iter();
+        for m in masks {
+            if let Mask::Ranks { from, to } = m {
+                for bound in [from, to].into_iter().flatten() {
+                    *bound = ranks.next().expect("one rank per bound");
                 }
             }
         }
@@ -409,19 +308,18 @@ fn add_high_histogram(h: &mut [u32], m: &[f32], b: &[f32]) {
     }
 }
 
-/// The magnitude-selection masks for `select` (expert index, ascending rank of the smallest
-/// kept key) over the task vectors of `x`: two parallel radix passes over the streamed
-/// inputs, like [`key_at_rank`] — a histogram of the high 16 bits of every key,
-/// then the low 16 bits of the keys in the bin that holds the rank, kept per chunk so the
+/// The magnitude ranks `select` (expert index, ascending rank) of the task vectors of `x`: two
+/// parallel radix passes over the streamed inputs — a histogram of the high 16 bits of every
+/// key, then the low 16 bits of the keys in the bin that holds the rank, kept per chunk so the
 /// equal keys before each chunk are counted without a third pass.
-pub(super) fn magnitude_masks(
+pub(super) fn select_ranks(
     x: &StreamInputs,
     select: &[(usize, usize)],
-) -> candle_core::Result<Vec<Mask>> {
+) -> candle_core::Result<Vec<Rank>> {
     const BINS: usize = 1 << 16;
     let e = select.len();
-    // Per thread: two u32 lanes per expert (`stream_masks` only streams tensors of fewer
-    // than 2³² elements), summed at the end.
+    // Per thread: two u32 lanes per expert (tensors have fewer than 2³² elements, checked by
+    // the caller), summed at the end.
     let high = fold_chunks(
         x,
         || vec![0u32; 2 * BINS * e],
@@ -492,9 +390,9 @@ pub(super) fn magnitude_masks(
                 acc += chunk[s].iter().filter(|&&l| l as usize == low).count();
             }
             starts.push(acc);
-            Mask::Threshold {
+            Rank {
                 key: (bin << 16) | low as u32,
-                skip: rank - below_high - below_low,
+                ties_below: rank - below_high - below_low,
                 starts,
             }
         })
@@ -504,73 +402,6 @@ pub(super) fn magnitude_masks(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn kept(x: &[f32]) -> Vec<usize> {
-        (0..x.len()).filter(|&i| x[i] != 0.0).collect()
-    }
-
-    #[test]
-    fn magnitude_keeps_the_largest_k() {
-        let mut x = vec![0.1, -5.0, 0.3, 2.0, -0.2, 4.0];
-        magnitude(&mut x, 0.5, false);
-        assert_eq!(kept(&x), vec![1, 3, 5]);
-        assert_eq!(x[1], -5.0);
-        // at least one element survives a tiny density
-        let mut y = vec![1.0, -3.0, 2.0];
-        magnitude(&mut y, 0.01, false);
-        assert_eq!(kept(&y), vec![1]);
-    }
-
-    #[test]
-    fn magnitude_rescale_restores_l1() {
-        let mut x = vec![1.0f32, -2.0, 3.0, -4.0];
-        magnitude(&mut x, 0.5, true);
-        let s: f32 = x.iter().map(|v| v.abs()).sum();
-        assert!((s - 10.0).abs() < 1e-5, "{x:?}");
-        assert_eq!(x[0], 0.0);
-    }
-
-    #[test]
-    fn ties_in_magnitude_are_ranked_by_position() {
-        let mut x = vec![1.0f32, -1.0, 1.0, 1.0, 0.5];
-        keep_rank_range(&mut x, 1, 3); // ranks: 0.5→0, then the four 1s → 1,2,3,4
-        assert_eq!(kept(&x), vec![0, 1]);
-        let mut y = vec![2.0f32, 1.0, 1.0, 1.0, 3.0];
-        keep_rank_range(&mut y, 2, 4); // ranks: idx1→0, idx2→1, idx3→2, idx0→3, idx4→4
-        assert_eq!(kept(&y), vec![0, 3]);
-    }
-
-    #[test]
-    fn radix_selection_agrees_with_sorting() {
-        let mut rng = ChaCha8Rng::seed_from_u64(9);
-        // Many ties (few distinct values) and both signs, across several chunks.
-        let x: Vec<f32> = (0..(SELECT_CHUNK * 2 + 1234))
-            .map(|_| ((rng.next_u32() % 2001) as f32 - 1000.0) / 7.0)
-            .collect();
-        let mut order: Vec<usize> = (0..x.len()).collect();
-        order.sort_by_key(|&i| (mag_key(x[i]), i));
-        for (lo, hi) in [(0, 10), (100, x.len()), (x.len() / 3, x.len() / 2), (5, 6)] {
-            let (key, below) = key_at_rank(&x, lo);
-            assert_eq!(key, mag_key(x[order[lo]]));
-            assert_eq!(below, x.iter().filter(|v| mag_key(**v) < key).count());
-            let mut y = x.clone();
-            keep_rank_range(&mut y, lo, hi);
-            let want: Vec<usize> = {
-                let mut w: Vec<usize> = order[lo..hi].to_vec();
-                w.sort();
-                w.into_iter().filter(|&i| x[i] != 0.0).collect()
-            };
-            assert_eq!(kept(&y), want, "ranks {lo}..{hi}");
-        }
-    }
-
-    #[test]
-    fn breadcrumbs_drops_top_and_bottom() {
-        let mut x: Vec<f32> = (1..=10).map(|v| v as f32).collect();
-        magnitude_outliers(&mut x, 0.5, 0.2, false);
-        // drop top 2 (9, 10) and bottom 3 (1, 2, 3): keep 4..=8
-        assert_eq!(kept(&x), vec![3, 4, 5, 6, 7]);
-    }
 
     #[test]
     fn della_rejects_bad_epsilon() {

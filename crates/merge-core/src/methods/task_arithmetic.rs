@@ -50,10 +50,10 @@
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
-use super::sparsify::{self, magnitude_masks, Mask};
+use super::sparsify::{self, select_ranks, Mask};
 use super::{
     stream_chunks, ChunkSink, MergeMethod, ParamSpec, Params, Source, StreamInputs, TensorInputs,
-    VecSink,
+    VecSink, STREAM_CHUNK,
 };
 use crate::tensor::{tensor_like, with_f32_slices};
 
@@ -178,75 +178,56 @@ pub static DELLA_LINEAR: TaskArithmeticFamily = TaskArithmeticFamily {
 };
 
 impl TaskArithmeticFamily {
-    /// Sparsify one task vector in place.
-    fn sparsify(
-        &self,
-        delta: &mut [f32],
-        row_len: usize,
-        p: &Params,
-        rescale: bool,
-        seed: u64,
-    ) -> std::result::Result<(), String> {
-        let density = p.number("density");
-        match self.sparsification {
-            Sparsification::None => {}
-            Sparsification::Magnitude => sparsify::magnitude(delta, density, rescale),
-            Sparsification::MagnitudeOutliers => {
-                sparsify::magnitude_outliers(delta, density, p.number("gamma"), rescale)
-            }
-            Sparsification::Random => sparsify::bernoulli(delta, density, rescale, seed),
-            Sparsification::DellaMagprune => {
-                let epsilon = p.number("epsilon");
-                sparsify::della_magprune(delta, row_len, density, epsilon, rescale, seed)?
-            }
-        }
-        Ok(())
-    }
-}
-
-impl TaskArithmeticFamily {
-    /// Each expert's streaming mask, or `None` when the sparsification needs the whole tensor
-    /// (breadcrumbs, DELLA, or L1 rescaling after magnitude selection).
-    fn stream_masks(&self, x: &StreamInputs) -> Option<Result<Vec<Mask>>> {
+    /// Each expert's mask over `x`, or `None` where the sparsification needs the whole tensor:
+    /// DELLA (ranks per row) always, and, when `streaming`, L1 rescaling after magnitude
+    /// selection (the kept mass is known only once every chunk is masked).
+    fn masks(&self, x: &StreamInputs, streaming: bool) -> Option<Result<Vec<Mask>>> {
         let n = x.len();
         let rescale = x.flag("rescale");
         let mut masks = Vec::with_capacity(x.models.len());
         let mut select = Vec::new();
+        let magnitude = matches!(
+            self.sparsification,
+            Sparsification::Magnitude | Sparsification::MagnitudeOutliers
+        );
         for i in 0..x.models.len() {
-            let density = x.model_param(i, "density");
-            let mask = match self.sparsification {
+            let p = &x.model_params[i];
+            let density = p.number("density");
+            masks.push(match self.sparsification {
                 Sparsification::None => Mask::All,
                 _ if density >= 1.0 => Mask::All,
+                Sparsification::DellaMagprune => return None,
                 Sparsification::Random if density <= 0.0 => Mask::Nothing,
                 Sparsification::Random => Mask::Random {
                     density,
                     rescale,
                     seed: sparsify::mix_seed(x.seed, i as u64),
                 },
-                Sparsification::Magnitude if rescale => return None,
-                Sparsification::Magnitude if density <= 0.0 || n == 0 => Mask::Nothing,
+                _ if rescale && streaming => return None,
                 // Selection counts in u32.
-                Sparsification::Magnitude if n >= u32::MAX as usize => return None,
+                _ if n >= u32::MAX as usize && streaming => return None,
+                _ if n >= u32::MAX as usize => {
+                    let e = format!("tensor `{}` has {n} elements, too many to select", x.name);
+                    return Some(Err(candle_core::Error::msg(e)));
+                }
+                Sparsification::Magnitude if density <= 0.0 => Mask::Nothing,
                 Sparsification::Magnitude => {
                     let k = ((density * n as f64) as usize).max(1);
-                    if k >= n {
-                        Mask::All
-                    } else {
-                        select.push((i, n - k));
-                        Mask::All // replaced below
-                    }
+                    Mask::rank_range(n.saturating_sub(k), n, n, i, &mut select)
                 }
-                Sparsification::MagnitudeOutliers | Sparsification::DellaMagprune => return None,
-            };
-            masks.push(mask);
+                Sparsification::MagnitudeOutliers => {
+                    let target = (density.max(0.0) * n as f64) as usize;
+                    let top = (p.number("gamma").max(0.0) * n as f64) as usize;
+                    let bottom = n.saturating_sub(target).saturating_sub(top);
+                    Mask::rank_range(bottom, bottom + target, n, i, &mut select)
+                }
+            });
         }
+        debug_assert!(magnitude || select.is_empty());
         if !select.is_empty() {
-            let selected = match magnitude_masks(x, &select) {
-                Ok(m) => m,
+            match select_ranks(x, &select) {
+                Ok(ranks) => Mask::locate(&mut masks, ranks),
                 Err(e) => return Some(Err(e)),
-            };
-            for (&(i, _), m) in select.iter().zip(selected) {
-                masks[i] = m;
             }
         }
         Some(Ok(masks))
@@ -403,7 +384,7 @@ impl Combine {
 impl MergeMethod for TaskArithmeticFamily {
     fn merge_streaming(&self, x: &StreamInputs, out: &dyn ChunkSink) -> Option<Result<()>> {
         Some(
-            self.stream_masks(x)?
+            self.masks(x, true)?
                 .and_then(|masks| self.stream(x, &masks, out)),
         )
     }
@@ -468,23 +449,36 @@ impl MergeMethod for TaskArithmeticFamily {
             // The streaming implementation on these whole tensors, where it applies.
             let sources: Vec<Source> = models.iter().map(|m| Source::F32(m)).collect();
             let stream = x.streaming(Some(Source::F32(b)), &sources);
-            if let Some(masks) = self.stream_masks(&stream) {
+            if let Some(masks) = self.masks(&stream, true) {
                 let sink = VecSink::new(b.len());
                 self.stream(&stream, &masks?, &sink)?;
                 return Ok(sink.into_inner());
             }
-            // Weighted, sparsified task vectors.
+            // Whole task vectors: magnitude selection then L1 rescaling, or DELLA.
+            let masks = self.masks(&stream, false).transpose()?;
             let mut deltas: Vec<Vec<f32>> = Vec::with_capacity(k);
             for (i, m) in models.iter().enumerate() {
                 let mut d: Vec<f32> = m.par_iter().zip(b.par_iter()).map(|(m, b)| m - b).collect();
-                self.sparsify(
-                    &mut d,
-                    row_len,
-                    &x.model_params[i],
-                    rescale,
-                    sparsify::mix_seed(x.seed, i as u64),
-                )
-                .map_err(candle_core::Error::msg)?;
+                let p = &x.model_params[i];
+                match masks.as_ref().map(|m| &m[i]) {
+                    // Nothing selected, so nothing to rescale.
+                    Some(mask @ (Mask::All | Mask::Nothing)) => mask.apply(&mut d, 0, 0),
+                    Some(mask) => {
+                        let before = rescale.then(|| sparsify::l1(&d));
+                        d.par_chunks_mut(STREAM_CHUNK)
+                            .enumerate()
+                            .for_each(|(c, d)| mask.apply(d, c, c * STREAM_CHUNK));
+                        if let Some(before) = before {
+                            sparsify::rescale_l1(&mut d, before);
+                        }
+                    }
+                    None => {
+                        let (density, epsilon) = (p.number("density"), p.number("epsilon"));
+                        let seed = sparsify::mix_seed(x.seed, i as u64);
+                        sparsify::della_magprune(&mut d, row_len, density, epsilon, rescale, seed)
+                            .map_err(candle_core::Error::msg)?;
+                    }
+                }
                 deltas.push(d);
             }
             // Combine into the first buffer, a block at a time (each block of it copied first,
@@ -513,38 +507,75 @@ impl MergeMethod for TaskArithmeticFamily {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::methods::STREAM_CHUNK;
     use rand::{RngCore, SeedableRng};
 
-    /// The whole-tensor algorithm: sparsify each task vector with `sparsify`, then combine.
+    /// The family's algorithm written plainly: task vectors sparsified by sorting magnitudes
+    /// (ties ranked by position) or by DARE's per-block draws, L1-rescaled, then combined.
     fn reference(
         method: &TaskArithmeticFamily,
         b: &[f32],
         models: &[Vec<f32>],
         weights: &[f32],
         densities: &[f64],
-        rescale: bool,
+        (normalize, rescale): (bool, bool),
         seed: u64,
     ) -> Vec<f32> {
+        let n = b.len();
         let deltas: Vec<Vec<f32>> = models
             .iter()
             .enumerate()
             .map(|(i, m)| {
                 let mut d: Vec<f32> = m.iter().zip(b).map(|(m, b)| m - b).collect();
-                let s = sparsify::mix_seed(seed, i as u64);
+                let mut order: Vec<usize> = (0..n).collect();
+                order.sort_by_key(|&j| (sparsify::mag_key(d[j]), j));
+                let keep = |range: std::ops::Range<usize>, d: &mut Vec<f32>| {
+                    let before = sparsify::l1(d);
+                    let mut kept = vec![0f32; n];
+                    for &j in &order[range] {
+                        kept[j] = d[j];
+                    }
+                    *d = kept;
+                    if rescale {
+                        sparsify::rescale_l1(d, before);
+                    }
+                };
                 match method.sparsification {
-                    Sparsification::Magnitude => sparsify::magnitude(&mut d, densities[i], rescale),
-                    Sparsification::Random => sparsify::bernoulli(&mut d, densities[i], rescale, s),
+                    Sparsification::Magnitude => {
+                        let k = ((densities[i] * n as f64) as usize).max(1);
+                        keep(n - k..n, &mut d);
+                    }
+                    Sparsification::MagnitudeOutliers => {
+                        let target = (densities[i] * n as f64) as usize;
+                        let bottom = n - target - (0.01 * n as f64) as usize;
+                        keep(bottom..bottom + target, &mut d);
+                    }
+                    Sparsification::Random => {
+                        let s = sparsify::mix_seed(seed, i as u64);
+                        for (c, block) in d.chunks_mut(sparsify::RNG_CHUNK).enumerate() {
+                            sparsify::bernoulli_block(block, c, densities[i], rescale, s);
+                        }
+                    }
                     _ => unreachable!(),
                 }
                 d
             })
             .collect();
-        (0..b.len())
+        let consensus = method.consensus.is_some();
+        let sum_w: f32 = weights.iter().sum();
+        let norm = |v: f32, div: f32| if normalize { v / div } else { v };
+        (0..n)
             .map(|j| {
                 let mut total = deltas[0][j] * weights[0];
                 for (d, w) in deltas[1..].iter().zip(&weights[1..]) {
                     total += d[j] * w;
+                }
+                if !consensus {
+                    return b[j]
+                        + if method.params[1].default == Some(true.into()) {
+                            total / sum_w
+                        } else {
+                            total
+                        };
                 }
                 let (mut mixed, mut div) = (0f32, 0f32);
                 for (d, w) in deltas.iter().zip(weights) {
@@ -554,15 +585,15 @@ mod tests {
                         div += w;
                     }
                 }
-                b[j] + mixed / if div == 0.0 { 1.0 } else { div }
+                b[j] + norm(mixed, if div == 0.0 { 1.0 } else { div })
             })
             .collect()
     }
 
     #[test]
-    fn streamed_ties_and_dare_ties_equal_the_whole_tensor_algorithm() {
+    fn streamed_and_whole_merges_equal_the_plain_algorithm() {
         // Three chunks, the last partial; few distinct values, so many equal magnitudes sit
-        // at the threshold and span chunk boundaries.
+        // at the thresholds and span chunk boundaries.
         let n = 2 * STREAM_CHUNK + 12_345;
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
         let mut draw = |scale: f32| -> Vec<f32> {
@@ -576,10 +607,19 @@ mod tests {
             .collect();
         let weights = [0.6f32, 0.4];
         let densities = [0.5, 0.3];
-        for method in [&TIES, &DARE_TIES] {
-            let rescale = method.sparsification == Sparsification::Random;
+        let base = Tensor::from_slice(&b, n, &candle_core::Device::Cpu).unwrap();
+        let experts: Vec<Tensor> = models
+            .iter()
+            .map(|m| Tensor::from_slice(m, n, &candle_core::Device::Cpu).unwrap())
+            .collect();
+        for (method, rescale) in [
+            (&TIES, false),
+            (&TIES, true),
+            (&DARE_TIES, true),
+            (&BREADCRUMBS, false),
+            (&BREADCRUMBS_TIES, true),
+        ] {
             let mut params = Params::defaults(method.params);
-            params.set("normalize", true);
             params.set("rescale", rescale);
             let model_params: Vec<Params> = (0..2)
                 .map(|i| {
@@ -589,27 +629,27 @@ mod tests {
                     p
                 })
                 .collect();
-            let sources: Vec<Source> = models.iter().map(|m| Source::F32(m)).collect();
-            let shape = [n];
-            let x = StreamInputs {
+            let x = TensorInputs {
                 name: "t",
-                shape: &shape,
-                base: Some(Source::F32(&b)),
-                models: &sources,
+                base: Some(&base),
+                models: &experts,
                 params: &params,
                 model_params: &model_params,
                 seed: 77,
             };
-            let sink = VecSink::new(n);
-            method.merge_streaming(&x, &sink).expect("streams").unwrap();
-            let got = sink.into_inner();
-            let want = reference(method, &b, &models, &weights, &densities, rescale, 77);
+            let got = method.merge(&x).unwrap().to_vec1::<f32>().unwrap();
+            let flags = (params.flag("normalize"), rescale);
+            let want = reference(method, &b, &models, &weights, &densities, flags, 77);
             let differ = got
                 .iter()
                 .zip(&want)
                 .filter(|(g, w)| g.to_bits() != w.to_bits())
                 .count();
-            assert_eq!(differ, 0, "{}: {differ} elements differ", method.name);
+            assert_eq!(
+                differ, 0,
+                "{} (rescale {rescale}): {differ} elements differ",
+                method.name
+            );
         }
     }
 }
