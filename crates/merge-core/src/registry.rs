@@ -131,33 +131,3 @@ impl MergeConfig {
         get(&self.method, origin).map(|_| ())
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn unknown_methods_are_named_with_the_known_ones() {
-        let text = "[merge]\nmethod = \"avg\"\n[[merge.models]]\nmodel = \"a\"\n";
-        let err = MergeConfig::from_toml_str(text, "c.toml")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.starts_with("c.toml: unknown merge method `avg`"),
-            "{err}"
-        );
-        assert!(err.contains("linear") && err.contains("lora_avg"), "{err}");
-        let yaml =
-            config::mergekit::parse("merge_method: nuslerp\nmodels: [{model: a}]\n", "c.yml");
-        let err = yaml.unwrap().validate("c.yml").unwrap_err().to_string();
-        assert!(err.contains("unknown merge method `nuslerp`"), "{err}");
-    }
-
-    #[test]
-    fn names_are_unique() {
-        let mut n = names();
-        n.sort();
-        n.dedup();
-        assert_eq!(n.len(), REGISTRY.len());
-    }
-}

@@ -32,12 +32,14 @@ impl PthFile {
             tensors,
         })
     }
+}
 
-    pub(super) fn path(&self) -> &Path {
+impl super::Shard for PthFile {
+    fn path(&self) -> &Path {
         &self.path
     }
 
-    pub(super) fn infos(&self) -> Vec<(String, TensorInfo)> {
+    fn infos(&self) -> Vec<(String, TensorInfo)> {
         self.tensors
             .tensor_infos()
             .iter()
@@ -53,7 +55,7 @@ impl PthFile {
             .collect()
     }
 
-    pub(super) fn load(&self, name: &str) -> Result<Tensor> {
+    fn load(&self, name: &str) -> Result<Tensor> {
         self.tensors
             .get(name)
             .map_err(|e| Error::corrupt(self.path.clone(), format!("tensor `{name}`: {e}")))?

@@ -45,7 +45,7 @@ pub fn mag_key(x: f32) -> u32 {
 }
 
 /// Σ|x| in f64.
-pub(super) fn l1(x: &[f32]) -> f64 {
+pub fn l1(x: &[f32]) -> f64 {
     x.par_chunks(RNG_CHUNK)
         .map(|c| c.iter().map(|v| f64::from(v.abs())).sum::<f64>())
         .sum()
@@ -53,7 +53,7 @@ pub(super) fn l1(x: &[f32]) -> f64 {
 
 /// Scale `x` so its L1 norm is `before` again (mergekit's `RescaleNorm.l1`); left as is when
 /// either norm is below 1e-7.
-pub(super) fn rescale_l1(x: &mut [f32], before: f64) {
+pub fn rescale_l1(x: &mut [f32], before: f64) {
     let after = l1(x);
     if before < 1e-7 || after < 1e-7 {
         return;

@@ -112,70 +112,41 @@ const PER_MODEL_EPSILON: &[ParamSpec] = &[
     ParamSpec::optional("epsilon", 0.15),
 ];
 
-/// `task_arithmetic`: θ₀ + λ·Σ wᵢ(θᵢ − θ₀).
-pub static TASK_ARITHMETIC: TaskArithmeticFamily = TaskArithmeticFamily {
-    name: "task_arithmetic",
-    sparsification: Sparsification::None,
-    consensus: None,
-    params: &shared(false, false),
-    model_params: PER_MODEL,
-};
-/// `ties`: magnitude pruning, sign election, disjoint mean.
-pub static TIES: TaskArithmeticFamily = TaskArithmeticFamily {
-    name: "ties",
-    sparsification: Sparsification::Magnitude,
-    consensus: Some(Consensus::Sum),
-    params: &shared(true, false),
-    model_params: PER_MODEL,
-};
-/// `dare_linear`: random drop and rescale, then a weighted sum.
-pub static DARE_LINEAR: TaskArithmeticFamily = TaskArithmeticFamily {
-    name: "dare_linear",
-    sparsification: Sparsification::Random,
-    consensus: None,
-    params: &shared(false, true),
-    model_params: PER_MODEL,
-};
-/// `dare_ties`: random drop and rescale, then TIES' sign election.
-pub static DARE_TIES: TaskArithmeticFamily = TaskArithmeticFamily {
-    name: "dare_ties",
-    sparsification: Sparsification::Random,
-    consensus: Some(Consensus::Sum),
-    params: &shared(false, true),
-    model_params: PER_MODEL,
-};
-/// `breadcrumbs`: drop outliers and small values, then a weighted sum.
-pub static BREADCRUMBS: TaskArithmeticFamily = TaskArithmeticFamily {
-    name: "breadcrumbs",
-    sparsification: Sparsification::MagnitudeOutliers,
-    consensus: None,
-    params: &shared(false, false),
-    model_params: PER_MODEL_GAMMA,
-};
-/// `breadcrumbs_ties`: breadcrumbs' pruning with TIES' sign election.
-pub static BREADCRUMBS_TIES: TaskArithmeticFamily = TaskArithmeticFamily {
-    name: "breadcrumbs_ties",
-    sparsification: Sparsification::MagnitudeOutliers,
-    consensus: Some(Consensus::Sum),
-    params: &shared(false, false),
-    model_params: PER_MODEL_GAMMA,
-};
-/// `della`: magnitude-ranked random drop, sign election.
-pub static DELLA: TaskArithmeticFamily = TaskArithmeticFamily {
-    name: "della",
-    sparsification: Sparsification::DellaMagprune,
-    consensus: Some(Consensus::Sum),
-    params: &shared(true, true),
-    model_params: PER_MODEL_EPSILON,
-};
-/// `della_linear`: magnitude-ranked random drop, weighted sum.
-pub static DELLA_LINEAR: TaskArithmeticFamily = TaskArithmeticFamily {
-    name: "della_linear",
-    sparsification: Sparsification::DellaMagprune,
-    consensus: None,
-    params: &shared(false, true),
-    model_params: PER_MODEL_EPSILON,
-};
+/// One `pub static` member of the family (a row of the table in the module docs).
+macro_rules! member {
+    ($doc:literal $static:ident $name:literal $sparsification:ident $consensus:expr,
+     normalize $normalize:literal, rescale $rescale:literal, $per_model:ident) => {
+        #[doc = $doc]
+        pub static $static: TaskArithmeticFamily = TaskArithmeticFamily {
+            name: $name,
+            sparsification: Sparsification::$sparsification,
+            consensus: $consensus,
+            params: &shared($normalize, $rescale),
+            model_params: $per_model,
+        };
+    };
+}
+
+member!("`task_arithmetic`: θ₀ + λ·Σ wᵢ(θᵢ − θ₀)."
+    TASK_ARITHMETIC "task_arithmetic" None None, normalize false, rescale false, PER_MODEL);
+member!("`ties`: magnitude pruning, sign election, disjoint mean."
+    TIES "ties" Magnitude Some(Consensus::Sum), normalize true, rescale false, PER_MODEL);
+member!("`dare_linear`: random drop and rescale, then a weighted sum."
+    DARE_LINEAR "dare_linear" Random None, normalize false, rescale true, PER_MODEL);
+member!("`dare_ties`: random drop and rescale, then TIES' sign election."
+    DARE_TIES "dare_ties" Random Some(Consensus::Sum), normalize false, rescale true, PER_MODEL);
+member!("`breadcrumbs`: drop outliers and small values, then a weighted sum."
+    BREADCRUMBS "breadcrumbs" MagnitudeOutliers None,
+    normalize false, rescale false, PER_MODEL_GAMMA);
+member!("`breadcrumbs_ties`: breadcrumbs' pruning with TIES' sign election."
+    BREADCRUMBS_TIES "breadcrumbs_ties" MagnitudeOutliers Some(Consensus::Sum),
+    normalize false, rescale false, PER_MODEL_GAMMA);
+member!("`della`: magnitude-ranked random drop, sign election."
+    DELLA "della" DellaMagprune Some(Consensus::Sum),
+    normalize true, rescale true, PER_MODEL_EPSILON);
+member!("`della_linear`: magnitude-ranked random drop, weighted sum."
+    DELLA_LINEAR "della_linear" DellaMagprune None,
+    normalize false, rescale true, PER_MODEL_EPSILON);
 
 impl TaskArithmeticFamily {
     /// Each expert's mask over `x`, or `None` where the sparsification needs the whole tensor:
@@ -186,10 +157,6 @@ impl TaskArithmeticFamily {
         let rescale = x.flag("rescale");
         let mut masks = Vec::with_capacity(x.models.len());
         let mut select = Vec::new();
-        let magnitude = matches!(
-            self.sparsification,
-            Sparsification::Magnitude | Sparsification::MagnitudeOutliers
-        );
         for i in 0..x.models.len() {
             let p = &x.model_params[i];
             let density = p.number("density");
@@ -223,7 +190,6 @@ impl TaskArithmeticFamily {
                 }
             });
         }
-        debug_assert!(magnitude || select.is_empty());
         if !select.is_empty() {
             match select_ranks(x, &select) {
                 Ok(ranks) => Mask::locate(&mut masks, ranks),
@@ -501,155 +467,5 @@ impl MergeMethod for TaskArithmeticFamily {
             Ok(deltas.pop().expect("one buffer"))
         })?;
         tensor_like(out, base)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use rand::{RngCore, SeedableRng};
-
-    /// The family's algorithm written plainly: task vectors sparsified by sorting magnitudes
-    /// (ties ranked by position) or by DARE's per-block draws, L1-rescaled, then combined.
-    fn reference(
-        method: &TaskArithmeticFamily,
-        b: &[f32],
-        models: &[Vec<f32>],
-        weights: &[f32],
-        densities: &[f64],
-        (normalize, rescale): (bool, bool),
-        seed: u64,
-    ) -> Vec<f32> {
-        let n = b.len();
-        let deltas: Vec<Vec<f32>> = models
-            .iter()
-            .enumerate()
-            .map(|(i, m)| {
-                let mut d: Vec<f32> = m.iter().zip(b).map(|(m, b)| m - b).collect();
-                let mut order: Vec<usize> = (0..n).collect();
-                order.sort_by_key(|&j| (sparsify::mag_key(d[j]), j));
-                let keep = |range: std::ops::Range<usize>, d: &mut Vec<f32>| {
-                    let before = sparsify::l1(d);
-                    let mut kept = vec![0f32; n];
-                    for &j in &order[range] {
-                        kept[j] = d[j];
-                    }
-                    *d = kept;
-                    if rescale {
-                        sparsify::rescale_l1(d, before);
-                    }
-                };
-                match method.sparsification {
-                    Sparsification::Magnitude => {
-                        let k = ((densities[i] * n as f64) as usize).max(1);
-                        keep(n - k..n, &mut d);
-                    }
-                    Sparsification::MagnitudeOutliers => {
-                        let target = (densities[i] * n as f64) as usize;
-                        let bottom = n - target - (0.01 * n as f64) as usize;
-                        keep(bottom..bottom + target, &mut d);
-                    }
-                    Sparsification::Random => {
-                        let s = sparsify::mix_seed(seed, i as u64);
-                        for (c, block) in d.chunks_mut(sparsify::RNG_CHUNK).enumerate() {
-                            sparsify::bernoulli_block(block, c, densities[i], rescale, s);
-                        }
-                    }
-                    _ => unreachable!(),
-                }
-                d
-            })
-            .collect();
-        let consensus = method.consensus.is_some();
-        let sum_w: f32 = weights.iter().sum();
-        let norm = |v: f32, div: f32| if normalize { v / div } else { v };
-        (0..n)
-            .map(|j| {
-                let mut total = deltas[0][j] * weights[0];
-                for (d, w) in deltas[1..].iter().zip(&weights[1..]) {
-                    total += d[j] * w;
-                }
-                if !consensus {
-                    return b[j]
-                        + if method.params[1].default == Some(true.into()) {
-                            total / sum_w
-                        } else {
-                            total
-                        };
-                }
-                let (mut mixed, mut div) = (0f32, 0f32);
-                for (d, w) in deltas.iter().zip(weights) {
-                    let v = d[j] * w;
-                    if (total >= 0.0 && v > 0.0) || (total < 0.0 && v < 0.0) {
-                        mixed += v;
-                        div += w;
-                    }
-                }
-                b[j] + norm(mixed, if div == 0.0 { 1.0 } else { div })
-            })
-            .collect()
-    }
-
-    #[test]
-    fn streamed_and_whole_merges_equal_the_plain_algorithm() {
-        // Three chunks, the last partial; few distinct values, so many equal magnitudes sit
-        // at the thresholds and span chunk boundaries.
-        let n = 2 * STREAM_CHUNK + 12_345;
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
-        let mut draw = |scale: f32| -> Vec<f32> {
-            (0..n)
-                .map(|_| ((rng.next_u32() % 41) as f32 - 20.0) * scale)
-                .collect()
-        };
-        let b = draw(1e-3);
-        let models: Vec<Vec<f32>> = (0..2)
-            .map(|_| draw(1e-4).iter().zip(&b).map(|(d, b)| b + d).collect())
-            .collect();
-        let weights = [0.6f32, 0.4];
-        let densities = [0.5, 0.3];
-        let base = Tensor::from_slice(&b, n, &candle_core::Device::Cpu).unwrap();
-        let experts: Vec<Tensor> = models
-            .iter()
-            .map(|m| Tensor::from_slice(m, n, &candle_core::Device::Cpu).unwrap())
-            .collect();
-        for (method, rescale) in [
-            (&TIES, false),
-            (&TIES, true),
-            (&DARE_TIES, true),
-            (&BREADCRUMBS, false),
-            (&BREADCRUMBS_TIES, true),
-        ] {
-            let mut params = Params::defaults(method.params);
-            params.set("rescale", rescale);
-            let model_params: Vec<Params> = (0..2)
-                .map(|i| {
-                    let mut p = Params::defaults(method.model_params);
-                    p.set("weight", f64::from(weights[i]));
-                    p.set("density", densities[i]);
-                    p
-                })
-                .collect();
-            let x = TensorInputs {
-                name: "t",
-                base: Some(&base),
-                models: &experts,
-                params: &params,
-                model_params: &model_params,
-                seed: 77,
-            };
-            let got = method.merge(&x).unwrap().to_vec1::<f32>().unwrap();
-            let flags = (params.flag("normalize"), rescale);
-            let want = reference(method, &b, &models, &weights, &densities, flags, 77);
-            let differ = got
-                .iter()
-                .zip(&want)
-                .filter(|(g, w)| g.to_bits() != w.to_bits())
-                .count();
-            assert_eq!(
-                differ, 0,
-                "{} (rescale {rescale}): {differ} elements differ",
-                method.name
-            );
-        }
     }
 }
