@@ -261,13 +261,13 @@ impl Resolver {
         ));
         let info = repo.info().map_err(|e| hub_error(&r.model, &revision, e))?;
         let files: BTreeSet<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
-        // Remember branch/tag → commit like huggingface_hub does, so offline runs find it.
+        // Remember branch/tag → commit like huggingface_hub does, so offline runs find it (a
+        // cache that cannot be written only costs that).
         if revision != info.sha {
-            let refs = self.repo_cache_dir(&r.model).join("refs").join(&revision);
-            if let Some(parent) = refs.parent() {
-                let _ = std::fs::create_dir_all(parent);
-            }
-            let _ = std::fs::write(refs, &info.sha);
+            let cached = Repo::with_revision(r.model.clone(), RepoType::Model, revision.clone());
+            let _ = hf_hub::Cache::new(self.settings.cache_dir.clone())
+                .repo(cached)
+                .create_ref(&info.sha);
         }
         Ok(ModelFiles {
             reference: r.clone(),

@@ -248,3 +248,20 @@ fn model_level_inputs_are_rejected_with_a_clear_error() {
     assert!(err.contains("not a PEFT adapter"), "{err}");
     assert!(!tmp.path().join("x").exists());
 }
+
+mod linear_algebra {
+    use merge_core::adapter::linalg::jacobi_svd;
+
+    #[test]
+    fn jacobi_svd_reconstructs() {
+        let m = [4.0, 0.0, 1.0, 2.0, 3.0, -1.0, 0.5, 0.0, 2.0];
+        let (u, s, v) = jacobi_svd(3, &m);
+        assert!(s[0] >= s[1] && s[1] >= s[2]);
+        for i in 0..3 {
+            for j in 0..3 {
+                let x: f64 = (0..3).map(|c| u[i * 3 + c] * s[c] * v[j * 3 + c]).sum();
+                assert!((x - m[i * 3 + j]).abs() < 1e-12, "{i},{j}: {x}");
+            }
+        }
+    }
+}

@@ -1,5 +1,6 @@
 //! Merge configs: our TOML, mergekit's YAML (a config and the same merge written as our TOML
-//! give identical output), and method names checked against the registry.
+//! give identical output), method names checked against the registry, and parameter values
+//! resolved per tensor.
 
 use std::path::{Path, PathBuf};
 
@@ -248,5 +249,69 @@ mod method_names {
         n.sort();
         n.dedup();
         assert_eq!(n.len(), REGISTRY.len());
+    }
+}
+
+mod parameters {
+    use merge_core::config::{FilteredValue, MergeConfig, ParamValue, ScalarOrGradient};
+    use merge_core::params::{evaluate, ConfigParams, ParamSpec, Value};
+
+    #[test]
+    fn gradients_interpolate_like_mergekit_and_filters_pick_the_first_match() {
+        let g = ParamValue::Gradient(vec![0.0, 0.5, 1.0, 0.0]);
+        assert_eq!(evaluate(&g, "t", 0.0), Some(Value::Number(0.0)));
+        assert_eq!(evaluate(&g, "t", 1.0), Some(Value::Number(0.0)));
+        let Some(Value::Number(v)) = evaluate(&g, "t", 0.5) else {
+            panic!("a number")
+        };
+        assert!((v - 0.75).abs() < 1e-12, "{v}");
+        let entry = |filter: Option<&str>, value| FilteredValue {
+            filter: filter.map(str::to_string),
+            value,
+        };
+        let w = ParamValue::Filtered(vec![
+            entry(Some("self_attn"), ScalarOrGradient::Number(0.3)),
+            entry(None, ScalarOrGradient::Gradient(vec![0.0, 1.0])),
+        ]);
+        let at = |name| evaluate(&w, name, 0.25);
+        assert_eq!(
+            at("model.layers.0.self_attn.q_proj.weight"),
+            Some(0.3.into())
+        );
+        assert_eq!(at("model.layers.0.mlp.up_proj.weight"), Some(0.25.into()));
+        let no_match =
+            ParamValue::Filtered(vec![entry(Some("mlp"), ScalarOrGradient::Number(1.0))]);
+        assert_eq!(evaluate(&no_match, "self_attn", 0.0), None);
+    }
+
+    #[test]
+    fn values_convert_to_the_declared_kind() {
+        let cfg = MergeConfig::from_toml_str(
+            "[merge]\nmethod = \"ties\"\n[merge.parameters]\nnormalize = 0\nlambda = true\n\
+             [[merge.models]]\nmodel = \"a\"\nparameters = { weight = 0.5 }\n",
+            "c.toml",
+        )
+        .unwrap();
+        const G: &[ParamSpec] = &[
+            ParamSpec::flag("normalize", true),
+            ParamSpec::optional("lambda", 2.0),
+        ];
+        const M: &[ParamSpec] = &[
+            ParamSpec::required("weight"),
+            ParamSpec::optional("density", 1.0),
+        ];
+        let p = ConfigParams::new(&cfg, "ties", G, M).unwrap();
+        let g = p.globals("x", 0.0).unwrap();
+        assert!(!g.flag("normalize"));
+        assert_eq!(g.number("lambda"), 1.0);
+        let m = p.model(0, "x", 0.0).unwrap();
+        assert_eq!((m.number("weight"), m.number("density")), (0.5, 1.0));
+        let unknown = ConfigParams::new(&cfg, "ties", &G[..1], M).err().unwrap();
+        assert!(
+            unknown
+                .to_string()
+                .contains("`lambda` is not a parameter of `ties`"),
+            "{unknown}"
+        );
     }
 }

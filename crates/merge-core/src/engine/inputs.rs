@@ -59,11 +59,6 @@ impl InputModel {
         }
     }
 
-    /// Whether `name` can be read.
-    pub fn contains(&self, name: &str) -> bool {
-        self.checkpoint().contains(name)
-    }
-
     /// Shape and storage dtype of `name`.
     pub fn info(&self, name: &str) -> Option<&TensorInfo> {
         self.checkpoint().info(name)

@@ -57,7 +57,7 @@ use crate::params::ConfigParams;
 use crate::registry::{self, Method};
 use crate::source::{ModelFiles, Resolver};
 use execute::{execute, Exec, MemoryBudget};
-use output::{as_stored, DiskOutput, MemoryOutput};
+use output::{as_stored, finish_model, MemoryOutput};
 
 /// How to run a merge to disk.
 #[derive(Debug, Clone)]
@@ -173,15 +173,14 @@ pub fn merge_to_disk(
             let planned: Vec<OutputTensor> = plan.tensors.iter().map(|t| t.out.clone()).collect();
             let writer =
                 CheckpointWriter::create(&opts.out, &planned, opts.shard_size, opts.overwrite)?;
-            let out = DiskOutput(writer);
             let exec = Exec {
                 max_memory: opts.max_memory,
                 device: opts.device.clone(),
                 progress: true,
             };
-            execute(&plan, inputs, &out, &exec)?;
+            execute(&plan, inputs, &writer, &exec)?;
             Ok(MergeReport {
-                out: out.finish_model(cfg, &plan, inputs)?,
+                out: finish_model(writer, cfg, &plan, inputs)?,
                 adapter: false,
                 tensors: plan.tensors.len(),
                 bytes_written: plan.bytes_written,

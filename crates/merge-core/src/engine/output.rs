@@ -26,11 +26,13 @@ pub trait TensorSink: Sync {
     fn put(&self, name: &str, tensor: Tensor) -> Result<()>;
 }
 
-/// The output of a merge. Engine-internal: [`super::merge_to_disk`] and
-/// [`super::merge_in_memory`] choose it.
+/// The output of a merge: the checkpoint writer ([`super::merge_to_disk`]) or a
+/// [`MemoryOutput`] ([`super::merge_in_memory`]).
 pub(crate) trait Output: Sync {
     /// Bytes the output holds per tensor in flight, for the memory budget.
-    fn held_bytes(&self, t: &OutputTensor) -> u64;
+    fn held_bytes(&self, _t: &OutputTensor) -> u64 {
+        0
+    }
     /// Store `data` as elements `first ..` of tensor `t` (f32, converted to `t.dtype`).
     /// Called from many threads at once for disjoint ranges.
     fn write_range(&self, t: &OutputTensor, first: usize, data: &[f32]) -> Result<()>;
@@ -41,23 +43,17 @@ pub(crate) trait Output: Sync {
 }
 
 /// A merged model on disk.
-pub(crate) struct DiskOutput(pub CheckpointWriter);
-
-impl Output for DiskOutput {
-    fn held_bytes(&self, _t: &OutputTensor) -> u64 {
-        0
-    }
-
+impl Output for CheckpointWriter {
     fn write_range(&self, t: &OutputTensor, first: usize, data: &[f32]) -> Result<()> {
-        self.0.write_f32_range(&t.name, first, data)
+        self.write_f32_range(&t.name, first, data)
     }
 
     fn finish(&self, t: &OutputTensor) -> Result<()> {
-        self.0.mark_written(&t.name)
+        self.mark_written(&t.name)
     }
 
     fn write(&self, t: &OutputTensor, tensor: &Tensor) -> Result<()> {
-        self.0.write(&t.name, tensor)
+        CheckpointWriter::write(self, &t.name, tensor)
     }
 }
 
@@ -74,40 +70,37 @@ pub const SIDE_FILES: [&str; 9] = [
     "generation_config.json",
 ];
 
-impl DiskOutput {
-    /// Add config (with the output `torch_dtype`), tokenizer files, the merge config and a
-    /// model card, then move the checkpoint into place.
-    pub(crate) fn finish_model(
-        self,
-        cfg: &MergeConfig,
-        plan: &MergePlan,
-        inputs: &Inputs,
-    ) -> Result<std::path::PathBuf> {
-        let writer = self.0;
-        let reference = &inputs.reference;
-        match reference.config() {
-            Some(config) => {
-                let mut config = config.clone();
-                if let Some(obj) = config.as_object_mut() {
-                    obj.insert("torch_dtype".into(), plan.dtype.torch_name().into());
-                }
-                let text = serde_json::to_string_pretty(&config).expect("serialisable");
-                writer.add_file("config.json", text.as_bytes())?;
+/// Add config (with the output `torch_dtype`), tokenizer files, the merge config and a model
+/// card to a written model, then move it into place.
+pub(crate) fn finish_model(
+    writer: CheckpointWriter,
+    cfg: &MergeConfig,
+    plan: &MergePlan,
+    inputs: &Inputs,
+) -> Result<std::path::PathBuf> {
+    let reference = &inputs.reference;
+    match reference.config() {
+        Some(config) => {
+            let mut config = config.clone();
+            if let Some(obj) = config.as_object_mut() {
+                obj.insert("torch_dtype".into(), plan.dtype.torch_name().into());
             }
-            None => tracing::warn!(
-                "{} has no config.json; the output will not load in transformers without one",
-                reference.label
-            ),
+            let text = serde_json::to_string_pretty(&config).expect("serialisable");
+            writer.add_file("config.json", text.as_bytes())?;
         }
-        for name in SIDE_FILES {
-            if let Some(path) = reference.files().get(name)? {
-                writer.copy_file(&path, name)?;
-            }
-        }
-        writer.add_file("merge-config.toml", cfg.to_toml().as_bytes())?;
-        writer.add_file("README.md", model_card(cfg, plan, inputs).as_bytes())?;
-        writer.finish()
+        None => tracing::warn!(
+            "{} has no config.json; the output will not load in transformers without one",
+            reference.label
+        ),
     }
+    for name in SIDE_FILES {
+        if let Some(path) = reference.files().get(name)? {
+            writer.copy_file(&path, name)?;
+        }
+    }
+    writer.add_file("merge-config.toml", cfg.to_toml().as_bytes())?;
+    writer.add_file("README.md", model_card(cfg, plan, inputs).as_bytes())?;
+    writer.finish()
 }
 
 fn model_card(cfg: &MergeConfig, plan: &MergePlan, inputs: &Inputs) -> String {
@@ -210,10 +203,10 @@ impl Output for MemoryOutput<'_> {
             bytes.extend_from_slice(&part);
         }
         if bytes.len() as u64 != t.bytes() {
-            return Err(Error::method(
-                "streaming",
+            return Err(Error::write(
+                "(in memory)",
                 format!(
-                    "tensor `{}`: the chunks written cover {} of {} bytes",
+                    "tensor `{}`: the streamed chunks cover {} of {} bytes",
                     t.name,
                     bytes.len(),
                     t.bytes()

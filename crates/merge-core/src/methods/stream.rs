@@ -32,19 +32,6 @@ pub enum Source<'a> {
 }
 
 impl Source<'_> {
-    /// Number of elements.
-    pub fn len(&self) -> usize {
-        match self {
-            Source::Mapped(m) => m.len(),
-            Source::F32(s) => s.len(),
-        }
-    }
-
-    /// Whether the tensor has no element.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Elements `first .. first + out.len()` (flattened, row-major) as f32.
     pub fn read(&self, first: usize, out: &mut [f32]) -> Result<()> {
         match self {
@@ -148,18 +135,6 @@ pub struct Chunk<'b> {
     pub base: Option<&'b mut [f32]>,
     /// Each model's elements, in config order.
     pub models: Vec<&'b mut [f32]>,
-}
-
-impl Chunk<'_> {
-    /// Number of elements in the chunk.
-    pub fn len(&self) -> usize {
-        self.models.first().map_or(0, |m| m.len())
-    }
-
-    /// Whether the chunk is empty.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 thread_local! {
