@@ -14,15 +14,6 @@ use std::collections::BTreeMap;
 use crate::config::{MergeConfig, ParamValue, ScalarOrGradient};
 use crate::error::{Error, Result};
 
-/// The kind of value a parameter takes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    /// A number (weights, densities, `t`, ...).
-    Number,
-    /// A boolean (`normalize`, `rescale`, ...).
-    Flag,
-}
-
 /// One parameter value.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Value {
@@ -32,24 +23,12 @@ pub enum Value {
     Flag(bool),
 }
 
-impl Value {
-    /// This value as `kind` (see the module docs for the conversions).
-    fn to_kind(self, kind: Kind) -> Value {
-        match (self, kind) {
-            (Value::Flag(b), Kind::Number) => Value::Number(f64::from(u8::from(b))),
-            (Value::Number(x), Kind::Flag) => Value::Flag(x != 0.0),
-            (v, _) => v,
-        }
-    }
-}
-
-/// A declared parameter: mergekit's name, its kind and its default (`None`: required).
+/// A declared parameter: mergekit's name and its default, whose kind (a number or a flag) is
+/// the parameter's; `None`: a number the config must set.
 #[derive(Debug, Clone, Copy)]
 pub struct ParamSpec {
     /// mergekit's parameter name.
     pub name: &'static str,
-    /// A number or a flag.
-    pub kind: Kind,
     /// Default value; `None` when the config must set it.
     pub default: Option<Value>,
 }
@@ -57,28 +36,30 @@ pub struct ParamSpec {
 impl ParamSpec {
     /// A number the config must set.
     pub const fn required(name: &'static str) -> Self {
-        ParamSpec {
-            name,
-            kind: Kind::Number,
-            default: None,
-        }
+        let default = None;
+        ParamSpec { name, default }
     }
 
     /// A number with a default.
     pub const fn optional(name: &'static str, default: f64) -> Self {
-        ParamSpec {
-            name,
-            kind: Kind::Number,
-            default: Some(Value::Number(default)),
-        }
+        let default = Some(Value::Number(default));
+        ParamSpec { name, default }
     }
 
     /// A flag with a default.
     pub const fn flag(name: &'static str, default: bool) -> Self {
-        ParamSpec {
-            name,
-            kind: Kind::Flag,
-            default: Some(Value::Flag(default)),
+        let default = Some(Value::Flag(default));
+        ParamSpec { name, default }
+    }
+
+    /// `value` as this parameter's kind (see the module docs for the conversions).
+    fn convert(&self, value: Value) -> Value {
+        match (value, self.default) {
+            (Value::Flag(b), None | Some(Value::Number(_))) => {
+                Value::Number(f64::from(u8::from(b)))
+            }
+            (Value::Number(x), Some(Value::Flag(_))) => Value::Flag(x != 0.0),
+            (v, _) => v,
         }
     }
 }
@@ -269,7 +250,7 @@ fn resolve_all(
                     ),
                 )
             })?;
-        params.set(spec.name, value.to_kind(spec.kind));
+        params.set(spec.name, spec.convert(value));
     }
     Ok(params)
 }

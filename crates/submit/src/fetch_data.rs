@@ -51,13 +51,6 @@ pub fn default_data_dir() -> PathBuf {
     }
 }
 
-fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(path).with_context(|| format!("{}", path.display()))?;
-    let mut h = Sha256::new();
-    std::io::copy(&mut f, &mut h)?;
-    Ok(format!("{:x}", h.finalize()))
-}
-
 /// Run `llm-merging fetch-data`.
 pub fn run(args: FetchDataArgs) -> Result<()> {
     let dir = args.dir.unwrap_or_else(default_data_dir);
@@ -78,7 +71,7 @@ pub fn run(args: FetchDataArgs) -> Result<()> {
 pub fn fetch_files(base: &str, dir: &Path, files: &[(&str, &str)]) -> Result<()> {
     for (rel, sha) in files {
         let dest = dir.join(rel);
-        if dest.is_file() && sha256_file(&dest)? == *sha {
+        if dest.is_file() && crate::package::sha256_file(&dest)? == *sha {
             println!("{}: present, sha256 ok", dest.display());
             continue;
         }
