@@ -29,10 +29,10 @@ pub struct MergeArgs {
     #[arg(long)]
     pub force: bool,
     /// Where methods that work on whole tensors compute: cpu, cuda, or auto (CUDA when built
-    /// with it and a GPU is visible). Streaming methods (linear, task_arithmetic, ties, dare_*)
-    /// run on the CPU whatever this says. Merging is bound by reading and writing checkpoints:
-    /// on an H100 machine even geometric_median took 12.2 s through the GPU against 6.9 s on
-    /// its CPU, hence the default.
+    /// with it and a GPU is visible). Streaming methods (linear, task_arithmetic, ties, dare_*,
+    /// breadcrumbs*) run on the CPU whatever this says. Merging is bound by reading and writing
+    /// checkpoints: on an H100 machine even geometric_median took 12.2 s through the GPU
+    /// against 6.9 s on its CPU, hence the default.
     #[arg(long, default_value = "cpu")]
     pub device: String,
 }
