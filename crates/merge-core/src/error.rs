@@ -71,8 +71,9 @@ pub enum Error {
     #[error("tensor `{tensor}`: {source}")]
     Tensor {
         tensor: String,
+        /// Boxed: candle's error is large, and every `Result` of the crate carries this type.
         #[source]
-        source: candle_core::Error,
+        source: Box<candle_core::Error>,
     },
 }
 
@@ -90,7 +91,7 @@ impl Error {
     pub fn tensor(tensor: impl Into<String>, source: candle_core::Error) -> Self {
         Error::Tensor {
             tensor: tensor.into(),
-            source,
+            source: Box::new(source),
         }
     }
 

@@ -105,11 +105,8 @@ pub struct Adapter {
 
 /// Where an adapter's tensors (factors and `modules_to_save`) are.
 enum Factors {
-    /// Read from the adapter's weight file.
-    File {
-        weights: Checkpoint,
-        files: ModelFiles,
-    },
+    /// Read from the adapter's weight file (which knows the adapter's files).
+    File(Box<Checkpoint>),
     /// Held in memory (an in-memory merge's result), by key.
     Memory(BTreeMap<String, Tensor>),
 }
@@ -117,21 +114,21 @@ enum Factors {
 impl Factors {
     fn names(&self) -> Box<dyn Iterator<Item = &str> + '_> {
         match self {
-            Factors::File { weights, .. } => Box::new(weights.names()),
+            Factors::File(weights) => Box::new(weights.names()),
             Factors::Memory(m) => Box::new(m.keys().map(String::as_str)),
         }
     }
 
     fn shape(&self, key: &str) -> Option<&[usize]> {
         match self {
-            Factors::File { weights, .. } => weights.info(key).map(|i| i.shape.as_slice()),
+            Factors::File(weights) => weights.info(key).map(|i| i.shape.as_slice()),
             Factors::Memory(m) => m.get(key).map(Tensor::dims),
         }
     }
 
     fn load(&self, key: &str) -> Result<Tensor> {
         match self {
-            Factors::File { weights, .. } => weights.load(key),
+            Factors::File(weights) => weights.load(key),
             Factors::Memory(m) => m.get(key).cloned().ok_or_else(|| Error::MissingTensor {
                 tensor: key.into(),
                 model: "the in-memory adapter".into(),
@@ -141,7 +138,7 @@ impl Factors {
 
     fn load_f32(&self, key: &str, device: &Device) -> Result<Tensor> {
         match self {
-            Factors::File { weights, .. } => weights.load_f32(key, device),
+            Factors::File(weights) => weights.load_f32(key, device),
             Factors::Memory(_) => self
                 .load(key)?
                 .to_dtype(DType::F32)
@@ -222,15 +219,7 @@ impl Adapter {
                 })?,
         };
         let weights = Checkpoint::open_file(&weights_path, files)?;
-        Self::from_parts(
-            label,
-            raw_config,
-            config,
-            Factors::File {
-                weights,
-                files: files.clone(),
-            },
-        )
+        Self::from_parts(label, raw_config, config, Factors::File(Box::new(weights)))
     }
 
     /// An adapter held in memory: `adapter_config.json`'s content and the tensors by key.
@@ -315,7 +304,7 @@ impl Adapter {
     /// The model files the adapter came from (`None` for an adapter held in memory).
     pub fn files(&self) -> Option<&ModelFiles> {
         match &self.weights {
-            Factors::File { files, .. } => Some(files),
+            Factors::File(weights) => Some(weights.files()),
             Factors::Memory(_) => None,
         }
     }
@@ -353,7 +342,7 @@ impl Adapter {
     /// The storage dtype of the adapter's tensors.
     pub fn storage_dtype(&self) -> DType {
         match &self.weights {
-            Factors::File { weights, .. } => weights.storage_dtype(),
+            Factors::File(weights) => weights.storage_dtype(),
             Factors::Memory(m) => m.values().next().map_or(DType::F32, Tensor::dtype),
         }
     }

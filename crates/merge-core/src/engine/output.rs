@@ -135,12 +135,14 @@ fn model_card(cfg: &MergeConfig, plan: &MergePlan, inputs: &Inputs) -> String {
     s
 }
 
+/// Per tensor in flight: (byte offset, bytes) of its converted chunks.
+type Parts = std::collections::HashMap<String, Vec<(usize, Vec<u8>)>>;
+
 /// Merged tensors handed to a [`TensorSink`]. A streamed tensor's chunks are converted as
 /// they arrive and kept until the last one, then joined into one tensor.
 pub(crate) struct MemoryOutput<'s> {
     pub sink: &'s dyn TensorSink,
-    /// Per tensor in flight: (byte offset, bytes) of its converted chunks.
-    parts: Mutex<std::collections::HashMap<String, Vec<(usize, Vec<u8>)>>>,
+    parts: Mutex<Parts>,
 }
 
 impl<'s> MemoryOutput<'s> {
