@@ -1,7 +1,7 @@
 //! The merge engine: inputs → plan → execute → output, for every method of the registry.
 //!
 //! - [`inputs`]: the opened models ([`Inputs`]), and a [`MergeSession`] that keeps them open;
-//! - [`plan`]: shapes checked, parameters resolved per tensor, the output laid out;
+//! - [`plan`](mod@plan): shapes checked, parameters resolved per tensor, the output laid out;
 //! - `execute`: every tensor in parallel, streamed where the method can, in a memory budget;
 //! - [`output`]: where tensors go, the checkpoint writer or a caller's [`TensorSink`].
 //!

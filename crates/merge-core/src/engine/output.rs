@@ -1,8 +1,8 @@
-//! Where merged tensors go: an [`Output`] is the checkpoint writer ([`DiskOutput`]: sharded
-//! safetensors, atomic, with side files and a model card) or a caller's [`TensorSink`]
-//! ([`MemoryOutput`]). Both convert f32 to the planned dtype with the same code
-//! ([`crate::checkpoint::with_encoded`]), so a tensor handed to a sink is bit for bit what
-//! reading the written checkpoint back gives.
+//! Where merged tensors go: the engine's `Output` trait is implemented by the checkpoint writer
+//! (sharded safetensors, atomic, with side files and a model card) and by `MemoryOutput`, which
+//! hands each tensor to a caller's [`TensorSink`]. Both convert f32 to the planned dtype with
+//! the same code ([`crate::checkpoint::with_encoded`]), so a tensor handed to a sink is bit for
+//! bit what reading the written checkpoint back gives.
 
 use std::sync::Mutex;
 

@@ -8,7 +8,7 @@
 //! - [`della_magprune`] (DELLA): keep with a probability that grows with the element's
 //!   magnitude rank in its row, from density − ε to density + ε (whole tensors only).
 //!
-//! Magnitude ranks come from selection ([`select_ranks`]: a parallel two-pass radix select on
+//! Magnitude ranks come from selection (`select_ranks`: a parallel two-pass radix select on
 //! the bits of |δ| over the streamed inputs, O(n)), never a full sort; only DELLA, whose
 //! probabilities need every rank, sorts (one row at a time, rows in parallel). Equal
 //! magnitudes are ranked by position, so results never depend on thread scheduling.
@@ -264,18 +264,20 @@ impl Mask {
         if lo == 0 && hi >= n {
             return Mask::All;
         }
-        let from = (lo > 0).then(|| select.push((expert, lo)));
-        let to = (hi < n).then(|| select.push((expert, hi - 1)));
-        // Placeholders, filled in by `locate` in the order the ranks were pushed.
-        let unset = || Rank {
-            key: 0,
-            ties_below: 0,
-            starts: Vec::new(),
+        // A bound's rank is queued for selection and its Rank left empty until `locate`.
+        let mut bound = |inside: bool, rank: usize| {
+            inside.then(|| {
+                select.push((expert, rank));
+                Rank {
+                    key: 0,
+                    ties_below: 0,
+                    starts: Vec::new(),
+                }
+            })
         };
-        Mask::Ranks {
-            from: from.map(|()| unset()),
-            to: to.map(|()| unset()),
-        }
+        let from = bound(lo > 0, lo);
+        let to = bound(hi < n, hi - 1);
+        Mask::Ranks { from, to }
     }
 
     /// Fill in the bounds of every `Ranks` mask from `ranks`, located in the order
