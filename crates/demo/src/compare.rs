@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use eval_harness::{EvalOptions, LanguageModel, Scoring};
-use merge_core::config::MergeConfig;
-use merge_core::merge::{self, MergeOptions};
+use merge_core::engine::{self, MergeOptions};
 use merge_core::source::Resolver;
+use merge_core::MergeConfig;
 use sha2::{Digest, Sha256};
 
 use crate::tasks::Skill;
@@ -160,11 +160,9 @@ fn key(parts: &[&str]) -> String {
 /// Merges the family in `dir` with a merge config (TOML text) into `out`.
 pub fn run_merge(toml: &str, out: &Path) -> Result<()> {
     let cfg = MergeConfig::from_toml_str(toml, "demo merge")?;
-    let inputs = merge::open_inputs(&cfg, &Resolver::from_env())?;
-    let plan = merge::plan(&cfg, &inputs)?;
     let mut opts = MergeOptions::new(out);
     opts.overwrite = true;
-    merge::execute(&cfg, &plan, &inputs, &opts)?;
+    engine::run(&cfg, &Resolver::from_env(), &opts)?;
     Ok(())
 }
 

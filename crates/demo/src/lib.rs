@@ -13,6 +13,7 @@
 //! table.
 
 pub mod compare;
+pub mod location;
 pub mod model;
 pub mod tasks;
 pub mod train;
@@ -24,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 pub use compare::{compare, Row, Table};
+pub use location::{demo_dir, find_workspace, with_demo_models, DEMO_PREFIX};
 pub use train::build;
 
 /// Directory names of the family's members inside the demo directory (`demo:NAME`).

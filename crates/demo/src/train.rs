@@ -386,7 +386,7 @@ fn write_lora(dir: &Path, lora: &LoraSet) -> Result<()> {
         "modules_to_save": null,
         "inference_mode": true,
     });
-    merge_core::lora::write_adapter(dir, &config, &tensors, DType::F32, false)?;
+    merge_core::adapter::write_adapter(dir, &config, &tensors, DType::F32, false)?;
     Ok(())
 }
 

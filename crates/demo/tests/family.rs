@@ -135,7 +135,7 @@ fn family_is_in_hugging_face_layout() {
     .unwrap();
     assert_eq!(cfg["peft_type"], "LORA");
     assert_eq!(cfg["r"], 8);
-    let a = merge_core::lora::Adapter::open_dir(dir.join(demo::LORA_OPPOSITE)).unwrap();
+    let a = merge_core::adapter::Adapter::open_dir(dir.join(demo::LORA_OPPOSITE)).unwrap();
     assert_eq!(a.modules().len(), 2 * 7);
     // The tokenizer round-trips the skills' text.
     let tok =

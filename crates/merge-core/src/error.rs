@@ -59,12 +59,21 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// A [`crate::engine::TensorSink`] refused a tensor.
+    #[error("tensor `{tensor}`: {source}")]
+    Sink {
+        tensor: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+
     /// A tensor operation failed (candle).
     #[error("tensor `{tensor}`: {source}")]
     Tensor {
         tensor: String,
+        /// Boxed: candle's error is large, and every `Result` of the crate carries this type.
         #[source]
-        source: candle_core::Error,
+        source: Box<candle_core::Error>,
     },
 }
 
@@ -82,15 +91,37 @@ impl Error {
     pub fn tensor(tensor: impl Into<String>, source: candle_core::Error) -> Self {
         Error::Tensor {
             tensor: tensor.into(),
-            source,
+            source: Box::new(source),
         }
     }
 
     /// A config error located in `path`.
     pub fn config(path: impl Into<String>, message: impl Into<String>) -> Self {
-        Error::Config {
-            path: path.into(),
-            message: message.into(),
-        }
+        let (path, message) = (path.into(), message.into());
+        Error::Config { path, message }
+    }
+
+    /// Merge method `method` cannot do what it was asked.
+    pub fn method(method: impl Into<String>, message: impl Into<String>) -> Self {
+        let (method, message) = (method.into(), message.into());
+        Error::Method { method, message }
+    }
+
+    /// Adapter `adapter` does not fit.
+    pub fn adapter(adapter: impl Into<String>, message: impl Into<String>) -> Self {
+        let (adapter, message) = (adapter.into(), message.into());
+        Error::Adapter { adapter, message }
+    }
+
+    /// The file at `path` cannot be parsed.
+    pub fn corrupt(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        let (path, message) = (path.into(), message.into());
+        Error::Corrupt { path, message }
+    }
+
+    /// Writing to `path` failed.
+    pub fn write(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        let (path, message) = (path.into(), message.into());
+        Error::Write { path, message }
     }
 }

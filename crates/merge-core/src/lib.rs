@@ -1,26 +1,28 @@
-//! merge-core: checkpoints in, merged checkpoint out. Runs no model.
+//! merge-core: checkpoints in, merged tensors out. Runs no model.
 //!
-//! - [`source`]: where a model comes from (local directory or hub repo at a revision);
+//! Modules, each importing only those listed before it:
+//! - [`error`]; [`tensor`]: f32 slice helpers shared by methods, streaming and the writer;
+//! - [`source`]: where a model comes from (local directory, hub repo at a revision, aliases
+//!   registered from outside such as the demo's `demo:`);
 //! - [`checkpoint`]: reading safetensors / PyTorch `.bin` tensor by tensor, writing sharded
 //!   safetensors atomically;
-//! - [`lora`]: PEFT LoRA adapters as dense deltas, and adapter output;
-//! - [`config`]: the merge config schema; [`mergekit_yaml`]: mergekit's YAML configs read into it;
-//! - [`methods`]: merge methods behind one trait and a registry;
-//! - [`adapter_merge`]: LoRA-to-LoRA merges that output an adapter (`lora_avg`, `cat`, `svd`);
-//! - [`sparsify`]: task-vector sparsification (magnitude, breadcrumbs, DARE, DELLA);
-//! - [`merge`]: planning and streaming execution.
+//! - [`config`]: the merge config schema (our TOML, mergekit's YAML);
+//! - [`params`]: declared, typed parameters and their resolution per tensor;
+//! - [`methods`]: tensor-level merge methods behind one trait;
+//! - [`adapter`]: PEFT LoRA adapters, and the adapter-level merges (`lora_avg`, `cat`, `svd`);
+//! - [`registry`]: every method by name, and configs checked against it;
+//! - [`engine`]: inputs → plan → execute → output, to disk or into memory.
 
-pub mod adapter_merge;
+pub mod adapter;
 pub mod checkpoint;
 pub mod config;
+pub mod engine;
 pub mod error;
-pub mod lora;
-pub mod merge;
-pub mod mergekit_yaml;
 pub mod methods;
-pub mod model;
+pub mod params;
+pub mod registry;
 pub mod source;
-pub mod sparsify;
+pub mod tensor;
 
 pub use config::MergeConfig;
 pub use error::{Error, Result};

@@ -6,8 +6,8 @@
 //! `HUGGINGFACE_HUB_CACHE`, else `$HF_HOME/hub` (default `~/.cache/huggingface/hub`);
 //! `HF_ENDPOINT` for the server; `HF_HUB_OFFLINE=1` resolves from the cache only.
 //!
-//! `demo:NAME` names a member of the offline demo family (`llm-merging demo`): the directory
-//! `NAME` inside [`demo_dir`].
+//! Aliases registered from outside ([`Resolver::with_alias`]) name local directories by a
+//! prefix: the demo crate registers `demo:NAME` for its offline model family.
 //!
 //! Files are fetched lazily, one by one, when a step asks for them, so a merge downloads
 //! config, index and shards, and nothing else.
@@ -124,42 +124,17 @@ impl HubSettings {
     }
 }
 
-/// Prefix of references to the offline demo family (`demo:base`, `demo:largest`, ...).
-pub const DEMO_PREFIX: &str = "demo:";
-
-/// The workspace root above `start`: the nearest directory whose `Cargo.toml` declares a
-/// `[workspace]`.
-pub fn find_workspace(start: &Path) -> Option<PathBuf> {
-    let start = start.canonicalize().unwrap_or_else(|_| start.to_path_buf());
-    start.ancestors().find_map(|d| {
-        let text = std::fs::read_to_string(d.join("Cargo.toml")).ok()?;
-        text.contains("[workspace]").then(|| d.to_path_buf())
-    })
-}
-
-/// Where the demo family lives: `LLM_MERGING_DEMO_DIR`, else `.cache/demo` in the workspace
-/// above `start` (or above the working directory).
-pub fn demo_dir(start: Option<&Path>) -> Result<PathBuf> {
-    if let Some(d) = env("LLM_MERGING_DEMO_DIR") {
-        return Ok(PathBuf::from(d));
-    }
-    let cwd = std::env::current_dir().ok();
-    start
-        .and_then(find_workspace)
-        .or_else(|| cwd.as_deref().and_then(find_workspace))
-        .map(|w| w.join(".cache").join("demo"))
-        .ok_or_else(|| Error::Config {
-            path: "demo:".into(),
-            message: "cannot find the workspace for `demo:` models; set LLM_MERGING_DEMO_DIR"
-                .into(),
-        })
-}
+/// Resolves the rest of an aliased reference (`NAME` of `demo:NAME`) to a local model
+/// directory; see [`Resolver::with_alias`].
+pub type Alias = Arc<dyn Fn(&str) -> Result<PathBuf> + Send + Sync>;
 
 /// Resolves model references to file providers.
 pub struct Resolver {
     settings: HubSettings,
     /// Directory that relative local paths are taken from first (the config's directory).
     base_dir: Option<PathBuf>,
+    /// Reference prefixes resolved to local directories by a function.
+    aliases: Vec<(String, Alias)>,
     api: std::sync::OnceLock<std::result::Result<Api, String>>,
 }
 
@@ -174,6 +149,7 @@ impl Resolver {
         Resolver {
             settings,
             base_dir: None,
+            aliases: Vec::new(),
             api: std::sync::OnceLock::new(),
         }
     }
@@ -182,6 +158,18 @@ impl Resolver {
     pub fn with_base_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.base_dir = Some(dir.into());
         self
+    }
+
+    /// References starting with `prefix` resolve to the local directory `resolve` gives for
+    /// the rest of the reference (`demo:base` → `resolve("base")`).
+    pub fn with_alias(mut self, prefix: impl Into<String>, resolve: Alias) -> Self {
+        self.aliases.push((prefix.into(), resolve));
+        self
+    }
+
+    /// The directory relative paths are looked up in first, if set.
+    pub fn base_dir(&self) -> Option<&Path> {
+        self.base_dir.as_deref()
     }
 
     /// The settings in use.
@@ -209,15 +197,10 @@ impl Resolver {
 
     /// Resolve a reference: a local directory as it is, a hub id to a pinned commit.
     pub fn resolve(&self, r: &ModelRef) -> Result<ModelFiles> {
-        if let Some(name) = r.model.strip_prefix(DEMO_PREFIX) {
-            let dir = demo_dir(self.base_dir.as_deref())?.join(name);
-            if !dir.is_dir() {
-                return Err(Error::MissingFile {
-                    path: dir,
-                    hint: Some("demo model; build the demo family with `llm-merging demo`".into()),
-                });
+        for (prefix, resolve) in &self.aliases {
+            if let Some(rest) = r.model.strip_prefix(prefix.as_str()) {
+                return Ok(ModelFiles::local(r.clone(), resolve(rest)?));
             }
-            return Ok(ModelFiles::local(r.clone(), dir));
         }
         if let Some(dir) = self.local_dir(&r.model)? {
             if r.revision.is_some() {
@@ -278,13 +261,13 @@ impl Resolver {
         ));
         let info = repo.info().map_err(|e| hub_error(&r.model, &revision, e))?;
         let files: BTreeSet<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
-        // Remember branch/tag → commit like huggingface_hub does, so offline runs find it.
+        // Remember branch/tag → commit like huggingface_hub does, so offline runs find it (a
+        // cache that cannot be written only costs that).
         if revision != info.sha {
-            let refs = self.repo_cache_dir(&r.model).join("refs").join(&revision);
-            if let Some(parent) = refs.parent() {
-                let _ = std::fs::create_dir_all(parent);
-            }
-            let _ = std::fs::write(refs, &info.sha);
+            let cached = Repo::with_revision(r.model.clone(), RepoType::Model, revision.clone());
+            let _ = hf_hub::Cache::new(self.settings.cache_dir.clone())
+                .repo(cached)
+                .create_ref(&info.sha);
         }
         Ok(ModelFiles {
             reference: r.clone(),
@@ -295,8 +278,7 @@ impl Resolver {
                     RepoType::Model,
                     info.sha,
                 )),
-                files: Some(files),
-                snapshot: None,
+                files,
             })),
         })
     }
@@ -413,9 +395,7 @@ enum Backend {
 struct HubRepo {
     repo: hf_hub::api::sync::ApiRepo,
     /// The repository's file list at the pinned commit.
-    files: Option<BTreeSet<String>>,
-    #[allow(dead_code)]
-    snapshot: Option<PathBuf>,
+    files: BTreeSet<String>,
 }
 
 impl std::fmt::Debug for ModelFiles {
@@ -446,7 +426,7 @@ impl ModelFiles {
     pub fn has(&self, name: &str) -> bool {
         match &self.backend {
             Backend::Local(dir) => dir.join(name).is_file(),
-            Backend::Hub(h) => h.files.as_ref().is_some_and(|f| f.contains(name)),
+            Backend::Hub(h) => h.files.contains(name),
         }
     }
 
@@ -503,67 +483,5 @@ impl ModelFiles {
                 path,
                 message: format!("invalid JSON: {e}"),
             })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn demo_models_live_under_the_workspace() {
-        let tmp = tempfile::tempdir().unwrap();
-        let ws = tmp.path().canonicalize().unwrap();
-        std::fs::write(ws.join("Cargo.toml"), "[workspace]\nmembers = []\n").unwrap();
-        let entry = ws.join("submissions").join("demo");
-        std::fs::create_dir_all(&entry).unwrap();
-        assert_eq!(find_workspace(&entry), Some(ws.clone()));
-        // A missing family says how to build it (whatever LLM_MERGING_DEMO_DIR says).
-        let r = Resolver::from_env().with_base_dir(&entry);
-        let err = r
-            .resolve(&ModelRef::new("demo:no-such-model"))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("llm-merging demo"), "{err}");
-        if std::env::var_os("LLM_MERGING_DEMO_DIR").is_none() {
-            std::fs::create_dir_all(ws.join(".cache/demo/base")).unwrap();
-            let f = r.resolve(&ModelRef::new("demo:base")).unwrap();
-            assert_eq!(f.local_dir(), Some(ws.join(".cache/demo/base").as_path()));
-            assert_eq!(f.commit, None);
-        }
-    }
-
-    #[test]
-    fn commit_ids_are_recognised() {
-        assert!(is_commit_sha("f67f7cf6a907e567552b946699a9b9b45394fc46"));
-        assert!(!is_commit_sha("main"));
-        assert!(!is_commit_sha("v1.0"));
-    }
-
-    #[test]
-    fn missing_local_path_is_an_error_and_hub_ids_are_not_paths() {
-        let r = Resolver::new(HubSettings {
-            endpoint: "http://127.0.0.1:9".into(),
-            token: None,
-            cache_dir: std::env::temp_dir().join("no-such-hub-cache"),
-            offline: true,
-            progress: false,
-        });
-        let err = r.resolve(&ModelRef::new("./nowhere/model")).unwrap_err();
-        assert!(err.to_string().contains("file not found"), "{err}");
-        let err = r.resolve(&ModelRef::new("org/model")).unwrap_err();
-        assert!(err.to_string().contains("HF_HUB_OFFLINE"), "{err}");
-    }
-
-    #[test]
-    fn token_is_never_in_debug_output() {
-        let s = HubSettings {
-            endpoint: "x".into(),
-            token: Some("hf_secret".into()),
-            cache_dir: PathBuf::new(),
-            offline: false,
-            progress: false,
-        };
-        assert!(!format!("{s:?}").contains("hf_secret"));
     }
 }

@@ -3,8 +3,8 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use merge_core::lora::{write_adapter, Adapter};
-use merge_core::merge::{self, MergeOptions};
+use merge_core::adapter::{write_adapter, Adapter};
+use merge_core::engine::{self, MergeOptions};
 use merge_core::source::{HubSettings, Resolver};
 use merge_core::MergeConfig;
 use rand::{Rng, SeedableRng};
@@ -62,7 +62,7 @@ fn resolver(dir: &Path) -> Resolver {
 
 fn merge_adapters(dir: &Path, toml: &str, out: &str) -> Adapter {
     let cfg = MergeConfig::from_toml_str(toml, "test.toml").unwrap();
-    merge::run(&cfg, &resolver(dir), &MergeOptions::new(dir.join(out))).unwrap();
+    engine::run(&cfg, &resolver(dir), &MergeOptions::new(dir.join(out))).unwrap();
     Adapter::open_dir(dir.join(out)).unwrap()
 }
 
@@ -238,7 +238,7 @@ fn model_level_inputs_are_rejected_with_a_clear_error() {
     std::fs::create_dir_all(tmp.path().join("full")).unwrap();
     std::fs::write(tmp.path().join("full/config.json"), "{}").unwrap();
     let cfg = MergeConfig::from_toml_str(&KIT.replace("\"r8\"", "\"full\""), "t.toml").unwrap();
-    let err = merge::run(
+    let err = engine::run(
         &cfg,
         &resolver(tmp.path()),
         &MergeOptions::new(tmp.path().join("x")),
@@ -247,4 +247,21 @@ fn model_level_inputs_are_rejected_with_a_clear_error() {
     .to_string();
     assert!(err.contains("not a PEFT adapter"), "{err}");
     assert!(!tmp.path().join("x").exists());
+}
+
+mod linear_algebra {
+    use merge_core::adapter::linalg::jacobi_svd;
+
+    #[test]
+    fn jacobi_svd_reconstructs() {
+        let m = [4.0, 0.0, 1.0, 2.0, 3.0, -1.0, 0.5, 0.0, 2.0];
+        let (u, s, v) = jacobi_svd(3, &m);
+        assert!(s[0] >= s[1] && s[1] >= s[2]);
+        for i in 0..3 {
+            for j in 0..3 {
+                let x: f64 = (0..3).map(|c| u[i * 3 + c] * s[c] * v[j * 3 + c]).sum();
+                assert!((x - m[i * 3 + j]).abs() < 1e-12, "{i},{j}: {x}");
+            }
+        }
+    }
 }

@@ -4,9 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use merge_core::checkpoint::Checkpoint;
-use merge_core::lora::{write_adapter, Adapter};
-use merge_core::merge::{self, MergeOptions};
+use merge_core::adapter::{write_adapter, Adapter};
+use merge_core::checkpoint::{Checkpoint, CheckpointWriter, OutputTensor};
+use merge_core::engine::{self, MergeOptions};
 use merge_core::source::{HubSettings, Resolver};
 use merge_core::MergeConfig;
 use testkit::models::{self, TinyLlama};
@@ -152,7 +152,7 @@ fn tied_embeddings_read_the_head_from_the_embedding() {
     )
     .unwrap();
     let out = tmp.path().join("out");
-    merge::run(&cfg, &resolver(tmp.path()), &MergeOptions::new(&out)).unwrap();
+    engine::run(&cfg, &resolver(tmp.path()), &MergeOptions::new(&out)).unwrap();
     let merged = Checkpoint::open_dir(&out).unwrap();
     assert!(merged.tie_word_embeddings());
     assert!(!merged.names().any(|n| n == "lm_head.weight"));
@@ -177,7 +177,7 @@ fn half_precision_inputs_merge_in_f32_and_keep_their_dtype() {
     )
     .unwrap();
     let out = tmp.path().join("out");
-    merge::run(&cfg, &resolver(tmp.path()), &MergeOptions::new(&out)).unwrap();
+    engine::run(&cfg, &resolver(tmp.path()), &MergeOptions::new(&out)).unwrap();
     let merged = Checkpoint::open_dir(&out).unwrap();
     // Default output dtype: the first model's.
     assert_eq!(merged.storage_dtype(), DType::BF16);
@@ -203,7 +203,7 @@ fn adapter_over_its_own_base_path() {
     )
     .unwrap();
     let out = tmp.path().join("out");
-    merge::run(&cfg, &resolver(&fixtures()), &MergeOptions::new(&out)).unwrap();
+    engine::run(&cfg, &resolver(&fixtures()), &MergeOptions::new(&out)).unwrap();
     let merged = Checkpoint::open_dir(&out).unwrap();
     let golden = Checkpoint::open_dir(fixtures().join("goldens/peft_lora_a")).unwrap();
     for name in golden.names() {
@@ -212,4 +212,36 @@ fn adapter_over_its_own_base_path() {
         .unwrap();
         assert!(max_abs(d) <= 1e-6, "{name}");
     }
+}
+
+#[test]
+fn a_new_writer_removes_what_dead_writers_left_and_keeps_live_ones() {
+    let tmp = tempfile::tempdir().unwrap();
+    let target = tmp.path().join("out");
+    // No process has pid 999999999 (Linux pids stop at 2^22); this process is alive.
+    let dead = tmp.path().join(".out.partial-999999999-abc");
+    let live = tmp
+        .path()
+        .join(format!(".out.partial-{}-def", std::process::id()));
+    let other = tmp.path().join(".other.partial-999999999-abc");
+    for d in [&dead, &live, &other] {
+        std::fs::create_dir(d).unwrap();
+        std::fs::write(d.join("model.safetensors"), b"half-written").unwrap();
+    }
+    let tensors = [OutputTensor {
+        name: "w".into(),
+        shape: vec![2],
+        dtype: DType::F32,
+    }];
+    let w = CheckpointWriter::create(&target, &tensors, 1 << 20, false).unwrap();
+    assert!(!dead.exists(), "a dead writer's directory is removed");
+    assert!(live.exists(), "a live writer's directory is kept");
+    assert!(other.exists(), "another target's directory is not touched");
+    w.write(
+        "w",
+        &Tensor::new(&[1f32, 2.], &candle_core::Device::Cpu).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(w.finish().unwrap(), target);
+    assert!(target.join("model.safetensors").is_file());
 }

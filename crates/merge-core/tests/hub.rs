@@ -4,7 +4,10 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use merge_core::checkpoint::Checkpoint;
-use merge_core::source::{HubSettings, ModelRef, Resolver};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use merge_core::source::{is_commit_sha, HubSettings, ModelRef, Resolver};
 use testkit::hub::{HubServer, Repo};
 use testkit::models::TinyLlama;
 
@@ -197,4 +200,53 @@ fn offline_mode_uses_the_cache_only() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("HF_HUB_OFFLINE"), "{err}");
+}
+
+#[test]
+fn aliases_resolve_to_the_directory_their_function_gives() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(tmp.path().join("family/base")).unwrap();
+    let root = tmp.path().join("family");
+    let r =
+        Resolver::from_env().with_alias("fam:", Arc::new(move |name: &str| Ok(root.join(name))));
+    let f = r.resolve(&ModelRef::new("fam:base")).unwrap();
+    assert_eq!(
+        f.local_dir(),
+        Some(tmp.path().join("family/base").as_path())
+    );
+    assert_eq!(f.commit, None);
+}
+
+#[test]
+fn commit_ids_are_recognised() {
+    assert!(is_commit_sha("f67f7cf6a907e567552b946699a9b9b45394fc46"));
+    assert!(!is_commit_sha("main"));
+    assert!(!is_commit_sha("v1.0"));
+}
+
+#[test]
+fn missing_local_path_is_an_error_and_hub_ids_are_not_paths() {
+    let r = Resolver::new(HubSettings {
+        endpoint: "http://127.0.0.1:9".into(),
+        token: None,
+        cache_dir: std::env::temp_dir().join("no-such-hub-cache"),
+        offline: true,
+        progress: false,
+    });
+    let err = r.resolve(&ModelRef::new("./nowhere/model")).unwrap_err();
+    assert!(err.to_string().contains("file not found"), "{err}");
+    let err = r.resolve(&ModelRef::new("org/model")).unwrap_err();
+    assert!(err.to_string().contains("HF_HUB_OFFLINE"), "{err}");
+}
+
+#[test]
+fn token_is_never_in_debug_output() {
+    let s = HubSettings {
+        endpoint: "x".into(),
+        token: Some("hf_secret".into()),
+        cache_dir: PathBuf::new(),
+        offline: false,
+        progress: false,
+    };
+    assert!(!format!("{s:?}").contains("hf_secret"));
 }

@@ -7,10 +7,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::Device;
+use merge_core::adapter::Adapter;
 use merge_core::checkpoint::Checkpoint;
-use merge_core::lora::Adapter;
-use merge_core::merge::{self, MergeOptions};
-use merge_core::model::InputModel;
+use merge_core::engine::InputModel;
+use merge_core::engine::{self, MergeOptions};
 use merge_core::source::{HubSettings, Resolver};
 use merge_core::MergeConfig;
 
@@ -66,7 +66,7 @@ fn run_cases() -> Vec<(String, String, f32)> {
         let name = case["name"].as_str().unwrap();
         let cfg: MergeConfig = serde_json::from_value(case["config"].clone()).unwrap();
         let out = tmp.path().join(name);
-        merge::run(&cfg, &offline_resolver(), &MergeOptions::new(&out))
+        engine::run(&cfg, &offline_resolver(), &MergeOptions::new(&out))
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         let ours = Checkpoint::open_dir(&out).unwrap();
         let golden_path = fixtures().join(case["golden"].as_str().unwrap());
@@ -170,7 +170,7 @@ fn whole_tensor_methods_on_adapters_and_bin_equal_the_safetensors_merge() {
         }))
         .unwrap();
         let out = tmp.path().join(out);
-        merge::run(&cfg, &offline_resolver(), &MergeOptions::new(&out)).unwrap();
+        engine::run(&cfg, &offline_resolver(), &MergeOptions::new(&out)).unwrap();
         Checkpoint::open_dir(&out).unwrap()
     };
     let d = max_diff(

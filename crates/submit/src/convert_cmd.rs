@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
-use merge_core::mergekit_yaml;
+use merge_core::MergeConfig;
 
 /// Arguments of `llm-merging convert`.
 #[derive(Args, Debug)]
@@ -15,7 +15,7 @@ pub struct ConvertArgs {
 
 /// Run `llm-merging convert`: print the equivalent TOML on stdout.
 pub fn run(args: ConvertArgs) -> Result<()> {
-    let cfg = mergekit_yaml::from_file(&args.config)?;
+    let cfg = MergeConfig::from_mergekit_file(&args.config)?;
     print!("{}", cfg.to_toml());
     Ok(())
 }

@@ -9,7 +9,7 @@ use crate::entry::Entry;
 
 /// The demo directory for this workspace (`LLM_MERGING_DEMO_DIR` overrides).
 pub fn dir(start: Option<&Path>) -> Result<PathBuf> {
-    Ok(merge_core::source::demo_dir(start)?)
+    Ok(demo::demo_dir(start)?)
 }
 
 /// Builds the demo family when the cache is missing or from another recipe.
@@ -27,7 +27,7 @@ pub fn ensure(dir: &Path) -> Result<()> {
 
 /// Before an entry runs: builds the demo family if the entry uses `demo:` models.
 pub fn ensure_for_entry(entry: &Entry) -> Result<()> {
-    if entry.text.contains(merge_core::source::DEMO_PREFIX) {
+    if entry.text.contains(demo::DEMO_PREFIX) {
         ensure(&dir(Some(&entry.dir))?)?;
     }
     Ok(())

@@ -148,13 +148,10 @@ pub struct Entry {
 /// Find the workspace root above `start`: the nearest directory with a `Cargo.toml` that has a
 /// `[workspace]`, else the nearest with `.git`, else the current directory.
 pub fn workspace_root(start: &Path) -> PathBuf {
-    let start = std::fs::canonicalize(start).unwrap_or_else(|_| start.to_path_buf());
-    for dir in start.ancestors() {
-        if std::fs::read_to_string(dir.join("Cargo.toml")).is_ok_and(|t| t.contains("[workspace]"))
-        {
-            return dir.to_path_buf();
-        }
+    if let Some(dir) = demo::find_workspace(start) {
+        return dir;
     }
+    let start = std::fs::canonicalize(start).unwrap_or_else(|_| start.to_path_buf());
     for dir in start.ancestors() {
         if dir.join(".git").exists() {
             return dir.to_path_buf();
@@ -261,7 +258,7 @@ impl Entry {
             "ENTRY_DIR" => Some(self.dir.display().to_string()),
             "WORKSPACE" => Some(self.workspace.display().to_string()),
             // The offline demo family's directory (`llm-merging demo`).
-            "DEMO_DIR" => merge_core::source::demo_dir(Some(&self.workspace))
+            "DEMO_DIR" => demo::demo_dir(Some(&self.workspace))
                 .ok()
                 .map(|d| d.display().to_string()),
             other => std::env::var(other).ok(),

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
-use merge_core::merge::{self, MergeOptions};
+use merge_core::engine::{self, MergeOptions};
 use merge_core::source::Resolver;
 use merge_core::MergeConfig;
 
@@ -29,10 +29,10 @@ pub struct MergeArgs {
     #[arg(long)]
     pub force: bool,
     /// Where methods that work on whole tensors compute: cpu, cuda, or auto (CUDA when built
-    /// with it and a GPU is visible). Streaming methods (linear, task_arithmetic, ties, dare_*)
-    /// run on the CPU whatever this says. Merging is bound by reading and writing checkpoints:
-    /// on an H100 machine even geometric_median took 12.2 s through the GPU against 6.9 s on
-    /// its CPU, hence the default.
+    /// with it and a GPU is visible). Streaming methods (linear, task_arithmetic, ties, dare_*,
+    /// breadcrumbs*) run on the CPU whatever this says. Merging is bound by reading and writing
+    /// checkpoints: on an H100 machine even geometric_median took 12.2 s through the GPU
+    /// against 6.9 s on its CPU, hence the default.
     #[arg(long, default_value = "cpu")]
     pub device: String,
 }
@@ -69,7 +69,7 @@ pub fn run(args: MergeArgs) -> Result<()> {
         .parent()
         .map(|p| p.to_path_buf())
         .unwrap_or_default();
-    let resolver = Resolver::from_env().with_base_dir(config_dir);
+    let resolver = demo::with_demo_models(Resolver::from_env().with_base_dir(config_dir));
     let opts = MergeOptions {
         out: args.out.clone(),
         shard_size: args.shard_size,
@@ -77,16 +77,13 @@ pub fn run(args: MergeArgs) -> Result<()> {
         device: crate::device::resolve(&args.device)?,
         overwrite: args.force,
     };
-    if let Some(method) = merge_core::adapter_merge::lookup(&cfg.method) {
+    if args.dry_run {
+        print!("{}", engine::describe(&cfg, &resolver, &opts)?);
+        return Ok(());
+    }
+    let report = engine::run(&cfg, &resolver, &opts)?;
+    if report.adapter {
         // LoRA-to-LoRA merges write an adapter, not a model.
-        if args.dry_run {
-            print!(
-                "{}",
-                merge_core::adapter_merge::describe(&cfg, method, &resolver, &opts)?
-            );
-            return Ok(());
-        }
-        let report = merge_core::adapter_merge::run(&cfg, method, &resolver, &opts)?;
         println!(
             "merged {} adapter tensors into {} in {:.1}s",
             report.tensors,
@@ -95,13 +92,6 @@ pub fn run(args: MergeArgs) -> Result<()> {
         );
         return Ok(());
     }
-    let inputs = merge::open_inputs(&cfg, &resolver)?;
-    let plan = merge::plan(&cfg, &inputs)?;
-    if args.dry_run {
-        print!("{}", plan.describe(&opts));
-        return Ok(());
-    }
-    let report = merge::execute(&cfg, &plan, &inputs, &opts)?;
     println!(
         "merged {} tensors ({:.2} GB) into {} in {:.1}s",
         report.tensors,

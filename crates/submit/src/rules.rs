@@ -243,7 +243,7 @@ pub fn hub_facts(settings: &HubSettings, r: &ModelRef) -> Result<HubFacts> {
 /// Whether a model is local (a directory, or the demo family built on this machine): not on
 /// the hub, so the hub's rules cannot be checked for it.
 fn is_local(entry: &Entry, r: &ModelRef) -> bool {
-    r.model.starts_with(merge_core::source::DEMO_PREFIX)
+    r.model.starts_with(demo::DEMO_PREFIX)
         || entry.dir.join(&r.model).is_dir()
         || std::path::Path::new(&r.model).is_dir()
 }

@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 /// for `modules_to_save`.
 pub struct CheckpointSource {
     ckpt: merge_core::checkpoint::Checkpoint,
-    adapter: Option<merge_core::lora::Adapter>,
+    adapter: Option<merge_core::adapter::Adapter>,
 }
 
 impl CheckpointSource {
@@ -33,7 +33,7 @@ impl CheckpointSource {
         let adapter = match adapter_dir {
             None => None,
             Some(a) => {
-                let adapter = merge_core::lora::Adapter::open_dir(a).map_err(werr)?;
+                let adapter = merge_core::adapter::Adapter::open_dir(a).map_err(werr)?;
                 adapter.check_against(&ckpt).map_err(werr)?;
                 Some(adapter)
             }
@@ -45,11 +45,8 @@ impl CheckpointSource {
     pub fn tensor(&self, name: &str) -> candle_core::Result<Tensor> {
         let err = |e: merge_core::Error| candle_core::Error::Msg(e.to_string());
         if let Some(a) = &self.adapter {
-            if let Some(r) = a.replacement(name, &Device::Cpu).map_err(err)? {
-                return Ok(r);
-            }
-            if let Some(d) = a.delta(name, &Device::Cpu).map_err(err)? {
-                return self.ckpt.load_f32(name, &Device::Cpu).map_err(err)? + d;
+            if let Some(t) = a.apply(&self.ckpt, name, &Device::Cpu).map_err(err)? {
+                return Ok(t);
             }
         }
         self.ckpt.load(name).map_err(err)

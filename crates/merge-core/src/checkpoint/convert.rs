@@ -1,6 +1,68 @@
-//! Conversions between f32 and the 16-bit float formats, written as plain integer code the
+//! Conversions between f32 and the stored float formats, written as plain integer code the
 //! compiler vectorises. Bit-for-bit the same as the `half` crate (round to nearest even, NaN
 //! kept quiet), which candle uses, so results do not depend on which path converted them.
+//! [`with_encoded`] is the one f32 → storage conversion of every output: the checkpoint
+//! writer's shards and the in-memory merge's tensors.
+
+use std::cell::Cell;
+
+use candle_core::{DType, Tensor};
+
+#[cfg(not(target_endian = "little"))]
+compile_error!("safetensors is little-endian; reading and writing assume a little-endian host");
+
+/// Whether [`with_encoded`] converts f32 to `dtype` (the float dtypes).
+pub fn encodable(dtype: DType) -> bool {
+    matches!(dtype, DType::BF16 | DType::F16 | DType::F32 | DType::F64)
+}
+
+/// `data` converted to `dtype` and handed to `f` as the little-endian bytes an output stores.
+/// Panics unless [`encodable`]`(dtype)`.
+pub fn with_encoded<R>(dtype: DType, data: &[f32], f: impl FnOnce(&[u8]) -> R) -> R {
+    thread_local! {
+        /// A reused buffer for the 16-bit conversions.
+        static HALVES: Cell<Vec<u16>> = const { Cell::new(Vec::new()) };
+    }
+    match dtype {
+        DType::F32 => f(bytemuck::cast_slice(data)),
+        DType::BF16 | DType::F16 => {
+            let mut halves = HALVES.with(|b| b.take());
+            halves.clear();
+            if dtype == DType::BF16 {
+                halves.extend(data.iter().map(|v| f32_to_bf16(*v)));
+            } else {
+                halves.extend(data.iter().map(|v| half::f16::from_f32(*v).to_bits()));
+            }
+            let result = f(bytemuck::cast_slice(&halves));
+            HALVES.with(|b| b.set(halves));
+            result
+        }
+        DType::F64 => {
+            let wide: Vec<f64> = data.iter().map(|v| f64::from(*v)).collect();
+            f(bytemuck::cast_slice(&wide))
+        }
+        other => panic!("f32 cannot be encoded as {other:?}"),
+    }
+}
+
+/// Little-endian bytes of `tensor` converted to `dtype` (any dtype a checkpoint stores), for
+/// tensors that are not f32 going to a float dtype: copied tensors (integer buffers).
+pub fn tensor_bytes(tensor: &Tensor, dtype: DType) -> candle_core::Result<Vec<u8>> {
+    let t = tensor
+        .to_device(&candle_core::Device::Cpu)?
+        .to_dtype(dtype)?
+        .flatten_all()?;
+    Ok(match dtype {
+        DType::F32 => bytemuck::cast_slice(&t.to_vec1::<f32>()?).to_vec(),
+        DType::F16 => bytemuck::cast_slice(&t.to_vec1::<half::f16>()?).to_vec(),
+        DType::BF16 => bytemuck::cast_slice(&t.to_vec1::<half::bf16>()?).to_vec(),
+        DType::F64 => bytemuck::cast_slice(&t.to_vec1::<f64>()?).to_vec(),
+        DType::I64 => bytemuck::cast_slice(&t.to_vec1::<i64>()?).to_vec(),
+        DType::U32 => bytemuck::cast_slice(&t.to_vec1::<u32>()?).to_vec(),
+        DType::U8 => t.to_vec1::<u8>()?,
+        other => candle_core::bail!("cannot write dtype {other:?}"),
+    })
+}
 
 /// bf16 bits to f32 (exact; a NaN gets its quiet bit set, as `half::bf16::to_f32` does).
 #[inline]

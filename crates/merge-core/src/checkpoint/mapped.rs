@@ -84,11 +84,7 @@ impl MappedTensor<'_> {
                 .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", self.path.display())))
         };
         if self.dtype == DType::F32 {
-            // SAFETY: any bytes are a valid f32; the slice covers exactly `out`'s memory.
-            #[cfg(target_endian = "little")]
-            return read(unsafe {
-                std::slice::from_raw_parts_mut(out.as_mut_ptr() as *mut u8, out.len() * 4)
-            });
+            return read(bytemuck::cast_slice_mut(out));
         }
         if size == 2 {
             // Read as u16 words (aligned, so the conversion loop vectorises).
@@ -97,11 +93,7 @@ impl MappedTensor<'_> {
             }
             let mut halves = HALVES.with(|b| b.take());
             halves.resize(out.len(), 0);
-            // SAFETY: the u16 buffer seen as its bytes (little-endian host, as safetensors).
-            #[cfg(target_endian = "little")]
-            let result = read(unsafe {
-                std::slice::from_raw_parts_mut(halves.as_mut_ptr() as *mut u8, halves.len() * 2)
-            });
+            let result = read(bytemuck::cast_slice_mut(&mut halves));
             if result.is_ok() {
                 if self.dtype == DType::BF16 {
                     for (o, h) in out.iter_mut().zip(&halves) {

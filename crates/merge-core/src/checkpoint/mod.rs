@@ -20,6 +20,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::error::{Error, Result};
 use crate::source::{ModelFiles, ModelRef};
 
+pub use convert::{encodable, tensor_bytes, with_encoded};
 pub use mapped::MappedTensor;
 pub use writer::{CheckpointWriter, OutputTensor, DEFAULT_SHARD_SIZE};
 
@@ -44,42 +45,23 @@ impl TensorInfo {
     }
 }
 
-/// One file of a checkpoint.
-enum Shard {
-    Safetensors(safetensors_file::SafetensorsFile),
-    Pth(pth::PthFile),
+/// One weights file of a checkpoint.
+trait Shard: Send + Sync {
+    fn path(&self) -> &Path;
+    fn infos(&self) -> Vec<(String, TensorInfo)>;
+    fn load(&self, name: &str) -> Result<Tensor>;
+    /// `name`'s bytes in the memory-mapped file, where the format allows reading them so.
+    fn mapped(&self, _name: &str) -> Option<MappedTensor<'_>> {
+        None
+    }
 }
 
-impl Shard {
-    fn open(path: &Path) -> Result<Self> {
-        let is_safetensors = path.extension().is_some_and(|e| e == "safetensors");
-        Ok(if is_safetensors {
-            Shard::Safetensors(safetensors_file::SafetensorsFile::open(path)?)
-        } else {
-            Shard::Pth(pth::PthFile::open(path)?)
-        })
-    }
-
-    fn infos(&self) -> Vec<(String, TensorInfo)> {
-        match self {
-            Shard::Safetensors(s) => s.infos(),
-            Shard::Pth(p) => p.infos(),
-        }
-    }
-
-    fn load(&self, name: &str) -> Result<Tensor> {
-        match self {
-            Shard::Safetensors(s) => s.load(name),
-            Shard::Pth(p) => p.load(name),
-        }
-    }
-
-    fn path(&self) -> &Path {
-        match self {
-            Shard::Safetensors(s) => s.path(),
-            Shard::Pth(p) => p.path(),
-        }
-    }
+fn open_shard(path: &Path) -> Result<Box<dyn Shard>> {
+    Ok(if path.extension().is_some_and(|e| e == "safetensors") {
+        Box::new(safetensors_file::SafetensorsFile::open(path)?)
+    } else {
+        Box::new(pth::PthFile::open(path)?)
+    })
 }
 
 /// The weight file layouts a checkpoint can have, in the order they are looked for.
@@ -95,7 +77,7 @@ pub struct Checkpoint {
     pub label: String,
     files: ModelFiles,
     config: Option<serde_json::Value>,
-    shards: Vec<Shard>,
+    shards: Vec<Box<dyn Shard>>,
     /// tensor name → (shard index, info)
     entries: BTreeMap<String, (usize, TensorInfo)>,
     tied: bool,
@@ -173,14 +155,14 @@ impl Checkpoint {
         })?;
         let shards = shard_paths
             .iter()
-            .map(|p| Shard::open(p))
+            .map(|p| open_shard(p))
             .collect::<Result<Vec<_>>>()?;
         Self::from_shards(label, files.clone(), config, shards)
     }
 
     /// Open one weights file (a `.safetensors` or a `.bin`) as a checkpoint of its own.
     pub fn open_file(path: &Path, files: &ModelFiles) -> Result<Self> {
-        let shard = Shard::open(path)?;
+        let shard = open_shard(path)?;
         Self::from_shards(path.display().to_string(), files.clone(), None, vec![shard])
     }
 
@@ -188,19 +170,16 @@ impl Checkpoint {
         label: String,
         files: ModelFiles,
         config: Option<serde_json::Value>,
-        shards: Vec<Shard>,
+        shards: Vec<Box<dyn Shard>>,
     ) -> Result<Self> {
         let mut entries = BTreeMap::new();
         for (i, shard) in shards.iter().enumerate() {
             for (name, info) in shard.infos() {
                 if let Some((j, _)) = entries.insert(name.clone(), (i, info)) {
-                    return Err(Error::Corrupt {
-                        path: shard.path().to_path_buf(),
-                        message: format!(
-                            "tensor `{name}` is also in {}",
-                            shards[j].path().display()
-                        ),
-                    });
+                    return Err(Error::corrupt(
+                        shard.path().to_path_buf(),
+                        format!("tensor `{name}` is also in {}", shards[j].path().display()),
+                    ));
                 }
             }
         }
@@ -292,10 +271,7 @@ impl Checkpoint {
         if !MappedTensor::readable(info.dtype) {
             return None;
         }
-        match &self.shards[*shard] {
-            Shard::Safetensors(s) => s.mapped(stored).ok(),
-            Shard::Pth(_) => None,
-        }
+        self.shards[*shard].mapped(stored)
     }
 
     /// Read `name` as f32 on `device` (merges always compute in f32).
@@ -338,14 +314,9 @@ impl Checkpoint {
             .unwrap_or(DType::F32)
     }
 
-    /// Total bytes of stored tensor data.
-    pub fn total_bytes(&self) -> usize {
-        self.entries.values().map(|(_, i)| i.bytes()).sum()
-    }
-
     /// The weight files, for hashing and plans.
     pub fn weight_files(&self) -> Vec<&Path> {
-        self.shards.iter().map(Shard::path).collect()
+        self.shards.iter().map(|s| s.path()).collect()
     }
 }
 
@@ -378,38 +349,4 @@ fn index_shards(index: &Path) -> Result<Vec<String>> {
     }
     shards.sort();
     Ok(shards)
-}
-
-/// Map a safetensors dtype to candle's.
-pub(crate) fn dtype_from_safetensors(d: safetensors::Dtype) -> Option<DType> {
-    use safetensors::Dtype as S;
-    Some(match d {
-        S::F32 => DType::F32,
-        S::F16 => DType::F16,
-        S::BF16 => DType::BF16,
-        S::F64 => DType::F64,
-        S::I64 => DType::I64,
-        S::I32 => DType::I32,
-        S::I16 => DType::I16,
-        S::U32 => DType::U32,
-        S::U8 => DType::U8,
-        _ => return None,
-    })
-}
-
-/// Map a candle dtype to safetensors'.
-pub(crate) fn dtype_to_safetensors(d: DType) -> Option<safetensors::Dtype> {
-    use safetensors::Dtype as S;
-    Some(match d {
-        DType::F32 => S::F32,
-        DType::F16 => S::F16,
-        DType::BF16 => S::BF16,
-        DType::F64 => S::F64,
-        DType::I64 => S::I64,
-        DType::I32 => S::I32,
-        DType::I16 => S::I16,
-        DType::U32 => S::U32,
-        DType::U8 => S::U8,
-        _ => return None,
-    })
 }

@@ -21,21 +21,25 @@ impl PthFile {
                 hint: None,
             });
         }
-        let tensors = PthTensors::new(path, None).map_err(|e| Error::Corrupt {
-            path: path.to_path_buf(),
-            message: format!("not a readable PyTorch checkpoint (zip pickle): {e}"),
+        let tensors = PthTensors::new(path, None).map_err(|e| {
+            Error::corrupt(
+                path.to_path_buf(),
+                format!("not a readable PyTorch checkpoint (zip pickle): {e}"),
+            )
         })?;
         Ok(PthFile {
             path: path.to_path_buf(),
             tensors,
         })
     }
+}
 
-    pub(super) fn path(&self) -> &Path {
+impl super::Shard for PthFile {
+    fn path(&self) -> &Path {
         &self.path
     }
 
-    pub(super) fn infos(&self) -> Vec<(String, TensorInfo)> {
+    fn infos(&self) -> Vec<(String, TensorInfo)> {
         self.tensors
             .tensor_infos()
             .iter()
@@ -51,13 +55,10 @@ impl PthFile {
             .collect()
     }
 
-    pub(super) fn load(&self, name: &str) -> Result<Tensor> {
+    fn load(&self, name: &str) -> Result<Tensor> {
         self.tensors
             .get(name)
-            .map_err(|e| Error::Corrupt {
-                path: self.path.clone(),
-                message: format!("tensor `{name}`: {e}"),
-            })?
+            .map_err(|e| Error::corrupt(self.path.clone(), format!("tensor `{name}`: {e}")))?
             .ok_or_else(|| Error::MissingTensor {
                 tensor: name.to_string(),
                 model: self.path.display().to_string(),

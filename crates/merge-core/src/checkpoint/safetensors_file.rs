@@ -2,10 +2,10 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
 
-use super::{dtype_from_safetensors, MappedTensor, TensorInfo};
+use super::{MappedTensor, TensorInfo};
 use crate::error::{Error, Result};
 
 pub(super) struct SafetensorsFile {
@@ -32,7 +32,7 @@ impl SafetensorsFile {
             .map_err(|e| corrupt(format!("not a valid safetensors file: {e}")))?;
         let mut tensors = Vec::new();
         for (name, info) in metadata.tensors() {
-            let dtype = dtype_from_safetensors(info.dtype).ok_or_else(|| {
+            let dtype = DType::try_from(info.dtype).map_err(|_| {
                 corrupt(format!(
                     "tensor `{name}` has unsupported dtype {:?}",
                     info.dtype
@@ -59,17 +59,6 @@ impl SafetensorsFile {
         })
     }
 
-    pub(super) fn path(&self) -> &Path {
-        &self.path
-    }
-
-    pub(super) fn infos(&self) -> Vec<(String, TensorInfo)> {
-        self.tensors
-            .iter()
-            .map(|(n, i, _, _)| (n.clone(), i.clone()))
-            .collect()
-    }
-
     /// The byte range of `name` in the file, and its info.
     fn locate(&self, name: &str) -> Result<(&TensorInfo, usize, usize)> {
         let idx = self
@@ -82,11 +71,24 @@ impl SafetensorsFile {
         let (_, info, start, end) = &self.tensors[idx];
         Ok((info, self.data_start + start, self.data_start + end))
     }
+}
+
+impl super::Shard for SafetensorsFile {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn infos(&self) -> Vec<(String, TensorInfo)> {
+        self.tensors
+            .iter()
+            .map(|(n, i, _, _)| (n.clone(), i.clone()))
+            .collect()
+    }
 
     /// `name`'s bytes, still in the mapped file, for reading a range at a time.
-    pub(super) fn mapped(&self, name: &str) -> Result<MappedTensor<'_>> {
-        let (info, start, end) = self.locate(name)?;
-        Ok(MappedTensor {
+    fn mapped(&self, name: &str) -> Option<MappedTensor<'_>> {
+        let (info, start, end) = self.locate(name).ok()?;
+        Some(MappedTensor {
             file: &self.file,
             path: &self.path,
             start,
@@ -95,7 +97,7 @@ impl SafetensorsFile {
         })
     }
 
-    pub(super) fn load(&self, name: &str) -> Result<Tensor> {
+    fn load(&self, name: &str) -> Result<Tensor> {
         let (info, start, end) = self.locate(name)?;
         let tensor = Tensor::from_raw_buffer(
             &self.mmap[start..end],

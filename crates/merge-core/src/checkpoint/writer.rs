@@ -16,7 +16,7 @@ use std::sync::Mutex;
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
-use super::dtype_to_safetensors;
+use super::convert::{encodable, tensor_bytes, with_encoded};
 use crate::error::{Error, Result};
 
 /// transformers' default `max_shard_size` ("5GB").
@@ -102,10 +102,10 @@ impl CheckpointWriter {
         overwrite: bool,
     ) -> Result<Self> {
         if target.exists() && !overwrite {
-            return Err(Error::Write {
-                path: target.to_path_buf(),
-                message: "already exists (use --force to replace it)".into(),
-            });
+            return Err(Error::write(
+                target.to_path_buf(),
+                "already exists (use --force to replace it)",
+            ));
         }
         let parent = match target.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -174,10 +174,10 @@ impl CheckpointWriter {
                     },
                 );
                 if prev.is_some() {
-                    return Err(Error::Write {
-                        path: target.to_path_buf(),
-                        message: format!("tensor `{}` planned twice", t.name),
-                    });
+                    return Err(Error::write(
+                        target.to_path_buf(),
+                        format!("tensor `{}` planned twice", t.name),
+                    ));
                 }
             }
             files.push(file);
@@ -213,9 +213,11 @@ impl CheckpointWriter {
     }
 
     fn slot(&self, name: &str) -> Result<&Slot> {
-        self.slots.get(name).ok_or_else(|| Error::Write {
-            path: self.target.clone(),
-            message: format!("tensor `{name}` was not planned"),
+        self.slots.get(name).ok_or_else(|| {
+            Error::write(
+                self.target.clone(),
+                format!("tensor `{name}` was not planned"),
+            )
         })
     }
 
@@ -224,22 +226,22 @@ impl CheckpointWriter {
     pub fn write(&self, name: &str, tensor: &Tensor) -> Result<()> {
         let slot = self.slot(name)?;
         if tensor.dims() != slot.shape.as_slice() {
-            return Err(Error::Write {
-                path: self.target.clone(),
-                message: format!(
+            return Err(Error::write(
+                self.target.clone(),
+                format!(
                     "tensor `{name}` has shape {:?}, planned {:?}",
                     tensor.dims(),
                     slot.shape
                 ),
-            });
+            ));
         }
-        if tensor.dtype() == DType::F32 && float_out(slot.dtype) {
+        if tensor.dtype() == DType::F32 && encodable(slot.dtype) {
             // Converted and written a chunk at a time, from the tensor's own buffer.
             let data = tensor
                 .to_device(&candle_core::Device::Cpu)
                 .and_then(|t| t.flatten_all())
                 .map_err(|e| Error::tensor(name, e))?;
-            let done = crate::methods::with_f32_slices(&[&data], |s| {
+            let done = crate::tensor::with_f32_slices(&[&data], |s| {
                 Ok(s[0]
                     .par_chunks(WRITE_CHUNK)
                     .enumerate()
@@ -258,10 +260,7 @@ impl CheckpointWriter {
     fn write_bytes(&self, slot: &Slot, at: u64, bytes: &[u8]) -> Result<()> {
         let path = || self.tmp.path().join(&self.shard_names[slot.shard]);
         if at + bytes.len() as u64 > slot.len {
-            return Err(Error::Write {
-                path: path(),
-                message: "write past the end of a tensor".into(),
-            });
+            return Err(Error::write(path(), "write past the end of a tensor"));
         }
         self.files[slot.shard]
             .write_all_at(bytes, slot.offset + at)
@@ -269,49 +268,22 @@ impl CheckpointWriter {
     }
 
     /// Write elements `first .. first + data.len()` of a planned floating-point tensor,
-    /// converted to its planned dtype (through a reused per-thread byte buffer). Safe to call
-    /// from many threads at once for disjoint ranges; call
-    /// [`CheckpointWriter::mark_written`] once every range of the tensor is written.
+    /// converted to its planned dtype (by [`with_encoded`]). Safe to call from many threads at
+    /// once for disjoint ranges; call [`CheckpointWriter::mark_written`] once every range of
+    /// the tensor is written.
     pub fn write_f32_range(&self, name: &str, first: usize, data: &[f32]) -> Result<()> {
         let slot = self.slot(name)?;
-        if !float_out(slot.dtype) {
-            return Err(Error::Write {
-                path: self.target.clone(),
-                message: format!(
+        if !encodable(slot.dtype) {
+            return Err(Error::write(
+                self.target.clone(),
+                format!(
                     "tensor `{name}` is planned as {:?}, not a float",
                     slot.dtype
                 ),
-            });
+            ));
         }
         let at = (first * slot.dtype.size_in_bytes()) as u64;
-        // SAFETY (both views): plain numeric buffers seen as their bytes, which is the
-        // little-endian safetensors layout on this (little-endian, checked below) host.
-        fn as_bytes<T>(v: &[T]) -> &[u8] {
-            unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
-        }
-        thread_local! {
-            static HALVES: std::cell::Cell<Vec<u16>> = const { std::cell::Cell::new(Vec::new()) };
-        }
-        match slot.dtype {
-            DType::F32 => self.write_bytes(slot, at, as_bytes(data)),
-            DType::BF16 | DType::F16 => {
-                let mut halves = HALVES.with(|b| b.take());
-                halves.clear();
-                if slot.dtype == DType::BF16 {
-                    halves.extend(data.iter().map(|v| super::convert::f32_to_bf16(*v)));
-                } else {
-                    halves.extend(data.iter().map(|v| half::f16::from_f32(*v).to_bits()));
-                }
-                let result = self.write_bytes(slot, at, as_bytes(&halves));
-                HALVES.with(|b| b.set(halves));
-                result
-            }
-            DType::F64 => {
-                let wide: Vec<f64> = data.iter().map(|v| f64::from(*v)).collect();
-                self.write_bytes(slot, at, as_bytes(&wide))
-            }
-            _ => unreachable!("checked by float_out"),
-        }
+        with_encoded(slot.dtype, data, |bytes| self.write_bytes(slot, at, bytes))
     }
 
     /// Record that every byte of `name` has been written (by [`CheckpointWriter::write_f32_range`]).
@@ -341,10 +313,10 @@ impl CheckpointWriter {
     pub fn finish(self) -> Result<PathBuf> {
         let written = self.written.lock().expect("not poisoned").clone();
         if let Some(i) = written.iter().position(|w| !w) {
-            return Err(Error::Write {
-                path: self.target.clone(),
-                message: format!("tensor `{}` was never written", self.order[i]),
-            });
+            return Err(Error::write(
+                self.target.clone(),
+                format!("tensor `{}` was never written", self.order[i]),
+            ));
         }
         for (file, name) in self.files.iter().zip(&self.shard_names) {
             file.sync_all()
@@ -381,11 +353,6 @@ impl CheckpointWriter {
     }
 }
 
-/// Output dtypes [`CheckpointWriter::write_f32_range`] converts f32 to.
-fn float_out(dtype: DType) -> bool {
-    matches!(dtype, DType::BF16 | DType::F16 | DType::F32 | DType::F64)
-}
-
 /// Elements per chunk when a whole f32 tensor is converted and written in parallel.
 const WRITE_CHUNK: usize = 1 << 20;
 
@@ -402,10 +369,7 @@ fn header_for(group: &[&OutputTensor]) -> Result<ShardLayout> {
     let mut offset = 0u64;
     let mut offsets = Vec::new();
     for t in group {
-        let dtype = dtype_to_safetensors(t.dtype).ok_or_else(|| Error::Write {
-            path: PathBuf::from(&t.name),
-            message: format!("dtype {:?} cannot be written", t.dtype),
-        })?;
+        let dtype = safetensors::Dtype::from(t.dtype);
         let end = offset + t.bytes();
         entries.insert(
             t.name.clone(),
@@ -428,68 +392,4 @@ fn header_for(group: &[&OutputTensor]) -> Result<ShardLayout> {
         data_len: offset,
         offsets,
     })
-}
-
-/// Little-endian bytes of `tensor` converted to `dtype`.
-pub fn tensor_bytes(tensor: &Tensor, dtype: DType) -> candle_core::Result<Vec<u8>> {
-    let t = tensor
-        .to_device(&candle_core::Device::Cpu)?
-        .to_dtype(dtype)?
-        .flatten_all()?;
-    fn bytes_of<T: Copy>(v: Vec<T>) -> Vec<u8> {
-        let n = v.len() * std::mem::size_of::<T>();
-        let mut out = Vec::with_capacity(n);
-        // SAFETY: T is a plain numeric type without padding; reading its bytes is sound.
-        out.extend_from_slice(unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, n) });
-        out
-    }
-    #[cfg(not(target_endian = "little"))]
-    compile_error!("safetensors is little-endian; this writer assumes a little-endian host");
-    Ok(match dtype {
-        DType::F32 => bytes_of(t.to_vec1::<f32>()?),
-        DType::F16 => bytes_of(t.to_vec1::<half::f16>()?),
-        DType::BF16 => bytes_of(t.to_vec1::<half::bf16>()?),
-        DType::F64 => bytes_of(t.to_vec1::<f64>()?),
-        DType::I64 => bytes_of(t.to_vec1::<i64>()?),
-        DType::U32 => bytes_of(t.to_vec1::<u32>()?),
-        DType::U8 => bytes_of(t.to_vec1::<u8>()?),
-        other => candle_core::bail!("cannot write dtype {other:?}"),
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_new_writer_removes_what_dead_writers_left_and_keeps_live_ones() {
-        let tmp = tempfile::tempdir().unwrap();
-        let target = tmp.path().join("out");
-        // No process has pid 999999999 (Linux pids stop at 2^22); this process is alive.
-        let dead = tmp.path().join(".out.partial-999999999-abc");
-        let live = tmp
-            .path()
-            .join(format!(".out.partial-{}-def", std::process::id()));
-        let other = tmp.path().join(".other.partial-999999999-abc");
-        for d in [&dead, &live, &other] {
-            std::fs::create_dir(d).unwrap();
-            std::fs::write(d.join("model.safetensors"), b"half-written").unwrap();
-        }
-        let tensors = [OutputTensor {
-            name: "w".into(),
-            shape: vec![2],
-            dtype: DType::F32,
-        }];
-        let w = CheckpointWriter::create(&target, &tensors, 1 << 20, false).unwrap();
-        assert!(!dead.exists(), "a dead writer's directory is removed");
-        assert!(live.exists(), "a live writer's directory is kept");
-        assert!(other.exists(), "another target's directory is not touched");
-        w.write(
-            "w",
-            &Tensor::new(&[1f32, 2.], &candle_core::Device::Cpu).unwrap(),
-        )
-        .unwrap();
-        assert_eq!(w.finish().unwrap(), target);
-        assert!(target.join("model.safetensors").is_file());
-    }
 }

@@ -31,7 +31,8 @@
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
-use super::{tensor_like, with_f32_slices, MergeMethod, ParamSpec, TensorInputs, CHUNK};
+use super::{MergeMethod, ParamSpec, Params, TensorInputs};
+use crate::tensor::{tensor_like, with_f32_slices, CHUNK};
 
 /// Geometric median of task vectors; see the module docs.
 pub struct GeometricMedian;
@@ -145,17 +146,18 @@ impl MergeMethod for GeometricMedian {
 
     fn check_params(
         &self,
-        params: &super::Params,
-        model_params: &[super::Params],
+        params: &Params,
+        model_params: &[Params],
     ) -> std::result::Result<(), String> {
-        if params["eps"] <= 0.0 {
+        if params.number("eps") <= 0.0 {
             return Err("eps must be positive".into());
         }
-        if params["max_iter"] < 0.0 {
+        if params.number("max_iter") < 0.0 {
             return Err("max_iter must not be negative".into());
         }
-        if model_params.iter().any(|p| p["weight"] < 0.0)
-            || model_params.iter().all(|p| p["weight"] == 0.0)
+        let weight = |p: &Params| p.number("weight");
+        if model_params.iter().any(|p| weight(p) < 0.0)
+            || model_params.iter().all(|p| weight(p) == 0.0)
         {
             return Err("weights must be non-negative and not all zero".into());
         }

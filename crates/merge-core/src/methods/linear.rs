@@ -19,9 +19,10 @@
 use candle_core::{Result, Tensor};
 
 use super::{
-    stream_chunks, tensor_like, with_f32_slices, Chunk, ChunkSink, MergeMethod, ParamSpec, Source,
-    StreamInputs, TensorInputs, VecSink,
+    stream_chunks, Chunk, ChunkSink, MergeMethod, ParamSpec, Source, StreamInputs, TensorInputs,
+    VecSink,
 };
+use crate::tensor::{tensor_like, with_f32_slices};
 
 /// Weighted average; see the module docs.
 pub struct Linear;
@@ -32,7 +33,7 @@ impl Linear {
         let weights: Vec<f32> = (0..x.models.len())
             .map(|i| x.model_param(i, "weight") as f32)
             .collect();
-        let divisor = if x.param("normalize") != 0.0 {
+        let divisor = if x.flag("normalize") {
             let total: f32 = weights.iter().sum();
             if total.abs() < 1e-12 {
                 candle_core::bail!("linear: the weights sum to zero, cannot normalize");
@@ -65,7 +66,7 @@ impl MergeMethod for Linear {
     }
 
     fn parameters(&self) -> &'static [ParamSpec] {
-        const P: &[ParamSpec] = &[ParamSpec::optional("normalize", 1.0)];
+        const P: &[ParamSpec] = &[ParamSpec::flag("normalize", true)];
         P
     }
 

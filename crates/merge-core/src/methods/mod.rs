@@ -1,16 +1,21 @@
-//! Merge methods: one file per family behind one small trait, listed in one registry.
+//! Tensor-level merge methods: one file per family behind one small trait, listed in
+//! [`crate::registry::REGISTRY`] with the adapter-level ones.
 //!
 //! A method sees one tensor at a time: the base model's tensor (if the config names a base),
 //! every input model's tensor (adapters already applied), all in f32, and the parameters
 //! resolved for this tensor (per-layer gradients and name filters already evaluated).
 //!
 //! # Adding a method
-//! Write `methods/my_method.rs` with a unit struct implementing [`MergeMethod`], then add one
-//! line to [`REGISTRY`]:
+//! Write `methods/my_method.rs` with a unit struct implementing [`MergeMethod`], declare it
+//! here (`mod my_method; pub use my_method::MyMethod;`) and add one line to
+//! [`crate::registry::REGISTRY`]: `Method::Tensor(&MyMethod),`. Parameters are declared
+//! typed ([`ParamSpec::optional`] for numbers, [`ParamSpec::flag`] for booleans) and read with
+//! [`TensorInputs::param`] / [`TensorInputs::flag`] / [`TensorInputs::model_param`].
 //!
 //! ```
 //! use candle_core::{Result, Tensor};
 //! use merge_core::methods::{MergeMethod, ParamSpec, TensorInputs};
+//! use merge_core::registry::Method;
 //!
 //! /// Task arithmetic whose task vectors are clipped to ±`clip`.
 //! pub struct ClippedTaskArithmetic;
@@ -37,6 +42,11 @@
 //!         Ok(out)
 //!     }
 //! }
+//!
+//! // The registry line (in registry.rs): one entry of `REGISTRY`.
+//! let entry = Method::Tensor(&ClippedTaskArithmetic);
+//! assert_eq!(entry.name(), "clipped_task_arithmetic");
+//! assert!(entry.requires_base());
 //! ```
 //!
 //! # Streaming
@@ -50,13 +60,13 @@ mod geometric_median;
 mod linear;
 mod model_stock;
 mod slerp;
+pub mod sparsify;
 mod stream;
 mod task_arithmetic;
 
-use std::collections::BTreeMap;
+use candle_core::{Result, Tensor};
 
-use candle_core::{DType, Result, Storage, StorageRef, Tensor};
-
+pub use crate::params::{ParamSpec, Params};
 pub use geometric_median::GeometricMedian;
 pub use linear::Linear;
 pub use model_stock::ModelStock;
@@ -69,36 +79,6 @@ pub use task_arithmetic::{
     Consensus, TaskArithmeticFamily, BREADCRUMBS, BREADCRUMBS_TIES, DARE_LINEAR, DARE_TIES, DELLA,
     DELLA_LINEAR, TASK_ARITHMETIC, TIES,
 };
-
-/// A declared parameter: its name and default (`None` = required).
-#[derive(Debug, Clone, Copy)]
-pub struct ParamSpec {
-    /// mergekit's parameter name.
-    pub name: &'static str,
-    /// Default value; `None` when the user must give it.
-    pub default: Option<f64>,
-}
-
-impl ParamSpec {
-    /// A parameter the config must set.
-    pub const fn required(name: &'static str) -> Self {
-        ParamSpec {
-            name,
-            default: None,
-        }
-    }
-
-    /// A parameter with a default (booleans: 1.0 true, 0.0 false).
-    pub const fn optional(name: &'static str, default: f64) -> Self {
-        ParamSpec {
-            name,
-            default: Some(default),
-        }
-    }
-}
-
-/// Parameters resolved for one tensor.
-pub type Params = BTreeMap<&'static str, f64>;
 
 /// What a method gets for one tensor.
 pub struct TensorInputs<'a> {
@@ -116,23 +96,20 @@ pub struct TensorInputs<'a> {
     pub seed: u64,
 }
 
-/// The value of a parameter the method declared: planning resolved every declared parameter
-/// (defaults included), so a missing one is a bug in the method, not in the config.
-pub(crate) fn declared(params: &Params, name: &str, what: &str) -> f64 {
-    *params
-        .get(name)
-        .unwrap_or_else(|| panic!("{what} `{name}` is not declared by the method"))
-}
-
 impl TensorInputs<'_> {
-    /// A global parameter (declared by the method, so always present).
+    /// A global number parameter (declared by the method, so always present).
     pub fn param(&self, name: &str) -> f64 {
-        declared(self.params, name, "parameter")
+        self.params.number(name)
     }
 
-    /// A per-model parameter of model `i`.
+    /// A global flag parameter (declared by the method, so always present).
+    pub fn flag(&self, name: &str) -> bool {
+        self.params.flag(name)
+    }
+
+    /// A per-model number parameter of model `i`.
     pub fn model_param(&self, i: usize, name: &str) -> f64 {
-        declared(&self.model_params[i], name, "model parameter")
+        self.model_params[i].number(name)
     }
 
     /// The same tensor as [`StreamInputs`] over `base` and `models` (these tensors' data), so
@@ -208,93 +185,4 @@ pub trait MergeMethod: Send + Sync {
         let _ = (inputs, out);
         None
     }
-}
-
-/// Every method, by name. Adding a method: one file above and one line here.
-pub static REGISTRY: &[&dyn MergeMethod] = &[
-    &Linear,
-    &TASK_ARITHMETIC,
-    &TIES,
-    &DARE_LINEAR,
-    &DARE_TIES,
-    &BREADCRUMBS,
-    &BREADCRUMBS_TIES,
-    &DELLA,
-    &DELLA_LINEAR,
-    &Slerp,
-    &ModelStock,
-    &GeometricMedian,
-];
-
-/// The method called `name`.
-pub fn lookup(name: &str) -> Option<&'static dyn MergeMethod> {
-    REGISTRY.iter().copied().find(|m| m.name() == name)
-}
-
-/// All method names.
-pub fn names() -> Vec<&'static str> {
-    REGISTRY.iter().map(|m| m.name()).collect()
-}
-
-/// Run `f` on the f32 data of `tensors`, without copying when they are contiguous f32 CPU
-/// tensors (the common case: the executor loads every input as f32 on the CPU). Other
-/// tensors (another device, a strided view) are copied to host memory first.
-pub fn with_f32_slices<R>(
-    tensors: &[&Tensor],
-    f: impl FnOnce(&[&[f32]]) -> Result<R>,
-) -> Result<R> {
-    enum Held<'a> {
-        Borrowed(StorageRef<'a>, usize, usize),
-        Owned(Vec<f32>),
-    }
-    let mut held = Vec::with_capacity(tensors.len());
-    for t in tensors {
-        let (storage, layout) = t.storage_and_layout();
-        let borrowed = match (&*storage, layout.contiguous_offsets()) {
-            (Storage::Cpu(_), Some((start, end))) if t.dtype() == DType::F32 => Some((start, end)),
-            _ => None,
-        };
-        match borrowed {
-            Some((start, end)) => held.push(Held::Borrowed(storage, start, end)),
-            None => {
-                drop(storage);
-                held.push(Held::Owned(
-                    t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?,
-                ));
-            }
-        }
-    }
-    let mut slices: Vec<&[f32]> = Vec::with_capacity(held.len());
-    for h in &held {
-        slices.push(match h {
-            Held::Borrowed(storage, start, end) => match &**storage {
-                Storage::Cpu(c) => &c.as_slice::<f32>()?[*start..*end],
-                _ => unreachable!("only CPU storage is borrowed"),
-            },
-            Held::Owned(v) => v.as_slice(),
-        });
-    }
-    f(&slices)
-}
-
-/// A tensor with `like`'s shape and device from f32 data.
-pub fn tensor_like(data: Vec<f32>, like: &Tensor) -> Result<Tensor> {
-    Tensor::from_vec(data, like.shape(), &candle_core::Device::Cpu)?.to_device(like.device())
-}
-
-/// Elements per parallel chunk for elementwise loops within one tensor: large enough that
-/// rayon's overhead vanishes, small enough that a big tensor (an embedding) splits over
-/// every core.
-pub const CHUNK: usize = 1 << 16;
-
-/// Every method name a config may use: the model-level methods above and the adapter-level
-/// ones of [`crate::adapter_merge`].
-pub fn all_names() -> Vec<&'static str> {
-    let mut n = names();
-    n.extend(
-        crate::adapter_merge::ADAPTER_METHODS
-            .iter()
-            .map(|m| m.name()),
-    );
-    n
 }

@@ -27,7 +27,8 @@
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
-use super::{tensor_like, with_f32_slices, MergeMethod, ParamSpec, TensorInputs};
+use super::{MergeMethod, ParamSpec, TensorInputs};
+use crate::tensor::{tensor_like, with_f32_slices};
 
 /// Model Stock; see the module docs.
 pub struct ModelStock;
@@ -68,7 +69,7 @@ impl MergeMethod for ModelStock {
     }
 
     fn parameters(&self) -> &'static [ParamSpec] {
-        const P: &[ParamSpec] = &[ParamSpec::optional("filter_wise", 0.0)];
+        const P: &[ParamSpec] = &[ParamSpec::flag("filter_wise", false)];
         P
     }
 
@@ -86,7 +87,7 @@ impl MergeMethod for ModelStock {
 
     fn merge(&self, x: &TensorInputs) -> Result<Tensor> {
         let base = x.base.expect("requires_base");
-        let filter_wise = x.param("filter_wise") != 0.0;
+        let filter_wise = x.flag("filter_wise");
         let row_len = match (filter_wise, base.dims()) {
             (true, [_, rest @ ..]) if !rest.is_empty() => rest.iter().product(),
             _ => base.elem_count().max(1),

@@ -28,7 +28,8 @@
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
-use super::{tensor_like, with_f32_slices, MergeMethod, ParamSpec, TensorInputs, CHUNK};
+use super::{MergeMethod, ParamSpec, TensorInputs};
+use crate::tensor::{tensor_like, with_f32_slices, CHUNK};
 
 /// Above this |cos θ| the two tensors are treated as colinear and interpolated linearly.
 pub const DOT_THRESHOLD: f64 = 0.9995;

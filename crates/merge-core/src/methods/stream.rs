@@ -14,7 +14,7 @@ use std::sync::Mutex;
 use candle_core::Result;
 use rayon::prelude::*;
 
-use super::{declared, Params};
+use super::Params;
 use crate::checkpoint::MappedTensor;
 
 /// Elements per chunk (256 KB of f32): large enough that per-chunk overhead vanishes, small
@@ -32,19 +32,6 @@ pub enum Source<'a> {
 }
 
 impl Source<'_> {
-    /// Number of elements.
-    pub fn len(&self) -> usize {
-        match self {
-            Source::Mapped(m) => m.len(),
-            Source::F32(s) => s.len(),
-        }
-    }
-
-    /// Whether the tensor has no element.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Elements `first .. first + out.len()` (flattened, row-major) as f32.
     pub fn read(&self, first: usize, out: &mut [f32]) -> Result<()> {
         match self {
@@ -122,14 +109,19 @@ impl StreamInputs<'_> {
         self.len().div_ceil(STREAM_CHUNK)
     }
 
-    /// A global parameter (declared by the method, so always present).
+    /// A global number parameter (declared by the method, so always present).
     pub fn param(&self, name: &str) -> f64 {
-        declared(self.params, name, "parameter")
+        self.params.number(name)
     }
 
-    /// A per-model parameter of model `i`.
+    /// A global flag parameter (declared by the method, so always present).
+    pub fn flag(&self, name: &str) -> bool {
+        self.params.flag(name)
+    }
+
+    /// A per-model number parameter of model `i`.
     pub fn model_param(&self, i: usize, name: &str) -> f64 {
-        declared(&self.model_params[i], name, "model parameter")
+        self.model_params[i].number(name)
     }
 }
 
@@ -143,18 +135,6 @@ pub struct Chunk<'b> {
     pub base: Option<&'b mut [f32]>,
     /// Each model's elements, in config order.
     pub models: Vec<&'b mut [f32]>,
-}
-
-impl Chunk<'_> {
-    /// Number of elements in the chunk.
-    pub fn len(&self) -> usize {
-        self.models.first().map_or(0, |m| m.len())
-    }
-
-    /// Whether the chunk is empty.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 thread_local! {

@@ -3,7 +3,7 @@
 //! defaults.
 //!
 //! For each tensor, with base θ₀ and experts θᵢ:
-//! 1. δᵢ = θᵢ − θ₀, sparsified per expert (see [`crate::sparsify`]) with that expert's
+//! 1. δᵢ = θᵢ − θ₀, sparsified per expert (see [`super::sparsify`]) with that expert's
 //!    `density` (and `gamma` / `epsilon`); `rescale` restores the kept mass;
 //! 2. δᵢ ← wᵢ·δᵢ;
 //! 3. consensus (TIES' sign election, methods marked "sum"): per element the majority sign
@@ -50,195 +50,12 @@
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
+use super::sparsify::{self, select_ranks, Mask};
 use super::{
-    fold_chunks, map_chunks, stream_chunks, tensor_like, with_f32_slices, ChunkSink, MergeMethod,
-    ParamSpec, Params, Source, StreamInputs, TensorInputs, VecSink, STREAM_CHUNK,
+    stream_chunks, ChunkSink, MergeMethod, ParamSpec, Params, Source, StreamInputs, TensorInputs,
+    VecSink, STREAM_CHUNK,
 };
-use crate::sparsify::{self, mag_key, RNG_CHUNK};
-
-// Streamed masks are cut at chunk boundaries: random blocks must not straddle them.
-const _: () = assert!(STREAM_CHUNK.is_multiple_of(RNG_CHUNK));
-
-/// How one expert's task vector is masked while streaming (what [`sparsify`] does to a
-/// whole tensor, decided per element).
-enum Mask {
-    /// Keep every element.
-    All,
-    /// Zero every element.
-    Nothing,
-    /// Magnitude selection: keep |δ| keys above `key`; of the keys equal to it, drop the
-    /// first `skip` in position order (`starts[c]`: how many equal keys precede chunk `c`;
-    /// one entry more than there are chunks, the last the total).
-    Threshold {
-        key: u32,
-        skip: usize,
-        starts: Vec<usize>,
-    },
-    /// DARE's Bernoulli mask, drawn per `RNG_CHUNK` block from `seed`.
-    Random {
-        density: f64,
-        rescale: bool,
-        seed: u64,
-    },
-}
-
-impl Mask {
-    /// Apply to chunk `index` (whose first element is `first`) of a task vector.
-    fn apply(&self, d: &mut [f32], index: usize, first: usize) {
-        match self {
-            Mask::All => {}
-            Mask::Nothing => d.fill(0.0),
-            Mask::Threshold { key, skip, starts } => {
-                let (key, skip) = (*key, *skip);
-                let (before, after) = (starts[index], starts[index + 1]);
-                // Whether the keys equal to the threshold are kept: all of them in this chunk,
-                // none, or (in the one chunk where the count of dropped ties runs out) the
-                // later ones, decided element by element.
-                let keep_ties = if before >= skip {
-                    true
-                } else if after <= skip {
-                    false
-                } else {
-                    let mut seen = before;
-                    for v in d.iter_mut() {
-                        let k = mag_key(*v);
-                        let tie = k == key;
-                        let keep = (k > key) | (tie & (seen >= skip));
-                        seen += usize::from(tie);
-                        *v = f32::from_bits(v.to_bits() & 0u32.wrapping_sub(u32::from(keep)));
-                    }
-                    return;
-                };
-                // Branch-free (whether an element is kept is as good as random), vectorised.
-                let floor = if keep_ties { key } else { key + 1 };
-                for v in d.iter_mut() {
-                    let keep = mag_key(*v) >= floor;
-                    *v = f32::from_bits(v.to_bits() & 0u32.wrapping_sub(u32::from(keep)));
-                }
-            }
-            Mask::Random {
-                density,
-                rescale,
-                seed,
-            } => {
-                for (b, block) in d.chunks_mut(RNG_CHUNK).enumerate() {
-                    sparsify::bernoulli_block(
-                        block,
-                        first / RNG_CHUNK + b,
-                        *density,
-                        *rescale,
-                        *seed,
-                    );
-                }
-            }
-        }
-    }
-}
-
-/// Adds the high 16 bits of the keys |m − b| to `h` (65536 bins). Two count lanes, so runs
-/// of equal keys (common in task vectors of bf16 models) do not wait on one counter.
-fn add_high_histogram(h: &mut [u32], m: &[f32], b: &[f32]) {
-    const BINS: usize = 1 << 16;
-    let (lane0, lane1) = h.split_at_mut(BINS);
-    let mut pairs_m = m.chunks_exact(2);
-    let mut pairs_b = b.chunks_exact(2);
-    for (pm, pb) in (&mut pairs_m).zip(&mut pairs_b) {
-        lane0[(mag_key(pm[0] - pb[0]) >> 16) as usize] += 1;
-        lane1[(mag_key(pm[1] - pb[1]) >> 16) as usize] += 1;
-    }
-    for (m, b) in pairs_m.remainder().iter().zip(pairs_b.remainder()) {
-        lane0[(mag_key(m - b) >> 16) as usize] += 1;
-    }
-}
-
-/// The magnitude-selection masks for `select` (expert index, ascending rank of the smallest
-/// kept key) over the task vectors of `x`: two parallel radix passes over the streamed
-/// inputs, like [`sparsify::key_at_rank`] — a histogram of the high 16 bits of every key,
-/// then the low 16 bits of the keys in the bin that holds the rank, kept per chunk so the
-/// equal keys before each chunk are counted without a third pass.
-fn magnitude_masks(x: &StreamInputs, select: &[(usize, usize)]) -> Result<Vec<Mask>> {
-    const BINS: usize = 1 << 16;
-    let e = select.len();
-    // Per thread: two u32 lanes per expert (`stream_masks` only streams tensors of fewer
-    // than 2³² elements), summed at the end.
-    let high = fold_chunks(
-        x,
-        || vec![0u32; 2 * BINS * e],
-        |mut h, c| {
-            let b = c.base.as_deref().expect("requires_base");
-            for (s, &(i, _)) in select.iter().enumerate() {
-                add_high_histogram(&mut h[2 * BINS * s..2 * BINS * (s + 1)], c.models[i], b);
-            }
-            h
-        },
-        |mut a, b| {
-            a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-            a
-        },
-    )?;
-    let mut totals = vec![0u64; BINS * e];
-    for s in 0..e {
-        let lanes = &high[2 * BINS * s..2 * BINS * (s + 1)];
-        let t = &mut totals[BINS * s..BINS * (s + 1)];
-        for (bin, t) in t.iter_mut().enumerate() {
-            *t = u64::from(lanes[bin]) + u64::from(lanes[BINS + bin]);
-        }
-    }
-    drop(high);
-    let bins: Vec<(u32, usize)> = select
-        .iter()
-        .enumerate()
-        .map(|(s, &(_, rank))| {
-            let (bin, below) = sparsify::locate(&totals[BINS * s..BINS * (s + 1)], rank);
-            (bin as u32, below)
-        })
-        .collect();
-    drop(totals);
-    // Per chunk and expert: the low halves of the keys in the selected bin, in order.
-    let lows: Vec<Vec<Vec<u16>>> = map_chunks(x, |c| {
-        let b = c.base.as_deref().expect("requires_base");
-        select
-            .iter()
-            .zip(&bins)
-            .map(|(&(i, _), &(bin, _))| {
-                c.models[i]
-                    .iter()
-                    .zip(b)
-                    .filter_map(|(m, b)| {
-                        let k = mag_key(m - b);
-                        (k >> 16 == bin).then_some((k & 0xffff) as u16)
-                    })
-                    .collect()
-            })
-            .collect()
-    })?;
-    Ok(select
-        .iter()
-        .zip(&bins)
-        .enumerate()
-        .map(|(s, (&(_, rank), &(bin, below_high)))| {
-            let mut h = vec![0u64; BINS];
-            for chunk in &lows {
-                for &l in &chunk[s] {
-                    h[l as usize] += 1;
-                }
-            }
-            let (low, below_low) = sparsify::locate(&h, rank - below_high);
-            let mut starts = Vec::with_capacity(lows.len() + 1);
-            let mut acc = 0usize;
-            for chunk in &lows {
-                starts.push(acc);
-                acc += chunk[s].iter().filter(|&&l| l as usize == low).count();
-            }
-            starts.push(acc);
-            Mask::Threshold {
-                key: (bin << 16) | low as u32,
-                skip: rank - below_high - below_low,
-                starts,
-            }
-        })
-        .collect())
-}
+use crate::tensor::{tensor_like, with_f32_slices};
 
 /// How task vectors are sparsified before they are combined.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -273,9 +90,9 @@ pub struct TaskArithmeticFamily {
 
 const fn shared(normalize: bool, rescale: bool) -> [ParamSpec; 4] {
     [
-        ParamSpec::optional("int8_mask", 0.0),
-        ParamSpec::optional("normalize", if normalize { 1.0 } else { 0.0 }),
-        ParamSpec::optional("rescale", if rescale { 1.0 } else { 0.0 }),
+        ParamSpec::flag("int8_mask", false),
+        ParamSpec::flag("normalize", normalize),
+        ParamSpec::flag("rescale", rescale),
         ParamSpec::optional("lambda", 1.0),
     ]
 }
@@ -295,140 +112,88 @@ const PER_MODEL_EPSILON: &[ParamSpec] = &[
     ParamSpec::optional("epsilon", 0.15),
 ];
 
-/// `task_arithmetic`: θ₀ + λ·Σ wᵢ(θᵢ − θ₀).
-pub static TASK_ARITHMETIC: TaskArithmeticFamily = TaskArithmeticFamily {
-    name: "task_arithmetic",
-    sparsification: Sparsification::None,
-    consensus: None,
-    params: &shared(false, false),
-    model_params: PER_MODEL,
-};
-/// `ties`: magnitude pruning, sign election, disjoint mean.
-pub static TIES: TaskArithmeticFamily = TaskArithmeticFamily {
-    name: "ties",
-    sparsification: Sparsification::Magnitude,
-    consensus: Some(Consensus::Sum),
-    params: &shared(true, false),
-    model_params: PER_MODEL,
-};
-/// `dare_linear`: random drop and rescale, then a weighted sum.
-pub static DARE_LINEAR: TaskArithmeticFamily = TaskArithmeticFamily {
-    name: "dare_linear",
-    sparsification: Sparsification::Random,
-    consensus: None,
-    params: &shared(false, true),
-    model_params: PER_MODEL,
-};
-/// `dare_ties`: random drop and rescale, then TIES' sign election.
-pub static DARE_TIES: TaskArithmeticFamily = TaskArithmeticFamily {
-    name: "dare_ties",
-    sparsification: Sparsification::Random,
-    consensus: Some(Consensus::Sum),
-    params: &shared(false, true),
-    model_params: PER_MODEL,
-};
-/// `breadcrumbs`: drop outliers and small values, then a weighted sum.
-pub static BREADCRUMBS: TaskArithmeticFamily = TaskArithmeticFamily {
-    name: "breadcrumbs",
-    sparsification: Sparsification::MagnitudeOutliers,
-    consensus: None,
-    params: &shared(false, false),
-    model_params: PER_MODEL_GAMMA,
-};
-/// `breadcrumbs_ties`: breadcrumbs' pruning with TIES' sign election.
-pub static BREADCRUMBS_TIES: TaskArithmeticFamily = TaskArithmeticFamily {
-    name: "breadcrumbs_ties",
-    sparsification: Sparsification::MagnitudeOutliers,
-    consensus: Some(Consensus::Sum),
-    params: &shared(false, false),
-    model_params: PER_MODEL_GAMMA,
-};
-/// `della`: magnitude-ranked random drop, sign election.
-pub static DELLA: TaskArithmeticFamily = TaskArithmeticFamily {
-    name: "della",
-    sparsification: Sparsification::DellaMagprune,
-    consensus: Some(Consensus::Sum),
-    params: &shared(true, true),
-    model_params: PER_MODEL_EPSILON,
-};
-/// `della_linear`: magnitude-ranked random drop, weighted sum.
-pub static DELLA_LINEAR: TaskArithmeticFamily = TaskArithmeticFamily {
-    name: "della_linear",
-    sparsification: Sparsification::DellaMagprune,
-    consensus: None,
-    params: &shared(false, true),
-    model_params: PER_MODEL_EPSILON,
-};
-
-impl TaskArithmeticFamily {
-    /// Sparsify one task vector in place.
-    fn sparsify(
-        &self,
-        delta: &mut [f32],
-        row_len: usize,
-        p: &Params,
-        rescale: bool,
-        seed: u64,
-    ) -> std::result::Result<(), String> {
-        let density = p["density"];
-        match self.sparsification {
-            Sparsification::None => {}
-            Sparsification::Magnitude => sparsify::magnitude(delta, density, rescale),
-            Sparsification::MagnitudeOutliers => {
-                sparsify::magnitude_outliers(delta, density, p["gamma"], rescale)
-            }
-            Sparsification::Random => sparsify::bernoulli(delta, density, rescale, seed),
-            Sparsification::DellaMagprune => {
-                sparsify::della_magprune(delta, row_len, density, p["epsilon"], rescale, seed)?
-            }
-        }
-        Ok(())
-    }
+/// One `pub static` member of the family (a row of the table in the module docs).
+macro_rules! member {
+    ($doc:literal $static:ident $name:literal $sparsification:ident $consensus:expr,
+     normalize $normalize:literal, rescale $rescale:literal, $per_model:ident) => {
+        #[doc = $doc]
+        pub static $static: TaskArithmeticFamily = TaskArithmeticFamily {
+            name: $name,
+            sparsification: Sparsification::$sparsification,
+            consensus: $consensus,
+            params: &shared($normalize, $rescale),
+            model_params: $per_model,
+        };
+    };
 }
 
+member!("`task_arithmetic`: θ₀ + λ·Σ wᵢ(θᵢ − θ₀)."
+    TASK_ARITHMETIC "task_arithmetic" None None, normalize false, rescale false, PER_MODEL);
+member!("`ties`: magnitude pruning, sign election, disjoint mean."
+    TIES "ties" Magnitude Some(Consensus::Sum), normalize true, rescale false, PER_MODEL);
+member!("`dare_linear`: random drop and rescale, then a weighted sum."
+    DARE_LINEAR "dare_linear" Random None, normalize false, rescale true, PER_MODEL);
+member!("`dare_ties`: random drop and rescale, then TIES' sign election."
+    DARE_TIES "dare_ties" Random Some(Consensus::Sum), normalize false, rescale true, PER_MODEL);
+member!("`breadcrumbs`: drop outliers and small values, then a weighted sum."
+    BREADCRUMBS "breadcrumbs" MagnitudeOutliers None,
+    normalize false, rescale false, PER_MODEL_GAMMA);
+member!("`breadcrumbs_ties`: breadcrumbs' pruning with TIES' sign election."
+    BREADCRUMBS_TIES "breadcrumbs_ties" MagnitudeOutliers Some(Consensus::Sum),
+    normalize false, rescale false, PER_MODEL_GAMMA);
+member!("`della`: magnitude-ranked random drop, sign election."
+    DELLA "della" DellaMagprune Some(Consensus::Sum),
+    normalize true, rescale true, PER_MODEL_EPSILON);
+member!("`della_linear`: magnitude-ranked random drop, weighted sum."
+    DELLA_LINEAR "della_linear" DellaMagprune None,
+    normalize false, rescale true, PER_MODEL_EPSILON);
+
 impl TaskArithmeticFamily {
-    /// Each expert's streaming mask, or `None` when the sparsification needs the whole tensor
-    /// (breadcrumbs, DELLA, or L1 rescaling after magnitude selection).
-    fn stream_masks(&self, x: &StreamInputs) -> Option<Result<Vec<Mask>>> {
+    /// Each expert's mask over `x`, or `None` where the sparsification needs the whole tensor:
+    /// DELLA (ranks per row) always, and, when `streaming`, L1 rescaling after magnitude
+    /// selection (the kept mass is known only once every chunk is masked).
+    fn masks(&self, x: &StreamInputs, streaming: bool) -> Option<Result<Vec<Mask>>> {
         let n = x.len();
-        let rescale = x.param("rescale") != 0.0;
+        let rescale = x.flag("rescale");
         let mut masks = Vec::with_capacity(x.models.len());
         let mut select = Vec::new();
         for i in 0..x.models.len() {
-            let density = x.model_param(i, "density");
-            let mask = match self.sparsification {
+            let p = &x.model_params[i];
+            let density = p.number("density");
+            masks.push(match self.sparsification {
                 Sparsification::None => Mask::All,
                 _ if density >= 1.0 => Mask::All,
+                Sparsification::DellaMagprune => return None,
                 Sparsification::Random if density <= 0.0 => Mask::Nothing,
                 Sparsification::Random => Mask::Random {
                     density,
                     rescale,
                     seed: sparsify::mix_seed(x.seed, i as u64),
                 },
-                Sparsification::Magnitude if rescale => return None,
-                Sparsification::Magnitude if density <= 0.0 || n == 0 => Mask::Nothing,
+                _ if rescale && streaming => return None,
                 // Selection counts in u32.
-                Sparsification::Magnitude if n >= u32::MAX as usize => return None,
+                _ if n >= u32::MAX as usize && streaming => return None,
+                _ if n >= u32::MAX as usize => {
+                    let e = format!("tensor `{}` has {n} elements, too many to select", x.name);
+                    return Some(Err(candle_core::Error::msg(e)));
+                }
+                Sparsification::Magnitude if density <= 0.0 => Mask::Nothing,
                 Sparsification::Magnitude => {
                     let k = ((density * n as f64) as usize).max(1);
-                    if k >= n {
-                        Mask::All
-                    } else {
-                        select.push((i, n - k));
-                        Mask::All // replaced below
-                    }
+                    Mask::rank_range(n.saturating_sub(k), n, n, i, &mut select)
                 }
-                Sparsification::MagnitudeOutliers | Sparsification::DellaMagprune => return None,
-            };
-            masks.push(mask);
+                Sparsification::MagnitudeOutliers => {
+                    let target = (density.max(0.0) * n as f64) as usize;
+                    let top = (p.number("gamma").max(0.0) * n as f64) as usize;
+                    let bottom = n.saturating_sub(target).saturating_sub(top);
+                    Mask::rank_range(bottom, bottom + target, n, i, &mut select)
+                }
+            });
         }
         if !select.is_empty() {
-            let selected = match magnitude_masks(x, &select) {
-                Ok(m) => m,
+            match select_ranks(x, &select) {
+                Ok(ranks) => Mask::locate(&mut masks, ranks),
                 Err(e) => return Some(Err(e)),
-            };
-            for (&(i, _), m) in select.iter().zip(selected) {
-                masks[i] = m;
             }
         }
         Some(Ok(masks))
@@ -438,7 +203,7 @@ impl TaskArithmeticFamily {
     fn stream(&self, x: &StreamInputs, masks: &[Mask], sink: &dyn ChunkSink) -> Result<()> {
         let k = x.models.len();
         let weights: Vec<f32> = (0..k).map(|i| x.model_param(i, "weight") as f32).collect();
-        let combine = Combine::new(self, x.param("normalize"), x.param("lambda"), &weights);
+        let combine = Combine::new(self, x.flag("normalize"), x.param("lambda"), &weights);
         let plain = self.sparsification == Sparsification::None && !combine.consensus;
         stream_chunks(x, sink, |mut c, out| {
             let b: &[f32] = c.base.as_deref().expect("requires_base");
@@ -505,11 +270,11 @@ impl Scratch {
 
 impl Combine {
     /// From the method and its `normalize`, `lambda` and per-model `weight` parameters.
-    fn new(method: &TaskArithmeticFamily, normalize: f64, lambda: f64, weights: &[f32]) -> Self {
+    fn new(method: &TaskArithmeticFamily, normalize: bool, lambda: f64, weights: &[f32]) -> Self {
         let sum_w: f32 = weights.iter().sum();
         Combine {
             consensus: method.consensus.is_some(),
-            normalize: normalize != 0.0,
+            normalize,
             linear_div: if sum_w.abs() < 1e-8 { 1.0 } else { sum_w },
             lambda: lambda as f32,
         }
@@ -585,7 +350,7 @@ impl Combine {
 impl MergeMethod for TaskArithmeticFamily {
     fn merge_streaming(&self, x: &StreamInputs, out: &dyn ChunkSink) -> Option<Result<()>> {
         Some(
-            self.stream_masks(x)?
+            self.masks(x, true)?
                 .and_then(|masks| self.stream(x, &masks, out)),
         )
     }
@@ -622,7 +387,7 @@ impl MergeMethod for TaskArithmeticFamily {
     ) -> std::result::Result<(), String> {
         if self.sparsification == Sparsification::DellaMagprune {
             for p in model_params {
-                let (d, e) = (p["density"], p["epsilon"]);
+                let (d, e) = (p.number("density"), p.number("epsilon"));
                 if d < 1.0 && d > 0.0 && (d + e >= 1.0 || d - e <= 0.0) {
                     return Err(format!(
                         "epsilon ({e}) must keep density ± epsilon in (0, 1) (density {d})"
@@ -637,7 +402,7 @@ impl MergeMethod for TaskArithmeticFamily {
         let base = x.base.expect("requires_base");
         let k = x.models.len();
         let weights: Vec<f32> = (0..k).map(|i| x.model_param(i, "weight") as f32).collect();
-        let rescale = x.param("rescale") != 0.0;
+        let rescale = x.flag("rescale");
         let row_len = match base.dims() {
             [] => 1,
             [n] => *n,
@@ -650,29 +415,42 @@ impl MergeMethod for TaskArithmeticFamily {
             // The streaming implementation on these whole tensors, where it applies.
             let sources: Vec<Source> = models.iter().map(|m| Source::F32(m)).collect();
             let stream = x.streaming(Some(Source::F32(b)), &sources);
-            if let Some(masks) = self.stream_masks(&stream) {
+            if let Some(masks) = self.masks(&stream, true) {
                 let sink = VecSink::new(b.len());
                 self.stream(&stream, &masks?, &sink)?;
                 return Ok(sink.into_inner());
             }
-            // Weighted, sparsified task vectors.
+            // Whole task vectors: magnitude selection then L1 rescaling, or DELLA.
+            let masks = self.masks(&stream, false).transpose()?;
             let mut deltas: Vec<Vec<f32>> = Vec::with_capacity(k);
             for (i, m) in models.iter().enumerate() {
                 let mut d: Vec<f32> = m.par_iter().zip(b.par_iter()).map(|(m, b)| m - b).collect();
-                self.sparsify(
-                    &mut d,
-                    row_len,
-                    &x.model_params[i],
-                    rescale,
-                    sparsify::mix_seed(x.seed, i as u64),
-                )
-                .map_err(candle_core::Error::msg)?;
+                let p = &x.model_params[i];
+                match masks.as_ref().map(|m| &m[i]) {
+                    // Nothing selected, so nothing to rescale.
+                    Some(mask @ (Mask::All | Mask::Nothing)) => mask.apply(&mut d, 0, 0),
+                    Some(mask) => {
+                        let before = rescale.then(|| sparsify::l1(&d));
+                        d.par_chunks_mut(STREAM_CHUNK)
+                            .enumerate()
+                            .for_each(|(c, d)| mask.apply(d, c, c * STREAM_CHUNK));
+                        if let Some(before) = before {
+                            sparsify::rescale_l1(&mut d, before);
+                        }
+                    }
+                    None => {
+                        let (density, epsilon) = (p.number("density"), p.number("epsilon"));
+                        let seed = sparsify::mix_seed(x.seed, i as u64);
+                        sparsify::della_magprune(&mut d, row_len, density, epsilon, rescale, seed)
+                            .map_err(candle_core::Error::msg)?;
+                    }
+                }
                 deltas.push(d);
             }
             // Combine into the first buffer, a block at a time (each block of it copied first,
             // as it is read while written). Weights are applied here, after sparsification, as
             // mergekit does.
-            let combine = Combine::new(self, x.param("normalize"), x.param("lambda"), &weights);
+            let combine = Combine::new(self, x.flag("normalize"), x.param("lambda"), &weights);
             let (first, rest) = deltas.split_first_mut().expect("at least one model");
             first
                 .par_chunks_mut(COMBINE_BLOCK)
@@ -689,112 +467,5 @@ impl MergeMethod for TaskArithmeticFamily {
             Ok(deltas.pop().expect("one buffer"))
         })?;
         tensor_like(out, base)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use rand::{RngCore, SeedableRng};
-
-    /// The whole-tensor algorithm: sparsify each task vector with `sparsify`, then combine.
-    fn reference(
-        method: &TaskArithmeticFamily,
-        b: &[f32],
-        models: &[Vec<f32>],
-        weights: &[f32],
-        densities: &[f64],
-        rescale: bool,
-        seed: u64,
-    ) -> Vec<f32> {
-        let deltas: Vec<Vec<f32>> = models
-            .iter()
-            .enumerate()
-            .map(|(i, m)| {
-                let mut d: Vec<f32> = m.iter().zip(b).map(|(m, b)| m - b).collect();
-                let s = sparsify::mix_seed(seed, i as u64);
-                match method.sparsification {
-                    Sparsification::Magnitude => sparsify::magnitude(&mut d, densities[i], rescale),
-                    Sparsification::Random => sparsify::bernoulli(&mut d, densities[i], rescale, s),
-                    _ => unreachable!(),
-                }
-                d
-            })
-            .collect();
-        (0..b.len())
-            .map(|j| {
-                let mut total = deltas[0][j] * weights[0];
-                for (d, w) in deltas[1..].iter().zip(&weights[1..]) {
-                    total += d[j] * w;
-                }
-                let (mut mixed, mut div) = (0f32, 0f32);
-                for (d, w) in deltas.iter().zip(weights) {
-                    let v = d[j] * w;
-                    if (total >= 0.0 && v > 0.0) || (total < 0.0 && v < 0.0) {
-                        mixed += v;
-                        div += w;
-                    }
-                }
-                b[j] + mixed / if div == 0.0 { 1.0 } else { div }
-            })
-            .collect()
-    }
-
-    #[test]
-    fn streamed_ties_and_dare_ties_equal_the_whole_tensor_algorithm() {
-        // Three chunks, the last partial; few distinct values, so many equal magnitudes sit
-        // at the threshold and span chunk boundaries.
-        let n = 2 * STREAM_CHUNK + 12_345;
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
-        let mut draw = |scale: f32| -> Vec<f32> {
-            (0..n)
-                .map(|_| ((rng.next_u32() % 41) as f32 - 20.0) * scale)
-                .collect()
-        };
-        let b = draw(1e-3);
-        let models: Vec<Vec<f32>> = (0..2)
-            .map(|_| draw(1e-4).iter().zip(&b).map(|(d, b)| b + d).collect())
-            .collect();
-        let weights = [0.6f32, 0.4];
-        let densities = [0.5, 0.3];
-        for method in [&TIES, &DARE_TIES] {
-            let rescale = method.sparsification == Sparsification::Random;
-            let params: Params = [
-                ("int8_mask", 0.0),
-                ("normalize", 1.0),
-                ("rescale", if rescale { 1.0 } else { 0.0 }),
-                ("lambda", 1.0),
-            ]
-            .into_iter()
-            .collect();
-            let model_params: Vec<Params> = (0..2)
-                .map(|i| {
-                    [("weight", f64::from(weights[i])), ("density", densities[i])]
-                        .into_iter()
-                        .collect()
-                })
-                .collect();
-            let sources: Vec<Source> = models.iter().map(|m| Source::F32(m)).collect();
-            let shape = [n];
-            let x = StreamInputs {
-                name: "t",
-                shape: &shape,
-                base: Some(Source::F32(&b)),
-                models: &sources,
-                params: &params,
-                model_params: &model_params,
-                seed: 77,
-            };
-            let sink = VecSink::new(n);
-            method.merge_streaming(&x, &sink).expect("streams").unwrap();
-            let got = sink.into_inner();
-            let want = reference(method, &b, &models, &weights, &densities, rescale, 77);
-            let differ = got
-                .iter()
-                .zip(&want)
-                .filter(|(g, w)| g.to_bits() != w.to_bits())
-                .count();
-            assert_eq!(differ, 0, "{}: {differ} elements differ", method.name);
-        }
     }
 }

@@ -370,7 +370,7 @@ impl Scorer<'_> {
 
 /// Whether this binary has the merge method an entry names.
 fn method_known(name: &str) -> bool {
-    merge_core::methods::lookup(name).is_some() || merge_core::adapter_merge::lookup(name).is_some()
+    merge_core::registry::lookup(name).is_some()
 }
 
 fn status_of(r: &SubmissionResult) -> String {

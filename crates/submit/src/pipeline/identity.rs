@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use merge_core::merge::SIDE_FILES;
+use merge_core::engine::SIDE_FILES;
 use merge_core::source::ModelFiles;
 use sha2::{Digest, Sha256};
 

@@ -16,7 +16,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use eval_harness::{EvalOptions, LanguageModel};
-use merge_core::merge::{self, MergeInputs, MergeOptions};
+use merge_core::engine::{self, Inputs, MergeOptions};
 use merge_core::source::{HubSettings, ModelFiles, Resolver};
 
 use crate::entry::Entry;
@@ -61,8 +61,7 @@ struct Run<'a> {
     test_file: PathBuf,
     device: Device,
     token: Option<String>,
-    resolver: Resolver,
-    inputs: MergeInputs,
+    inputs: Inputs,
     /// Every input model's files (adapters with their bases), labelled for the manifest.
     input_files: Vec<(String, ModelFiles)>,
 }
@@ -105,7 +104,7 @@ impl<'a> Run<'a> {
     fn open(entry: &'a Entry, opts: &'a RunOptions) -> Result<Self> {
         let settings = HubSettings::from_env();
         let token = settings.token.clone();
-        let resolver = Resolver::new(settings).with_base_dir(&entry.dir);
+        let resolver = demo::with_demo_models(Resolver::new(settings).with_base_dir(&entry.dir));
         let device = crate::device::resolve(&entry.file.eval.device)?;
         let work = entry.dist_dir().join("work");
         std::fs::create_dir_all(&work).with_context(|| format!("{}", work.display()))?;
@@ -126,15 +125,16 @@ impl<'a> Run<'a> {
                 );
             }
         }
-        let inputs = merge::open_inputs(&entry.file.merge, &resolver)?;
+        let inputs = Inputs::open(&entry.file.merge, &resolver)?;
         let mut input_files = Vec::new();
         if let Some(b) = &inputs.base {
             input_files.push(("base".into(), b.checkpoint().files().clone()));
         }
         for (i, m) in inputs.models.iter().enumerate() {
             input_files.push((format!("model {}", i + 1), m.checkpoint().files().clone()));
-            if let merge_core::model::InputModel::Adapted { adapter, .. } = m {
-                input_files.push((format!("adapter {}", i + 1), adapter.files().clone()));
+            if let engine::InputModel::Adapted { adapter, .. } = m {
+                let files = adapter.files().expect("opened from files");
+                input_files.push((format!("adapter {}", i + 1), files.clone()));
             }
         }
         Ok(Run {
@@ -145,7 +145,6 @@ impl<'a> Run<'a> {
             test_file,
             device,
             token,
-            resolver,
             inputs,
             input_files,
         })
@@ -173,16 +172,8 @@ impl<'a> Run<'a> {
                 // Merges stay on the CPU, which was faster than the GPU for every method
                 // measured (scripts/gpu-check.sh); `device` is the evaluation's.
                 opts.device = Device::Cpu;
-                match merge_core::adapter_merge::lookup(&cfg.method) {
-                    // Adapters in, one adapter out (the kit's llama_avg / flant5_avg).
-                    Some(method) => {
-                        merge_core::adapter_merge::run(cfg, method, &self.resolver, &opts)?;
-                    }
-                    None => {
-                        let plan = merge::plan(cfg, &self.inputs)?;
-                        merge::execute(cfg, &plan, &self.inputs, &opts)?;
-                    }
-                }
+                // Adapter-level methods write an adapter (the kit's llama_avg / flant5_avg).
+                engine::merge_to_disk(cfg, &self.inputs, &opts)?;
                 let mut models = Vec::new();
                 for (role, f) in &self.input_files {
                     models.push(serde_json::json!({

@@ -1,4 +1,5 @@
-//! PEFT LoRA adapters: config, key mapping to base weights, dense deltas, adapter output.
+//! PEFT LoRA adapters: config, key mapping to base weights, dense deltas, adapter output;
+//! the adapter-level merges ([`merge`]) and their linear algebra ([`linalg`]).
 //!
 //! A PEFT file stores, for each adapted module `M` of the base model,
 //! `base_model.model.M.lora_A.weight` (r × in) and `base_model.model.M.lora_B.weight`
@@ -8,15 +9,20 @@
 //! `lora_embedding_B` (dim × r) with ΔW = scale · (B · A)ᵀ. Keys without a LoRA part are
 //! `modules_to_save`: full replacements of the base tensor.
 
+pub mod linalg;
+pub mod merge;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{Checkpoint, CheckpointWriter, OutputTensor};
 use crate::error::{Error, Result};
-use crate::source::ModelFiles;
+use crate::source::{ModelFiles, ModelRef};
+
+pub use merge::{AdapterMerge, MergedAdapter};
 
 /// The fields of `adapter_config.json` that change the weights.
 #[derive(Debug, Clone, Deserialize)]
@@ -25,9 +31,6 @@ pub struct AdapterConfig {
     pub r: usize,
     /// Default alpha.
     pub lora_alpha: f64,
-    /// Adapted modules: a list of name suffixes or one regex.
-    #[serde(default)]
-    pub target_modules: Option<TargetModules>,
     /// Scale by alpha/√r instead of alpha/r.
     #[serde(default)]
     pub use_rslora: bool,
@@ -54,20 +57,18 @@ pub struct AdapterConfig {
     pub peft_type: Option<String>,
 }
 
-/// `target_modules` is either a list of suffixes or a regex over the full module name.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
-pub enum TargetModules {
-    /// Module name suffixes (`q_proj`, `v_proj`).
-    List(Vec<String>),
-    /// A regex matched against the full module name.
-    Regex(String),
-}
-
 /// PEFT's pattern match: `key` matches module `name` when name is `key` or ends in `.key`
 /// (PEFT uses the regex `(.*\.)?key$`; keys are plain names in practice).
 fn pattern_matches(key: &str, name: &str) -> bool {
     name == key || name.ends_with(&format!(".{key}"))
+}
+
+/// The value of the first pattern (`rank_pattern`, `alpha_pattern`) matching `module`.
+fn pattern_value<V: Copy>(patterns: &BTreeMap<String, V>, module: &str) -> Option<V> {
+    patterns
+        .iter()
+        .find(|(k, _)| pattern_matches(k, module))
+        .map(|(_, v)| *v)
 }
 
 /// One adapted module.
@@ -87,7 +88,7 @@ pub struct LoraModule {
     pub embedding: bool,
 }
 
-/// A PEFT LoRA adapter, opened for reading.
+/// A PEFT LoRA adapter: opened from its files, or a merged one held in memory.
 pub struct Adapter {
     /// Where it came from, for messages.
     pub label: String,
@@ -95,12 +96,56 @@ pub struct Adapter {
     pub config: AdapterConfig,
     /// The raw `adapter_config.json`, kept to write merged adapters back.
     pub raw_config: serde_json::Value,
-    weights: Checkpoint,
+    weights: Factors,
     /// Base weight name (`M.weight`) → module.
     modules: BTreeMap<String, LoraModule>,
     /// Base weight name → key of a full replacement (`modules_to_save`).
     saved: BTreeMap<String, String>,
-    files: ModelFiles,
+}
+
+/// Where an adapter's tensors (factors and `modules_to_save`) are.
+enum Factors {
+    /// Read from the adapter's weight file (which knows the adapter's files).
+    File(Box<Checkpoint>),
+    /// Held in memory (an in-memory merge's result), by key.
+    Memory(BTreeMap<String, Tensor>),
+}
+
+impl Factors {
+    fn names(&self) -> Box<dyn Iterator<Item = &str> + '_> {
+        match self {
+            Factors::File(weights) => Box::new(weights.names()),
+            Factors::Memory(m) => Box::new(m.keys().map(String::as_str)),
+        }
+    }
+
+    fn shape(&self, key: &str) -> Option<&[usize]> {
+        match self {
+            Factors::File(weights) => weights.info(key).map(|i| i.shape.as_slice()),
+            Factors::Memory(m) => m.get(key).map(Tensor::dims),
+        }
+    }
+
+    fn load(&self, key: &str) -> Result<Tensor> {
+        match self {
+            Factors::File(weights) => weights.load(key),
+            Factors::Memory(m) => m.get(key).cloned().ok_or_else(|| Error::MissingTensor {
+                tensor: key.into(),
+                model: "the in-memory adapter".into(),
+            }),
+        }
+    }
+
+    fn load_f32(&self, key: &str, device: &Device) -> Result<Tensor> {
+        match self {
+            Factors::File(weights) => weights.load_f32(key, device),
+            Factors::Memory(_) => self
+                .load(key)?
+                .to_dtype(DType::F32)
+                .and_then(|t| t.to_device(device))
+                .map_err(|e| Error::tensor(key, e)),
+        }
+    }
 }
 
 impl std::fmt::Debug for Adapter {
@@ -138,7 +183,7 @@ impl Adapter {
     pub fn open_dir(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
         Self::open(&ModelFiles::local(
-            crate::source::ModelRef::new(dir.display().to_string()),
+            ModelRef::new(dir.display().to_string()),
             dir.to_path_buf(),
         ))
     }
@@ -148,22 +193,20 @@ impl Adapter {
         let label = files.describe();
         let config_path = files.require("adapter_config.json")?;
         let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
-        let raw_config: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| Error::Corrupt {
-                path: config_path.clone(),
-                message: format!("invalid JSON: {e}"),
-            })?;
-        let config: AdapterConfig =
-            serde_json::from_value(raw_config.clone()).map_err(|e| Error::Corrupt {
-                path: config_path.clone(),
-                message: format!("not a LoRA adapter config: {e}"),
-            })?;
+        let raw_config: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::corrupt(config_path.clone(), format!("invalid JSON: {e}")))?;
+        let config: AdapterConfig = serde_json::from_value(raw_config.clone()).map_err(|e| {
+            Error::corrupt(
+                config_path.clone(),
+                format!("not a LoRA adapter config: {e}"),
+            )
+        })?;
         if let Some(t) = &config.peft_type {
             if !t.eq_ignore_ascii_case("lora") {
-                return Err(Error::Adapter {
-                    adapter: label,
-                    message: format!("peft_type `{t}` is not supported (only LORA)"),
-                });
+                return Err(Error::adapter(
+                    label,
+                    format!("peft_type `{t}` is not supported (only LORA)"),
+                ));
             }
         }
         let weights_path = match files.get("adapter_model.safetensors")? {
@@ -176,7 +219,30 @@ impl Adapter {
                 })?,
         };
         let weights = Checkpoint::open_file(&weights_path, files)?;
+        Self::from_parts(label, raw_config, config, Factors::File(Box::new(weights)))
+    }
 
+    /// An adapter held in memory: `adapter_config.json`'s content and the tensors by key.
+    pub fn in_memory(
+        label: impl Into<String>,
+        raw_config: serde_json::Value,
+        tensors: Vec<(String, Tensor)>,
+    ) -> Result<Self> {
+        let label = label.into();
+        let config = serde_json::from_value(raw_config.clone()).map_err(|e| {
+            Error::adapter(label.clone(), format!("not a LoRA adapter config: {e}"))
+        })?;
+        let factors = Factors::Memory(tensors.into_iter().collect());
+        Self::from_parts(label, raw_config, config, factors)
+    }
+
+    /// Map the tensors of `weights` to base modules, checking ranks against the config.
+    fn from_parts(
+        label: String,
+        raw_config: serde_json::Value,
+        config: AdapterConfig,
+        weights: Factors,
+    ) -> Result<Self> {
         let mut parts: BTreeMap<String, (Option<String>, Option<String>, bool)> = BTreeMap::new();
         let mut saved = BTreeMap::new();
         for key in weights.names() {
@@ -199,32 +265,19 @@ impl Adapter {
         let mut modules = BTreeMap::new();
         for (module, (a, b, embedding)) in parts {
             let (Some(a_key), Some(b_key)) = (a, b) else {
-                return Err(Error::Adapter {
-                    adapter: label,
-                    message: format!("module `{module}` has only one of lora_A / lora_B"),
-                });
+                return Err(Error::adapter(
+                    label,
+                    format!("module `{module}` has only one of lora_A / lora_B"),
+                ));
             };
-            let rank = config
-                .rank_pattern
-                .iter()
-                .find(|(k, _)| pattern_matches(k, &module))
-                .map(|(_, r)| *r)
-                .unwrap_or(config.r);
-            let alpha = config
-                .alpha_pattern
-                .iter()
-                .find(|(k, _)| pattern_matches(k, &module))
-                .map(|(_, a)| *a)
-                .unwrap_or(config.lora_alpha);
+            let rank = pattern_value(&config.rank_pattern, &module).unwrap_or(config.r);
+            let alpha = pattern_value(&config.alpha_pattern, &module).unwrap_or(config.lora_alpha);
             // A is r × in (r × vocab for embeddings): its first dimension is the rank.
-            let stored_rank = weights.info(&a_key).expect("listed").shape[0];
+            let stored_rank = weights.shape(&a_key).expect("listed")[0];
             if stored_rank != rank {
-                return Err(Error::Adapter {
-                    adapter: label,
-                    message: format!(
+                return Err(Error::adapter(label, format!(
                         "module `{module}`: lora_A has rank {stored_rank} but the config says {rank}"
-                    ),
-                });
+                    )));
             }
             modules.insert(
                 format!("{module}.weight"),
@@ -245,13 +298,15 @@ impl Adapter {
             weights,
             modules,
             saved,
-            files: files.clone(),
         })
     }
 
-    /// The model files the adapter came from.
-    pub fn files(&self) -> &ModelFiles {
-        &self.files
+    /// The model files the adapter came from (`None` for an adapter held in memory).
+    pub fn files(&self) -> Option<&ModelFiles> {
+        match &self.weights {
+            Factors::File(weights) => Some(weights.files()),
+            Factors::Memory(_) => None,
+        }
     }
 
     /// The adapted modules, keyed by base weight name.
@@ -281,12 +336,15 @@ impl Adapter {
 
     /// Whether the adapter file has tensor `key`.
     pub fn has_tensor(&self, key: &str) -> bool {
-        self.weights.contains(key)
+        self.weights.shape(key).is_some()
     }
 
     /// The storage dtype of the adapter's tensors.
     pub fn storage_dtype(&self) -> DType {
-        self.weights.storage_dtype()
+        match &self.weights {
+            Factors::File(weights) => weights.storage_dtype(),
+            Factors::Memory(m) => m.values().next().map_or(DType::F32, Tensor::dtype),
+        }
     }
 
     /// A raw tensor of the adapter file in f32 on the CPU.
@@ -297,6 +355,27 @@ impl Adapter {
     /// Read a raw factor (storage dtype, CPU).
     pub fn factor(&self, key: &str) -> Result<Tensor> {
         self.weights.load(key)
+    }
+
+    /// Base weight `name` with the adapter applied, in f32 on `device`: its `modules_to_save`
+    /// replacement, or the base's tensor plus ΔW; `None` when the adapter leaves it alone.
+    pub fn apply(&self, base: &Checkpoint, name: &str, device: &Device) -> Result<Option<Tensor>> {
+        if let Some(full) = self.replacement(name, device)? {
+            return Ok(Some(full));
+        }
+        let Some(d) = self.delta(name, device)? else {
+            return Ok(None);
+        };
+        let w = base.load_f32(name, device)?;
+        (&w + &d).map(Some).map_err(|e| Error::tensor(name, e))
+    }
+
+    /// Base weight names the adapter changes: adapted modules and `modules_to_save`.
+    pub fn changed(&self) -> impl Iterator<Item = &str> {
+        self.modules
+            .keys()
+            .chain(self.saved.keys())
+            .map(String::as_str)
     }
 
     /// The dense ΔW for base weight `name` in f32 on `device`, or `None` if the adapter does
@@ -333,40 +412,37 @@ impl Adapter {
     pub fn check_against(&self, base: &Checkpoint) -> Result<()> {
         for (name, m) in &self.modules {
             let Some(info) = base.info(name) else {
-                return Err(Error::Adapter {
-                    adapter: self.label.clone(),
-                    message: format!(
+                return Err(Error::adapter(self.label.clone(), format!(
                         "target module `{}` does not exist in the base model {} (no tensor `{name}`)",
                         m.module, base.label
-                    ),
-                });
+                    )));
             };
-            let a = &self.weights.info(&m.a_key).expect("listed").shape;
-            let b = &self.weights.info(&m.b_key).expect("listed").shape;
+            let a = self.weights.shape(&m.a_key).expect("listed");
+            let b = self.weights.shape(&m.b_key).expect("listed");
             let expected = if m.embedding || self.config.fan_in_fan_out {
                 vec![a[1], b[0]]
             } else {
                 vec![b[0], a[1]]
             };
             if info.shape != expected {
-                return Err(Error::Adapter {
-                    adapter: self.label.clone(),
-                    message: format!(
+                return Err(Error::adapter(
+                    self.label.clone(),
+                    format!(
                         "module `{}`: B·A has shape {expected:?} but `{name}` in {} is {:?}",
                         m.module, base.label, info.shape
                     ),
-                });
+                ));
             }
         }
         for name in self.saved.keys() {
             if !base.contains(name) {
-                return Err(Error::Adapter {
-                    adapter: self.label.clone(),
-                    message: format!(
+                return Err(Error::adapter(
+                    self.label.clone(),
+                    format!(
                         "saved module tensor `{name}` does not exist in the base model {}",
                         base.label
                     ),
-                });
+                ));
             }
         }
         Ok(())
@@ -382,16 +458,15 @@ pub fn write_adapter(
     dtype: DType,
     overwrite: bool,
 ) -> Result<()> {
-    let planned: Vec<crate::checkpoint::OutputTensor> = tensors
+    let planned: Vec<OutputTensor> = tensors
         .iter()
-        .map(|(n, t)| crate::checkpoint::OutputTensor {
+        .map(|(n, t)| OutputTensor {
             name: n.clone(),
             shape: t.dims().to_vec(),
             dtype,
         })
         .collect();
-    let writer =
-        crate::checkpoint::CheckpointWriter::create(target, &planned, u64::MAX, overwrite)?;
+    let writer = CheckpointWriter::create(target, &planned, u64::MAX, overwrite)?;
     for (n, t) in tensors {
         writer.write(n, t)?;
     }

@@ -1,0 +1,413 @@
+//! Sparsification of task vectors (δ = expert − base), decided chunk by chunk so that merges
+//! stream (and whole-tensor merges use the same masks):
+//!
+//! - magnitude (TIES): keep the ⌊density·n⌋ largest |δ| (at least one);
+//! - magnitude outliers (Model Breadcrumbs): drop the ⌊gamma·n⌋ largest |δ|, then the
+//!   smallest, keeping ⌊density·n⌋;
+//! - random (DARE): keep each element with probability `density`, drawn per `RNG_CHUNK` block;
+//! - [`della_magprune`] (DELLA): keep with a probability that grows with the element's
+//!   magnitude rank in its row, from density − ε to density + ε (whole tensors only).
+//!
+//! Magnitude ranks come from selection (`select_ranks`: a parallel two-pass radix select on
+//! the bits of |δ| over the streamed inputs, O(n)), never a full sort; only DELLA, whose
+//! probabilities need every rank, sorts (one row at a time, rows in parallel). Equal
+//! magnitudes are ranked by position, so results never depend on thread scheduling.
+//!
+//! Rescaling: the deterministic methods rescale like mergekit (the kept L1 norm is scaled back
+//! to the original's; the method merges such tensors whole). The random ones divide each kept
+//! element by its keep probability, as in the DARE and DELLA papers, which keeps the expected
+//! value of every element (and so of the sum) equal to the input; mergekit instead matches L1
+//! norms, which for large tensors is the same factor up to sampling noise.
+
+use rand::RngCore;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+
+use super::{fold_chunks, map_chunks, StreamInputs, STREAM_CHUNK};
+
+/// Elements per independently seeded random chunk: the mask depends only on the seed and the
+/// chunk index, so it is the same however many threads draw it.
+pub const RNG_CHUNK: usize = 1 << 16;
+
+/// Mix a seed with a stream index (SplitMix64 finaliser), for independent RNG streams.
+pub fn mix_seed(seed: u64, stream: u64) -> u64 {
+    let mut z = seed ^ stream.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// |x| as an order-preserving integer key (for finite floats and ±inf).
+#[inline]
+pub fn mag_key(x: f32) -> u32 {
+    x.to_bits() & 0x7fff_ffff
+}
+
+/// Σ|x| in f64.
+pub fn l1(x: &[f32]) -> f64 {
+    x.par_chunks(RNG_CHUNK)
+        .map(|c| c.iter().map(|v| f64::from(v.abs())).sum::<f64>())
+        .sum()
+}
+
+/// Scale `x` so its L1 norm is `before` again (mergekit's `RescaleNorm.l1`); left as is when
+/// either norm is below 1e-7.
+pub fn rescale_l1(x: &mut [f32], before: f64) {
+    let after = l1(x);
+    if before < 1e-7 || after < 1e-7 {
+        return;
+    }
+    let f = (before / after) as f32;
+    x.par_iter_mut().for_each(|v| *v *= f);
+}
+
+/// The bin of a histogram that holds ascending rank `rank`, and how many counts lie in the
+/// bins below it. Panics unless `rank` < the total count.
+pub fn locate<T: Copy + Into<u64>>(h: &[T], rank: usize) -> (usize, usize) {
+    let mut rank = rank as u64;
+    let mut below = 0u64;
+    for (bin, &n) in h.iter().enumerate() {
+        let n: u64 = n.into();
+        if rank < n {
+            return (bin, below as usize);
+        }
+        rank -= n;
+        below += n;
+    }
+    unreachable!("rank < number of elements")
+}
+
+/// DARE on `RNG_CHUNK`-element block number `block` of a task vector (the last block may be
+/// shorter), for 0 < density < 1: keep each element with probability `density`, dividing it
+/// by `density` when `rescale`; the same mask whichever way the tensor is split.
+pub fn bernoulli_block(x: &mut [f32], block: usize, density: f64, rescale: bool, seed: u64) {
+    // keep iff a uniform u32 < density·2³²
+    let threshold = (density * 4_294_967_296.0) as u64;
+    let scale = if rescale { (1.0 / density) as f32 } else { 1.0 };
+    let mut rng = ChaCha8Rng::seed_from_u64(mix_seed(seed, block as u64));
+    for v in x {
+        if u64::from(rng.next_u32()) < threshold {
+            *v *= scale;
+        } else {
+            *v = 0.0;
+        }
+    }
+}
+
+/// DELLA's MagPrune: within each row of `row_len` elements, rank |x| ascending (0..m−1),
+/// keep with probability p = density − ε + 2ε·rank/(m−1), and divide kept elements by p when
+/// `rescale`. A one-element row keeps with probability `density`.
+///
+/// Errors when density ± ε leaves (0, 1) (for density < 1), as mergekit does.
+pub fn della_magprune(
+    x: &mut [f32],
+    row_len: usize,
+    density: f64,
+    epsilon: f64,
+    rescale: bool,
+    seed: u64,
+) -> Result<(), String> {
+    if density >= 1.0 {
+        return Ok(());
+    }
+    if density <= 0.0 {
+        x.fill(0.0);
+        return Ok(());
+    }
+    if density + epsilon >= 1.0 || density - epsilon <= 0.0 {
+        return Err(format!(
+            "epsilon ({epsilon}) must keep density ± epsilon in (0, 1) (density {density})"
+        ));
+    }
+    let row_len = row_len.max(1);
+    x.par_chunks_mut(row_len).enumerate().for_each(|(r, row)| {
+        let m = row.len();
+        let mut order: Vec<u32> = (0..m as u32).collect();
+        order.sort_by_key(|&i| (mag_key(row[i as usize]), i));
+        let mut rng = ChaCha8Rng::seed_from_u64(mix_seed(seed, r as u64));
+        // Draw in position order so the mask does not depend on the sort.
+        let mut probs = vec![0f64; m];
+        for (rank, &i) in order.iter().enumerate() {
+            let norm = if m > 1 {
+                rank as f64 / (m - 1) as f64
+            } else {
+                0.5
+            };
+            probs[i as usize] = density - epsilon + norm * 2.0 * epsilon;
+        }
+        for (v, p) in row.iter_mut().zip(&probs) {
+            let u = f64::from(rng.next_u32()) / 4_294_967_296.0;
+            if u < *p {
+                if rescale {
+                    *v = (f64::from(*v) / p) as f32;
+                }
+            } else {
+                *v = 0.0;
+            }
+        }
+    });
+    Ok(())
+}
+
+// Masks are cut at chunk boundaries: random blocks must not straddle them.
+const _: () = assert!(STREAM_CHUNK.is_multiple_of(RNG_CHUNK));
+
+/// A magnitude rank located in one task vector by [`select_ranks`]: the key at that rank, how
+/// many keys equal to it rank below it, and per chunk how many equal keys precede the chunk
+/// (`starts`: one entry more than there are chunks, the last the total).
+pub(super) struct Rank {
+    key: u32,
+    ties_below: usize,
+    starts: Vec<usize>,
+}
+
+/// How one expert's task vector is masked, decided per element of a chunk.
+pub(super) enum Mask {
+    /// Keep every element.
+    All,
+    /// Zero every element.
+    Nothing,
+    /// Keep the elements whose magnitude rank is in `from ..= to` (an absent bound: no limit).
+    Ranks {
+        from: Option<Rank>,
+        to: Option<Rank>,
+    },
+    /// DARE's Bernoulli mask, drawn per `RNG_CHUNK` block from `seed`.
+    Random {
+        density: f64,
+        rescale: bool,
+        seed: u64,
+    },
+}
+
+/// Zero the elements of `d` where `keep` is false, branch-free (whether an element is kept is
+/// as good as random), so the loop vectorises.
+#[inline]
+fn keep_where(d: &mut [f32], mut keep: impl FnMut(u32) -> bool) {
+    for v in d.iter_mut() {
+        let k = keep(mag_key(*v));
+        *v = f32::from_bits(v.to_bits() & 0u32.wrapping_sub(u32::from(k)));
+    }
+}
+
+impl Mask {
+    /// Apply to chunk `index` (whose first element is `first`) of a task vector.
+    pub(super) fn apply(&self, d: &mut [f32], index: usize, first: usize) {
+        match self {
+            Mask::All => {}
+            Mask::Nothing => d.fill(0.0),
+            Mask::Ranks { from, to } => {
+                let (c, end) = (index, index + 1);
+                // Within a chunk the keys equal to a bound are all in the range, all out, or
+                // (in the one chunk where the count runs out) decided one by one.
+                let lower_all = from.as_ref().is_none_or(|r| r.starts[c] >= r.ties_below);
+                let lower_none = from.as_ref().is_some_and(|r| r.starts[end] <= r.ties_below);
+                let upper_all = to
+                    .as_ref()
+                    .is_none_or(|r| r.starts[end] <= r.ties_below + 1);
+                let upper_none = to.as_ref().is_some_and(|r| r.starts[c] > r.ties_below);
+                if (lower_all || lower_none) && (upper_all || upper_none) {
+                    let lo = from.as_ref().map_or(0, |r| r.key + u32::from(lower_none));
+                    match to {
+                        None => keep_where(d, |k| k >= lo),
+                        Some(r) => {
+                            let hi = r.key + u32::from(upper_all);
+                            keep_where(d, |k| (k >= lo) & (k < hi));
+                        }
+                    }
+                    return;
+                }
+                let mut seen_from = from.as_ref().map_or(0, |r| r.starts[c]);
+                let mut seen_to = to.as_ref().map_or(0, |r| r.starts[c]);
+                keep_where(d, |k| {
+                    let after_from = from.as_ref().is_none_or(|r| {
+                        let tie = k == r.key;
+                        let keep = (k > r.key) | (tie & (seen_from >= r.ties_below));
+                        seen_from += usize::from(tie);
+                        keep
+                    });
+                    let before_to = to.as_ref().is_none_or(|r| {
+                        let tie = k == r.key;
+                        let keep = (k < r.key) | (tie & (seen_to <= r.ties_below));
+                        seen_to += usize::from(tie);
+                        keep
+                    });
+                    after_from & before_to
+                });
+            }
+            Mask::Random {
+                density,
+                rescale,
+                seed,
+            } => {
+                for (b, block) in d.chunks_mut(RNG_CHUNK).enumerate() {
+                    bernoulli_block(block, first / RNG_CHUNK + b, *density, *rescale, *seed);
+                }
+            }
+        }
+    }
+
+    /// The mask keeping magnitude ranks `lo .. hi` of an `n`-element task vector, with its
+    /// bounds' ranks added to `select` (to be located by [`select_ranks`] and put in by
+    /// [`Mask::locate`]) where they are inside the tensor.
+    pub(super) fn rank_range(
+        lo: usize,
+        hi: usize,
+        n: usize,
+        expert: usize,
+        select: &mut Vec<(usize, usize)>,
+    ) -> Mask {
+        if hi <= lo {
+            return Mask::Nothing;
+        }
+        if lo == 0 && hi >= n {
+            return Mask::All;
+        }
+        // A bound's rank is queued for selection and its Rank left empty until `locate`.
+        let mut bound = |inside: bool, rank: usize| {
+            inside.then(|| {
+                select.push((expert, rank));
+                Rank {
+                    key: 0,
+                    ties_below: 0,
+                    starts: Vec::new(),
+                }
+            })
+        };
+        let from = bound(lo > 0, lo);
+        let to = bound(hi < n, hi - 1);
+        Mask::Ranks { from, to }
+    }
+
+    /// Fill in the bounds of every `Ranks` mask from `ranks`, located in the order
+    /// [`Mask::rank_range`] pushed them.
+    pub(super) fn locate(masks: &mut [Mask], ranks: Vec<Rank>) {
+        let mut ranks = ranks.into_iter();
+        for m in masks {
+            if let Mask::Ranks { from, to } = m {
+                for bound in [from, to].into_iter().flatten() {
+                    *bound = ranks.next().expect("one rank per bound");
+                }
+            }
+        }
+    }
+}
+
+/// Adds the high 16 bits of the keys |m − b| to `h` (65536 bins). Two count lanes, so runs
+/// of equal keys (common in task vectors of bf16 models) do not wait on one counter.
+fn add_high_histogram(h: &mut [u32], m: &[f32], b: &[f32]) {
+    const BINS: usize = 1 << 16;
+    let (lane0, lane1) = h.split_at_mut(BINS);
+    let mut pairs_m = m.chunks_exact(2);
+    let mut pairs_b = b.chunks_exact(2);
+    for (pm, pb) in (&mut pairs_m).zip(&mut pairs_b) {
+        lane0[(mag_key(pm[0] - pb[0]) >> 16) as usize] += 1;
+        lane1[(mag_key(pm[1] - pb[1]) >> 16) as usize] += 1;
+    }
+    for (m, b) in pairs_m.remainder().iter().zip(pairs_b.remainder()) {
+        lane0[(mag_key(m - b) >> 16) as usize] += 1;
+    }
+}
+
+/// The magnitude ranks `select` (expert index, ascending rank) of the task vectors of `x`: two
+/// parallel radix passes over the streamed inputs — a histogram of the high 16 bits of every
+/// key, then the low 16 bits of the keys in the bin that holds the rank, kept per chunk so the
+/// equal keys before each chunk are counted without a third pass.
+pub(super) fn select_ranks(
+    x: &StreamInputs,
+    select: &[(usize, usize)],
+) -> candle_core::Result<Vec<Rank>> {
+    const BINS: usize = 1 << 16;
+    let e = select.len();
+    // Per thread: two u32 lanes per expert (tensors have fewer than 2³² elements, checked by
+    // the caller), summed at the end.
+    let high = fold_chunks(
+        x,
+        || vec![0u32; 2 * BINS * e],
+        |mut h, c| {
+            let b = c.base.as_deref().expect("requires_base");
+            for (s, &(i, _)) in select.iter().enumerate() {
+                add_high_histogram(&mut h[2 * BINS * s..2 * BINS * (s + 1)], c.models[i], b);
+            }
+            h
+        },
+        |mut a, b| {
+            a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+            a
+        },
+    )?;
+    let mut totals = vec![0u64; BINS * e];
+    for s in 0..e {
+        let lanes = &high[2 * BINS * s..2 * BINS * (s + 1)];
+        let t = &mut totals[BINS * s..BINS * (s + 1)];
+        for (bin, t) in t.iter_mut().enumerate() {
+            *t = u64::from(lanes[bin]) + u64::from(lanes[BINS + bin]);
+        }
+    }
+    drop(high);
+    let bins: Vec<(u32, usize)> = select
+        .iter()
+        .enumerate()
+        .map(|(s, &(_, rank))| {
+            let (bin, below) = locate(&totals[BINS * s..BINS * (s + 1)], rank);
+            (bin as u32, below)
+        })
+        .collect();
+    drop(totals);
+    // Per chunk and expert: the low halves of the keys in the selected bin, in order.
+    let lows: Vec<Vec<Vec<u16>>> = map_chunks(x, |c| {
+        let b = c.base.as_deref().expect("requires_base");
+        select
+            .iter()
+            .zip(&bins)
+            .map(|(&(i, _), &(bin, _))| {
+                c.models[i]
+                    .iter()
+                    .zip(b)
+                    .filter_map(|(m, b)| {
+                        let k = mag_key(m - b);
+                        (k >> 16 == bin).then_some((k & 0xffff) as u16)
+                    })
+                    .collect()
+            })
+            .collect()
+    })?;
+    Ok(select
+        .iter()
+        .zip(&bins)
+        .enumerate()
+        .map(|(s, (&(_, rank), &(bin, below_high)))| {
+            let mut h = vec![0u64; BINS];
+            for chunk in &lows {
+                for &l in &chunk[s] {
+                    h[l as usize] += 1;
+                }
+            }
+            let (low, below_low) = locate(&h, rank - below_high);
+            let mut starts = Vec::with_capacity(lows.len() + 1);
+            let mut acc = 0usize;
+            for chunk in &lows {
+                starts.push(acc);
+                acc += chunk[s].iter().filter(|&&l| l as usize == low).count();
+            }
+            starts.push(acc);
+            Rank {
+                key: (bin << 16) | low as u32,
+                ties_below: rank - below_high - below_low,
+                starts,
+            }
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn della_rejects_bad_epsilon() {
+        let mut x = vec![1.0f32; 8];
+        assert!(della_magprune(&mut x, 4, 0.9, 0.15, true, 1).is_err());
+    }
+}
