@@ -3,6 +3,9 @@
 //! evaluation goldens, and a local server that speaks the hub's HTTP API. Nothing here needs
 //! the network or `../shared`.
 
+pub mod cli;
+pub mod family;
 pub mod hub;
 pub mod models;
 pub mod synthetic;
+pub mod tokenizers;

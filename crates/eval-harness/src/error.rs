@@ -33,6 +33,10 @@ pub enum Error {
     /// A tensor operation failed.
     #[error("tensor: {0}")]
     Candle(#[from] candle_core::Error),
+    /// A merge (done in memory, see [`crate::merged`]) failed: its inputs, configuration or a
+    /// tensor.
+    #[error(transparent)]
+    Merge(Box<merge_core::Error>),
     /// One row of a data file could not be evaluated.
     #[error("{}:{line}: row id `{id}`: {source}", path.display())]
     Row {
@@ -49,6 +53,12 @@ pub enum Error {
     /// input that tokenizes to nothing), or an output that cannot be written.
     #[error("{0}")]
     Msg(String),
+}
+
+impl From<merge_core::Error> for Error {
+    fn from(e: merge_core::Error) -> Self {
+        Error::Merge(Box::new(e))
+    }
 }
 
 /// Result alias.

@@ -14,6 +14,7 @@ pub mod evaluate;
 pub mod greedy;
 pub mod hf;
 pub mod lm;
+pub mod merged;
 pub mod metrics;
 pub mod models;
 pub mod report;

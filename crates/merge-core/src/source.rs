@@ -404,7 +404,38 @@ impl std::fmt::Debug for ModelFiles {
     }
 }
 
+/// Files a loadable model needs besides weights, copied from the reference model of
+/// a merge, and fetched with a model that is loaded for evaluation.
+pub const SIDE_FILES: [&str; 9] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "spiece.model",
+    "generation_config.json",
+];
+
 impl ModelFiles {
+    /// The directory of a model ready to load: a local directory as it is; for a hub model,
+    /// the cache snapshot after fetching `config.json` and the [`SIDE_FILES`] it has (the
+    /// weights come with opening its checkpoint).
+    pub fn model_dir(&self) -> Result<PathBuf> {
+        if let Some(d) = self.local_dir() {
+            return Ok(d.to_path_buf());
+        }
+        let config = self.require("config.json")?;
+        for f in SIDE_FILES {
+            self.get(f)?;
+        }
+        Ok(config
+            .parent()
+            .expect("a file in the snapshot directory")
+            .to_path_buf())
+    }
+
     /// Files of a local directory.
     pub fn local(reference: ModelRef, dir: PathBuf) -> Self {
         ModelFiles {

@@ -1,23 +1,30 @@
-//! `llm-merging eval` and `llm-merging predict`: a model directory in, predictions and scores
-//! out, with the starter kit's semantics by default.
+//! `llm-merging eval` and `llm-merging predict`: a model directory (or a merge config, merged
+//! in memory) in, predictions and scores out, with the starter kit's semantics by default.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use eval_harness::dataset;
+use eval_harness::merged::MergedModel;
 use eval_harness::report::{self, DatasetOutcome};
 use eval_harness::{EvalOptions, LanguageModel, Scoring};
+use merge_core::source::Resolver;
+use merge_core::MergeConfig;
 
 /// Options shared by `eval` and `predict`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {
     /// Model directory: config.json, tokenizer.json (+ tokenizer_config.json) and weights.
-    #[arg(long)]
-    pub model: PathBuf,
+    #[arg(long, required_unless_present = "merge")]
+    pub model: Option<PathBuf>,
     /// PEFT LoRA adapter directory folded into the model's weights before evaluating.
-    #[arg(long)]
+    #[arg(long, requires = "model")]
     pub adapter: Option<PathBuf>,
+    /// A merge config (TOML or mergekit YAML), merged in memory and evaluated without writing
+    /// a checkpoint: the same scores and predictions as `merge` then `eval --model`.
+    #[arg(long, conflicts_with_all = ["model", "adapter"])]
+    pub merge: Option<PathBuf>,
     /// Generation rows decoded together: at most N rows and N × 1024 cached tokens (prompt + new),
     /// so long prompts go in smaller batches. Results do not depend on it; memory does (the KV
     /// cache: Llama-2-7B in bf16 takes about 0.5 MB per cached token).
@@ -84,23 +91,54 @@ fn options(a: &ModelArgs) -> EvalOptions {
     }
 }
 
-fn load_model(a: &ModelArgs) -> Result<Box<dyn LanguageModel>> {
+/// The model to evaluate: loaded from a directory, or merged in memory.
+enum Loaded {
+    Dir(Box<dyn LanguageModel>),
+    Merged(Box<MergedModel>),
+}
+
+impl Loaded {
+    fn model(&self) -> &dyn LanguageModel {
+        match self {
+            Loaded::Dir(m) => &**m,
+            Loaded::Merged(m) => m.model(),
+        }
+    }
+}
+
+fn load_model(a: &ModelArgs) -> Result<Loaded> {
     let device = crate::device::resolve(&a.device)?;
     let dtype = eval_harness::resolve_dtype(&a.dtype, &device).map_err(anyhow::Error::msg)?;
     let t = Instant::now();
-    let m = eval_harness::load(&a.model, a.adapter.as_deref(), dtype, &device).with_context(
-        || match &a.adapter {
-            Some(ad) => format!(
-                "loading {} with adapter {}",
-                a.model.display(),
-                ad.display()
-            ),
-            None => format!("loading the model from {}", a.model.display()),
-        },
-    )?;
+    let m = match (&a.model, &a.merge) {
+        (_, Some(config)) => {
+            let cfg = MergeConfig::from_file(config)?;
+            let dir = config.parent().map(Path::to_path_buf).unwrap_or_default();
+            let resolver = demo::with_demo_models(Resolver::from_env().with_base_dir(dir));
+            let m = MergedModel::open(&cfg, &resolver, dtype, &device)
+                .with_context(|| format!("merging {} in memory", config.display()))?;
+            Loaded::Merged(Box::new(m))
+        }
+        (Some(model), None) => Loaded::Dir(
+            eval_harness::load(model, a.adapter.as_deref(), dtype, &device).with_context(|| {
+                match &a.adapter {
+                    Some(ad) => {
+                        format!("loading {} with adapter {}", model.display(), ad.display())
+                    }
+                    None => format!("loading the model from {}", model.display()),
+                }
+            })?,
+        ),
+        (None, None) => bail!("--model or --merge is required"),
+    };
     tracing::info!(
-        "{} model loaded in {:.1}s",
-        m.kind().as_str(),
+        "{} model {} in {:.1}s",
+        m.model().kind().as_str(),
+        if a.merge.is_some() {
+            "merged"
+        } else {
+            "loaded"
+        },
         t.elapsed().as_secs_f64()
     );
     Ok(m)
@@ -144,7 +182,7 @@ pub fn run_eval(args: EvalArgs) -> Result<()> {
     let opts = options(&args.model);
     let mut results: Vec<DatasetOutcome> = Vec::new();
     for ds in &datasets {
-        let r = eval_harness::evaluate(&*m, ds, &opts)?;
+        let r = eval_harness::evaluate(m.model(), ds, &opts)?;
         eprintln!(
             "{}: {} rows in {:.1}s ({:.2} rows/s)",
             r.name,
@@ -165,7 +203,7 @@ pub fn run_eval(args: EvalArgs) -> Result<()> {
 pub fn run_predict(args: PredictArgs) -> Result<()> {
     let ds = dataset::load(&args.data)?;
     let m = load_model(&args.model)?;
-    let r = eval_harness::evaluate(&*m, &ds, &options(&args.model))?;
+    let r = eval_harness::evaluate(m.model(), &ds, &options(&args.model))?;
     report::write_atomic(&args.out, |p| report::write_predictions_csv(p, &r.examples))
         .with_context(|| format!("writing {}", args.out.display()))?;
     eprintln!(

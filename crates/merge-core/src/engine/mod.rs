@@ -46,7 +46,7 @@ use rayon::prelude::*;
 pub use candle_core::Device;
 pub use execute::keep_freed_memory;
 pub use inputs::{InputModel, Inputs, MergeSession};
-pub use output::{TensorSink, SIDE_FILES};
+pub use output::TensorSink;
 pub use plan::{plan, MergePlan, PlannedTensor};
 
 use crate::adapter::{write_adapter, Adapter, AdapterMerge, MergedAdapter};

@@ -14,6 +14,7 @@ use super::plan::MergePlan;
 use crate::checkpoint::{encodable, tensor_bytes, with_encoded, CheckpointWriter, OutputTensor};
 use crate::config::MergeConfig;
 use crate::error::{Error, Result};
+use crate::source::SIDE_FILES;
 use crate::tensor::{with_f32_slices, CHUNK};
 
 /// Receives a merge's tensors in memory.
@@ -56,19 +57,6 @@ impl Output for CheckpointWriter {
         CheckpointWriter::write(self, &t.name, tensor)
     }
 }
-
-/// Files a loadable model needs besides weights, copied from the reference model.
-pub const SIDE_FILES: [&str; 9] = [
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "spiece.model",
-    "generation_config.json",
-];
 
 /// Add config (with the output `torch_dtype`), tokenizer files, the merge config and a model
 /// card to a written model, then move it into place.

@@ -4,7 +4,6 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use merge_core::engine::SIDE_FILES;
 use merge_core::source::ModelFiles;
 use sha2::{Digest, Sha256};
 
@@ -45,20 +44,6 @@ pub fn model_identity(files: &ModelFiles, h: &mut Sha256) -> Result<()> {
         (None, None) => {}
     }
     Ok(())
-}
-
-/// Downloads what evaluation needs of a model (config, tokenizer, weights) and returns its
-/// directory.
-pub fn model_dir(files: &ModelFiles) -> Result<PathBuf> {
-    if let Some(d) = files.local_dir() {
-        return Ok(d.to_path_buf());
-    }
-    let config = files.require("config.json")?;
-    for f in SIDE_FILES {
-        files.get(f)?;
-    }
-    merge_core::checkpoint::Checkpoint::open(files)?;
-    Ok(config.parent().context("snapshot dir")?.to_path_buf())
 }
 
 /// The local directory of a model's weight files (downloaded already by the merge).

@@ -228,12 +228,7 @@ impl<'a> Run<'a> {
                     Some(b) => b.checkpoint().files().clone(),
                     None => self.inputs.reference.files().clone(),
                 };
-                eval_harness::load(
-                    &identity::model_dir(&base)?,
-                    Some(merged),
-                    dtype,
-                    &self.device,
-                )?
+                eval_harness::load(&base.model_dir()?, Some(merged), dtype, &self.device)?
             } else {
                 eval_harness::load(merged, None, dtype, &self.device)?
             });
