@@ -10,17 +10,6 @@ use serde_json::Value;
 
 use crate::synthetic::values;
 
-/// The eval-harness goldens (configs of the tiny models, the committed T5 tokenizer).
-pub fn eval_goldens() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../crates/eval-harness/tests/goldens")
-}
-
-/// The `config` of an eval golden (`llama`, `t5_v11`, ...).
-pub fn golden_config(name: &str) -> Value {
-    let text = std::fs::read_to_string(eval_goldens().join(format!("{name}.json"))).unwrap();
-    serde_json::from_str::<Value>(&text).unwrap()["config"].clone()
-}
-
 /// `model.safetensors` of a model directory.
 pub fn read(dir: &Path) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap()
@@ -59,13 +48,7 @@ impl Family {
 pub fn write(root: &Path, t5: bool) -> Family {
     let dir = root.join(if t5 { "t5" } else { "llama" });
     let base = dir.join("base");
-    if t5 {
-        let tok = eval_goldens().join("t5-tokenizer");
-        crate::synthetic::write_t5_dir(&base, &golden_config("t5_v11"), &tok);
-    } else {
-        let tok = crate::tokenizers::dir("llama2");
-        crate::synthetic::write_decoder_dir(&base, &golden_config("llama"), &tok);
-    }
+    crate::goldens::write_model(if t5 { "t5_v11" } else { "llama" }, &base);
     let config: Value =
         serde_json::from_str(&std::fs::read_to_string(base.join("config.json")).unwrap()).unwrap();
     let weights = read(&base);
@@ -81,9 +64,7 @@ pub fn write(root: &Path, t5: bool) -> Family {
             .collect();
         let e = dir.join(format!("expert{which}"));
         crate::models::write_checkpoint(&e, &config, &expert, 1);
-        for f in ["tokenizer.json", "tokenizer_config.json"] {
-            std::fs::copy(base.join(f), e.join(f)).unwrap();
-        }
+        crate::tokenizers::copy(&base, &e);
         // A LoRA adapter of rank 2 on the q and v projections.
         let targets: &[&str] = if t5 {
             &["q", "v"]
@@ -109,14 +90,12 @@ pub fn write(root: &Path, t5: bool) -> Family {
                 factors.push((key, Tensor::from_vec(v, &shape, &Device::Cpu).unwrap()));
             }
         }
-        let a = dir.join(format!("adapter{which}"));
-        std::fs::create_dir_all(&a).unwrap();
-        crate::models::save(&a.join("adapter_model.safetensors"), &factors);
         let adapter_config = serde_json::json!({
             "peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": targets,
             "fan_in_fan_out": false, "base_model_name_or_path": base.display().to_string(),
         });
-        std::fs::write(a.join("adapter_config.json"), adapter_config.to_string()).unwrap();
+        let a = dir.join(format!("adapter{which}"));
+        crate::models::write_peft_adapter(&a, &adapter_config, factors);
     }
     Family { dir, t5 }
 }

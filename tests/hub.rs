@@ -11,6 +11,9 @@ use std::thread::JoinHandle;
 use sha2::{Digest, Sha256};
 use tiny_http::{Header, Response, Server};
 
+/// An endpoint where nothing listens (port 9, discard): any hub access fails at once.
+pub const CLOSED_ENDPOINT: &str = "http://127.0.0.1:9";
+
 /// One repository revision served by the hub.
 #[derive(Debug, Clone, Default)]
 pub struct RepoRevision {
@@ -103,6 +106,11 @@ impl HubServer {
             server,
             thread: Some(thread),
         }
+    }
+
+    /// Start serving one repository, `id`.
+    pub fn serve(id: &str, repo: Repo) -> Self {
+        Self::start(BTreeMap::from([(id.to_string(), repo)]))
     }
 
     /// Every request so far, as `METHOD /path`.

@@ -164,8 +164,6 @@ pub fn write_lora(
             ));
         }
     }
-    std::fs::create_dir_all(dir).unwrap();
-    save(&dir.join("adapter_model.safetensors"), &tensors);
     let config = serde_json::json!({
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -177,10 +175,23 @@ pub fn write_lora(
         "bias": "none",
         "base_model_name_or_path": null,
     });
+    write_peft_adapter(dir, &config, tensors.clone());
+    tensors
+}
+
+/// Writes a PEFT adapter directory: `adapter_config.json` (`config`) and
+/// `adapter_model.safetensors` (`factors`, named as PEFT names them), creating `dir`.
+pub fn write_peft_adapter(
+    dir: &Path,
+    config: &serde_json::Value,
+    factors: impl IntoIterator<Item = (String, Tensor)>,
+) {
+    std::fs::create_dir_all(dir).unwrap();
+    let factors: Vec<(String, Tensor)> = factors.into_iter().collect();
+    save(&dir.join("adapter_model.safetensors"), &factors);
     std::fs::write(
         dir.join("adapter_config.json"),
-        serde_json::to_string_pretty(&config).unwrap(),
+        serde_json::to_string_pretty(config).unwrap(),
     )
     .unwrap();
-    tensors
 }

@@ -169,20 +169,11 @@ fn tokenizer_eos(tokenizer_dir: &Path) -> Option<u32> {
     }
 }
 
-fn copy_tokenizer(dir: &Path, tokenizer_dir: &Path) {
-    std::fs::create_dir_all(dir).expect("create the model directory");
-    for f in ["tokenizer.json", "tokenizer_config.json"] {
-        let src = tokenizer_dir.join(f);
-        std::fs::copy(&src, dir.join(f))
-            .unwrap_or_else(|e| panic!("copying {}: {e}", src.display()));
-    }
-}
-
 /// Writes a loadable decoder directory: `config.json` (the given JSON), `model.safetensors`
 /// with [`decoder_weights`] (the EOS row is the tokenizer's EOS, else config.json's), and the
 /// tokenizer files copied from `tokenizer_dir`.
 pub fn write_decoder_dir(dir: &Path, config: &Value, tokenizer_dir: &Path) {
-    copy_tokenizer(dir, tokenizer_dir);
+    crate::tokenizers::copy(tokenizer_dir, dir);
     let eos = tokenizer_eos(tokenizer_dir)
         .or_else(|| int(config, "eos_token_id").map(|x| x as u32))
         .expect("an EOS token in tokenizer_config.json or config.json");
@@ -301,7 +292,7 @@ pub fn t5_weights(config: &Value, eos: u32) -> HashMap<String, Tensor> {
 /// [`t5_weights`] (the EOS from `config.json`, default 1), and the tokenizer files copied from
 /// `tokenizer_dir`.
 pub fn write_t5_dir(dir: &Path, config: &Value, tokenizer_dir: &Path) {
-    copy_tokenizer(dir, tokenizer_dir);
+    crate::tokenizers::copy(tokenizer_dir, dir);
     let eos = int(config, "eos_token_id").unwrap_or(1) as u32;
     let tensors: Vec<(String, Tensor)> = t5_weights(config, eos).into_iter().collect();
     write_checkpoint(dir, config, &tensors, 1);
@@ -340,6 +331,19 @@ pub fn t5_qv_lora_factors(config: &Value, which: usize, rank: usize) -> HashMap<
         }
     }
     out
+}
+
+/// The starter kit's `flant5_avg` over the stand-ins of [`t5_qv_lora_factors`]: adapters 1
+/// and 2 of rank `rank`, every factor averaged 0.5/0.5.
+pub fn t5_averaged_lora_factors(config: &Value, rank: usize) -> HashMap<String, Tensor> {
+    let f1 = t5_qv_lora_factors(config, 1, rank);
+    let f2 = t5_qv_lora_factors(config, 2, rank);
+    f1.iter()
+        .map(|(k, a)| {
+            let m = ((a * 0.5).unwrap() + (&f2[k] * 0.5).unwrap()).unwrap();
+            (k.clone(), m)
+        })
+        .collect()
 }
 
 #[cfg(test)]

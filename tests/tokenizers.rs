@@ -17,3 +17,14 @@ pub fn dir(name: &str) -> PathBuf {
     );
     dir
 }
+
+/// Copies `tokenizer.json` and `tokenizer_config.json` from tokenizer directory `from` into
+/// `to`, creating `to`.
+pub fn copy(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("create the model directory");
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        let src = from.join(f);
+        std::fs::copy(&src, to.join(f))
+            .unwrap_or_else(|e| panic!("copying {}: {e}", src.display()));
+    }
+}

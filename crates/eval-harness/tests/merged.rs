@@ -10,9 +10,9 @@ use eval_harness::merged::MergedModel;
 use eval_harness::report::DatasetOutcome;
 use eval_harness::{EvalOptions, LanguageModel, Scoring};
 use merge_core::engine::{self, MergeOptions};
-use merge_core::source::Resolver;
 use merge_core::MergeConfig;
 use testkit::family::{self, Family};
+use testkit::resolver;
 
 fn config(f: &Family, toml: &str) -> MergeConfig {
     MergeConfig::from_toml_str(&f.config_text(toml), "test").unwrap()
@@ -20,23 +20,18 @@ fn config(f: &Family, toml: &str) -> MergeConfig {
 
 fn options() -> EvalOptions {
     EvalOptions {
-        batch_size: 4,
-        max_gen_len: Some(6),
-        limit: None,
         scoring: Scoring::Full,
-        progress: false,
+        ..testkit::goldens::options(4, Some(6))
     }
 }
 
 fn evaluate(m: &dyn LanguageModel) -> DatasetOutcome {
-    let ds =
-        eval_harness::dataset::load(&testkit::family::eval_goldens().join("rows.csv")).unwrap();
-    eval_harness::evaluate(m, &ds, &options()).unwrap()
+    eval_harness::evaluate(m, &testkit::goldens::rows(), &options()).unwrap()
 }
 
 /// Merges `cfg` to disk and evaluates the written model (or base + written adapter).
 fn from_disk(f: &Family, cfg: &MergeConfig, out: &Path) -> DatasetOutcome {
-    let report = engine::run(cfg, &Resolver::from_env(), &MergeOptions::new(out)).unwrap();
+    let report = engine::run(cfg, &resolver::offline(&f.dir), &MergeOptions::new(out)).unwrap();
     let m = if report.adapter {
         eval_harness::load(&f.dir.join("base"), Some(out), DType::F32, &Device::Cpu)
     } else {
@@ -98,7 +93,8 @@ parameters = { weight = 0.2 }
 fn check_session(f: &Family, configs: &[&str]) {
     let tmp = tempfile::tempdir().unwrap();
     let first = config(f, configs[0]);
-    let mut m = MergedModel::open(&first, &Resolver::from_env(), DType::F32, &Device::Cpu).unwrap();
+    let mut m =
+        MergedModel::open(&first, &resolver::offline(&f.dir), DType::F32, &Device::Cpu).unwrap();
     for (i, toml) in configs.iter().enumerate() {
         let cfg = config(f, toml);
         if i > 0 {
@@ -201,7 +197,7 @@ fn bad_inputs_fail_before_any_weight_changes() {
     let open = |toml: &str| {
         MergedModel::open(
             &config(&f, toml),
-            &Resolver::from_env(),
+            &resolver::offline(&f.dir),
             DType::F32,
             &Device::Cpu,
         )
@@ -222,7 +218,7 @@ fn bad_inputs_fail_before_any_weight_changes() {
     // A session refuses a model it did not open, and the model keeps its weights.
     let mut m = MergedModel::open(
         &config(&f, TIES_BF16),
-        &Resolver::from_env(),
+        &resolver::offline(&f.dir),
         DType::F32,
         &Device::Cpu,
     )

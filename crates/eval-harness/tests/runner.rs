@@ -5,45 +5,22 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 use eval_harness::report::write_eval_outputs;
-use eval_harness::{dataset, evaluate, load, EvalOptions, Scoring};
+use eval_harness::{evaluate, load, EvalOptions, Scoring};
 use serde_json::Value;
-use testkit::synthetic::write_decoder_dir;
+use testkit::compare::max_abs_diff;
+use testkit::goldens::{self, options};
 
-fn goldens() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/goldens")
-}
-
-fn tokenizer_dir(name: &str) -> PathBuf {
-    let base = std::env::var_os("LLM_MERGING_TOKENIZERS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.cache/tokenizers"));
-    let dir = base.join(name);
-    assert!(
-        dir.join("tokenizer.json").is_file(),
-        "tokenizer `{name}` missing at {}: run scripts/fetch-tokenizers.sh first",
-        dir.display()
-    );
-    dir
-}
-
+/// Golden `name` written as a model directory under `tmp`: (directory, golden).
 fn model_dir(name: &str, tmp: &Path) -> (PathBuf, Value) {
-    let g: Value = serde_json::from_str(
-        &std::fs::read_to_string(goldens().join(format!("{name}.json"))).unwrap(),
-    )
-    .unwrap();
     let dir = tmp.join(name);
-    write_decoder_dir(
-        &dir,
-        &g["config"],
-        &tokenizer_dir(g["tokenizer"].as_str().unwrap()),
-    );
+    let g = goldens::write_model(name, &dir);
     (dir, g)
 }
 
 #[test]
 fn batch_size_does_not_change_predictions() {
     let tmp = tempfile::tempdir().unwrap();
-    let ds = dataset::load(&goldens().join("rows.csv")).unwrap();
+    let ds = goldens::rows();
     for name in ["llama", "mistral", "qwen2", "gemma", "llama3"] {
         let (dir, g) = model_dir(name, tmp.path());
         let m = load(&dir, None, DType::F32, &Device::Cpu).unwrap();
@@ -55,13 +32,7 @@ fn batch_size_does_not_change_predictions() {
             .map(|e| m.tokenizer().encode_input(&e.input).unwrap().len())
             .max();
         assert!(longest.unwrap() as u64 > g["config"]["max_position_embeddings"].as_u64().unwrap());
-        let opts = |b: usize| EvalOptions {
-            batch_size: b,
-            max_gen_len: Some(g["max_gen_len"].as_u64().unwrap() as usize),
-            limit: None,
-            scoring: Scoring::StarterKit,
-            progress: false,
-        };
+        let opts = |b: usize| options(b, Some(g["max_gen_len"].as_u64().unwrap() as usize));
         let r1 = evaluate(&*m, &ds, &opts(1)).unwrap();
         let r8 = evaluate(&*m, &ds, &opts(8)).unwrap();
         let p1: Vec<&str> = r1.examples.iter().map(|e| e.prediction.as_str()).collect();
@@ -71,29 +42,7 @@ fn batch_size_does_not_change_predictions() {
         let p32: Vec<&str> = r32.examples.iter().map(|e| e.prediction.as_str()).collect();
         assert_eq!(p1, p32, "{name}: batch 1 vs batch 32");
         // And both equal the transformers goldens.
-        for e in &r1.examples {
-            if let Some(m) = g["mc"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|m| m["id"] == e.id.as_str())
-            {
-                assert_eq!(
-                    e.prediction,
-                    m["kit_prediction"].to_string(),
-                    "{name} {}",
-                    e.id
-                );
-            }
-            if let Some(x) = g["gen"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|x| x["id"] == e.id.as_str())
-            {
-                assert_eq!(e.prediction, x["text"].as_str().unwrap(), "{name} {}", e.id);
-            }
-        }
+        goldens::check_predictions(&r1, &g, name);
         assert_eq!(r1.examples.len(), ds.examples.len());
         assert_eq!(r1.examples[0].id, ds.examples[0].id);
         for k in ["accuracy", "rouge1", "rouge2", "rougeL", "rougeLsum"] {
@@ -108,13 +57,11 @@ fn writes_outputs_and_honours_limit_and_full_scoring() {
     let tmp = tempfile::tempdir().unwrap();
     let (dir, _) = model_dir("llama", tmp.path());
     let m = load(&dir, None, DType::F32, &Device::Cpu).unwrap();
-    let ds = dataset::load(&goldens().join("rows.csv")).unwrap();
+    let ds = goldens::rows();
     let opts = EvalOptions {
-        batch_size: 4,
-        max_gen_len: Some(4),
         limit: Some(5),
         scoring: Scoring::Full,
-        progress: false,
+        ..options(4, Some(4))
     };
     let r = evaluate(&*m, &ds, &opts).unwrap();
     assert_eq!(r.examples.len(), 5);
@@ -139,15 +86,8 @@ fn bf16_runs() {
     let tmp = tempfile::tempdir().unwrap();
     let (dir, _) = model_dir("qwen2", tmp.path());
     let m = load(&dir, None, DType::BF16, &Device::Cpu).unwrap();
-    let ds = dataset::load(&goldens().join("rows.csv")).unwrap();
-    let opts = EvalOptions {
-        batch_size: 8,
-        max_gen_len: Some(3),
-        limit: None,
-        scoring: Scoring::StarterKit,
-        progress: false,
-    };
-    let r = evaluate(&*m, &ds, &opts).unwrap();
+    let ds = goldens::rows();
+    let r = evaluate(&*m, &ds, &options(8, Some(3))).unwrap();
     assert_eq!(r.examples.len(), ds.examples.len());
     assert!(r
         .examples
@@ -168,15 +108,6 @@ fn adapter_is_folded_into_the_weights() {
     // A rank-2 PEFT adapter on layer 0's q_proj and v_proj.
     let cfg = DecoderConfig::from_json(&g["config"]).unwrap();
     let (h, r, alpha) = (cfg.hidden_size, 2usize, 8.0f64);
-    let adapter = tmp.path().join("adapter");
-    std::fs::create_dir_all(&adapter).unwrap();
-    std::fs::write(
-        adapter.join("adapter_config.json"),
-        serde_json::json!({"peft_type": "LORA", "r": r, "lora_alpha": alpha,
-                           "target_modules": ["q_proj", "v_proj"]})
-        .to_string(),
-    )
-    .unwrap();
     let mut factors = std::collections::HashMap::new();
     let mut folded = decoder_weights(&g["config"], 2);
     for (m, out) in [
@@ -205,7 +136,10 @@ fn adapter_is_folded_into_the_weights() {
             factors.insert(format!("base_model.model.{base}.lora_B.weight"), b);
         }
     }
-    candle_core::safetensors::save(&factors, adapter.join("adapter_model.safetensors")).unwrap();
+    let adapter = tmp.path().join("adapter");
+    let adapter_config = serde_json::json!({"peft_type": "LORA", "r": r, "lora_alpha": alpha,
+                                            "target_modules": ["q_proj", "v_proj"]});
+    testkit::models::write_peft_adapter(&adapter, &adapter_config, factors);
 
     let open = |adapter: Option<&Path>| {
         let vb = CheckpointSource::open(&dir, adapter)
@@ -229,23 +163,9 @@ fn adapter_is_folded_into_the_weights() {
         m.logits(&hs.i(0).unwrap()).unwrap()
     };
     let a = logits(&with);
-    let diff: f32 = (&a - logits(&reference))
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
+    let diff = max_abs_diff(&a, &logits(&reference));
     assert!(diff < 1e-4, "folded adapter differs by {diff}");
-    let moved: f32 = (&a - logits(&plain))
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
+    let moved = max_abs_diff(&a, &logits(&plain));
     assert!(moved > 1e-2, "the adapter had no effect");
 
     let err = load(

@@ -4,51 +4,24 @@
 //! gated and untied, original tied and rescaled), in f32 and bf16, B stored in f32 or bf16.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use eval_harness::models::{CheckpointSource, Decoder, T5};
 use eval_harness::LanguageModel;
-use serde_json::Value;
+use testkit::goldens::{self, golden};
 use testkit::synthetic::{decoder_weights, t5_weights, values};
 
-fn goldens() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/goldens")
-}
-
-fn golden_config(name: &str) -> Value {
-    let text = std::fs::read_to_string(goldens().join(format!("{name}.json"))).unwrap();
-    serde_json::from_str::<Value>(&text).unwrap()["config"].clone()
-}
-
-fn tokenizer_dir(t5: bool) -> PathBuf {
-    if t5 {
-        return goldens().join("t5-tokenizer");
-    }
-    let base = std::env::var_os("LLM_MERGING_TOKENIZERS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.cache/tokenizers"));
-    let dir = base.join("llama2");
-    assert!(
-        dir.join("tokenizer.json").is_file(),
-        "tokenizer missing at {}: run scripts/fetch-tokenizers.sh first",
-        dir.display()
-    );
-    dir
-}
-
-/// A model directory with `tensors` stored in `storage` dtype.
-fn write(dir: &Path, config: &Value, t5: bool, tensors: &HashMap<String, Tensor>, storage: DType) {
-    let tok = tokenizer_dir(t5);
-    std::fs::create_dir_all(dir).unwrap();
-    for f in ["tokenizer.json", "tokenizer_config.json"] {
-        std::fs::copy(tok.join(f), dir.join(f)).unwrap();
-    }
+/// A model directory of golden `name`'s config and tokenizer with `tensors` stored in
+/// `storage` dtype.
+fn write(dir: &Path, name: &str, tensors: &HashMap<String, Tensor>, storage: DType) {
+    let g = golden(name);
+    testkit::tokenizers::copy(&goldens::tokenizer(&g), dir);
     let tensors: Vec<(String, Tensor)> = tensors
         .iter()
         .map(|(n, t)| (n.clone(), t.to_dtype(storage).unwrap()))
         .collect();
-    testkit::models::write_checkpoint(dir, config, &tensors, 1);
+    testkit::models::write_checkpoint(dir, &g["config"], &tensors, 1);
 }
 
 /// Checkpoint B: A's tensors moved by a name-seeded perturbation.
@@ -120,46 +93,43 @@ fn t5_logits(m: &T5) -> Vec<u32> {
     out
 }
 
-fn check_decoder(name: &str, dtype: DType, storage: DType) {
-    let config = golden_config(name);
+/// Model A (`a`'s tensors in f32) with every tensor of B (`a` perturbed, stored in `storage`)
+/// set computes in `dtype` bit for bit what the model loaded from B computes, which differs
+/// from A's.
+fn check<M: LanguageModel>(
+    name: &str,
+    dtype: DType,
+    storage: DType,
+    a: HashMap<String, Tensor>,
+    load: impl Fn(&Path, candle_nn::VarBuilder<'static>) -> eval_harness::Result<M>,
+    logits: impl Fn(&M) -> Vec<u32>,
+) {
     let tmp = tempfile::tempdir().unwrap();
     let (a_dir, b_dir) = (tmp.path().join("a"), tmp.path().join("b"));
-    let a = decoder_weights(&config, 2);
     let b = perturbed(&a);
-    write(&a_dir, &config, false, &a, DType::F32);
-    write(&b_dir, &config, false, &b, storage);
-    let mut m = Decoder::load(&a_dir, vb(&a_dir, dtype)).unwrap();
-    let before = decoder_logits(&m);
+    write(&a_dir, name, &a, DType::F32);
+    write(&b_dir, name, &b, storage);
+    let mut m = load(&a_dir, vb(&a_dir, dtype)).unwrap();
+    let before = logits(&m);
     let names: Vec<String> = b.keys().cloned().collect();
     set_all(&mut m, &b_dir, &names);
-    let direct = Decoder::load(&b_dir, vb(&b_dir, dtype)).unwrap();
-    let want = decoder_logits(&direct);
+    let direct = load(&b_dir, vb(&b_dir, dtype)).unwrap();
+    let want = logits(&direct);
     assert_ne!(before, want, "{name}: B must differ from A");
     assert!(
-        decoder_logits(&m) == want,
+        logits(&m) == want,
         "{name} {dtype:?}: logits differ after set_weight"
     );
 }
 
+fn check_decoder(name: &str, dtype: DType, storage: DType) {
+    let a = decoder_weights(&goldens::config(name), 2);
+    check(name, dtype, storage, a, Decoder::load, decoder_logits);
+}
+
 fn check_t5(name: &str, dtype: DType, storage: DType) {
-    let config = golden_config(name);
-    let tmp = tempfile::tempdir().unwrap();
-    let (a_dir, b_dir) = (tmp.path().join("a"), tmp.path().join("b"));
-    let a = t5_weights(&config, 1);
-    let b = perturbed(&a);
-    write(&a_dir, &config, true, &a, DType::F32);
-    write(&b_dir, &config, true, &b, storage);
-    let mut m = T5::load(&a_dir, vb(&a_dir, dtype)).unwrap();
-    let before = t5_logits(&m);
-    let names: Vec<String> = b.keys().cloned().collect();
-    set_all(&mut m, &b_dir, &names);
-    let direct = T5::load(&b_dir, vb(&b_dir, dtype)).unwrap();
-    let want = t5_logits(&direct);
-    assert_ne!(before, want, "{name}: B must differ from A");
-    assert!(
-        t5_logits(&m) == want,
-        "{name} {dtype:?}: logits differ after set_weight"
-    );
+    let a = t5_weights(&goldens::config(name), 1);
+    check(name, dtype, storage, a, T5::load, t5_logits);
 }
 
 #[test]
@@ -195,13 +165,11 @@ fn t5_original_set_weight_moves_the_tied_rescaled_head() {
 #[test]
 fn names_the_model_does_not_read_and_wrong_shapes() {
     let tmp = tempfile::tempdir().unwrap();
-    let config = golden_config("gemma");
     let dir = tmp.path().join("gemma");
     write(
         &dir,
-        &config,
-        false,
-        &decoder_weights(&config, 2),
+        "gemma",
+        &decoder_weights(&goldens::config("gemma"), 2),
         DType::F32,
     );
     let mut m = eval_harness::load(&dir, None, DType::F32, &Device::Cpu).unwrap();
@@ -226,9 +194,9 @@ fn names_the_model_does_not_read_and_wrong_shapes() {
     assert!(e.to_string().contains("`model.norm.weight`"), "{e}");
 
     // T5: only the embedding name chosen at load is read.
-    let config = golden_config("t5_orig");
     let dir = tmp.path().join("t5");
-    write(&dir, &config, true, &t5_weights(&config, 1), DType::F32);
+    let weights = t5_weights(&goldens::config("t5_orig"), 1);
+    write(&dir, "t5_orig", &weights, DType::F32);
     let mut m = eval_harness::load(&dir, None, DType::F32, &Device::Cpu).unwrap();
     for extra in [
         "encoder.embed_tokens.weight",

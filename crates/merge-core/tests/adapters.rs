@@ -5,10 +5,11 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use merge_core::adapter::{write_adapter, Adapter};
 use merge_core::engine::{self, MergeOptions};
-use merge_core::source::{HubSettings, Resolver};
 use merge_core::MergeConfig;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use testkit::compare::max_abs_diff;
+use testkit::resolver::offline;
 
 const OUT: usize = 6;
 const IN: usize = 5;
@@ -49,20 +50,9 @@ fn make_adapter(dir: &Path, r: usize, alpha: f64, seed: u64) {
     write_adapter(dir, &config, &tensors, DType::F32, false).unwrap();
 }
 
-fn resolver(dir: &Path) -> Resolver {
-    Resolver::new(HubSettings {
-        endpoint: "http://127.0.0.1:9".into(),
-        token: None,
-        cache_dir: dir.join("no-cache"),
-        offline: true,
-        progress: false,
-    })
-    .with_base_dir(dir)
-}
-
 fn merge_adapters(dir: &Path, toml: &str, out: &str) -> Adapter {
     let cfg = MergeConfig::from_toml_str(toml, "test.toml").unwrap();
-    engine::run(&cfg, &resolver(dir), &MergeOptions::new(dir.join(out))).unwrap();
+    engine::run(&cfg, &offline(dir), &MergeOptions::new(dir.join(out))).unwrap();
     Adapter::open_dir(dir.join(out)).unwrap()
 }
 
@@ -136,17 +126,9 @@ fn lora_avg_is_the_starter_kits_factor_average() {
     }
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+/// ‖t‖², the sum of the squares of its elements.
+fn squared_norm(t: &Tensor) -> f32 {
+    t.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap()
 }
 
 /// 0.8·ΔW₁ + 0.2·ΔW₂ for every module.
@@ -199,28 +181,9 @@ fn svd_at_full_rank_is_exact_and_truncation_is_optimal() {
     assert_eq!(merged2.config.r, 2);
     for (name, want) in expected_sum(tmp.path()) {
         let got = merged2.delta(&name, &Device::Cpu).unwrap().unwrap();
-        let resid = (&want - &got)
-            .unwrap()
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let total = want
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let kept = got
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let resid = squared_norm(&(&want - &got).unwrap());
+        let total = squared_norm(&want);
+        let kept = squared_norm(&got);
         assert!(
             (resid - (total - kept)).abs() < 1e-3 * total,
             "{name}: residual not orthogonal"
@@ -240,7 +203,7 @@ fn model_level_inputs_are_rejected_with_a_clear_error() {
     let cfg = MergeConfig::from_toml_str(&KIT.replace("\"r8\"", "\"full\""), "t.toml").unwrap();
     let err = engine::run(
         &cfg,
-        &resolver(tmp.path()),
+        &offline(tmp.path()),
         &MergeOptions::new(tmp.path().join("x")),
     )
     .unwrap_err()

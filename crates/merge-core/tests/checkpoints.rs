@@ -7,34 +7,20 @@ use candle_core::{DType, Device, Tensor};
 use merge_core::adapter::{write_adapter, Adapter};
 use merge_core::checkpoint::{Checkpoint, CheckpointWriter, OutputTensor};
 use merge_core::engine::{self, MergeOptions};
-use merge_core::source::{HubSettings, Resolver};
 use merge_core::MergeConfig;
+use testkit::compare::{self, max_abs_diff};
 use testkit::models::{self, TinyLlama};
+use testkit::resolver::offline;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/merge")
 }
 
-fn max_abs(t: Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
-
-fn resolver(dir: &Path) -> Resolver {
-    Resolver::new(HubSettings {
-        endpoint: "http://127.0.0.1:9".into(),
-        token: None,
-        cache_dir: dir.join("no-cache"),
-        offline: true,
-        progress: false,
-    })
-    .with_base_dir(dir)
+/// Merges config `toml` into `out`, models resolved offline from `dir`; returns the output.
+fn merge(dir: &Path, toml: &str, out: &Path) -> Checkpoint {
+    let cfg = MergeConfig::from_toml_str(toml, "merge.toml").unwrap();
+    engine::run(&cfg, &offline(dir), &MergeOptions::new(out)).unwrap();
+    Checkpoint::open_dir(out).unwrap()
 }
 
 #[test]
@@ -46,7 +32,7 @@ fn legacy_adapter_bin_equals_safetensors() {
     for name in st.modules().keys() {
         let a = st.delta(name, &Device::Cpu).unwrap().unwrap();
         let b = bin.delta(name, &Device::Cpu).unwrap().unwrap();
-        assert_eq!(max_abs((a - b).unwrap()), 0.0, "{name}");
+        assert_eq!(max_abs_diff(&a, &b), 0.0, "{name}");
     }
 }
 
@@ -67,7 +53,7 @@ fn adapter_output_round_trips() {
     for name in src.modules().keys() {
         let a = src.delta(name, &Device::Cpu).unwrap().unwrap();
         let b = back.delta(name, &Device::Cpu).unwrap().unwrap();
-        assert_eq!(max_abs((a - b).unwrap()), 0.0);
+        assert_eq!(max_abs_diff(&a, &b), 0.0);
     }
     // An existing directory is not overwritten without asking.
     assert!(write_adapter(&out, &src.raw_config, &tensors, DType::F32, false).is_err());
@@ -116,14 +102,14 @@ fn embedding_and_fan_in_fan_out_deltas() {
     let emb = adapter.delta("wte.weight", &dev).unwrap().unwrap();
     let expect = (emb_b.matmul(&emb_a).unwrap().t().unwrap() * scale).unwrap();
     assert_eq!(emb.dims(), &[vocab, dim]);
-    assert!(max_abs((emb - expect).unwrap()) < 1e-5);
+    assert!(max_abs_diff(&emb, &expect) < 1e-5);
     let conv = adapter
         .delta("h.0.attn.c_attn.weight", &dev)
         .unwrap()
         .unwrap();
     let expect = (conv_b.matmul(&conv_a).unwrap().t().unwrap() * scale).unwrap();
     assert_eq!(conv.dims(), &[dim, 4], "Conv1D weights are (in, out)");
-    assert!(max_abs((conv - expect).unwrap()) < 1e-5);
+    assert!(max_abs_diff(&conv, &expect) < 1e-5);
 }
 
 #[test]
@@ -143,17 +129,14 @@ fn tied_embeddings_read_the_head_from_the_embedding() {
     let emb = a
         .load_f32("model.embed_tokens.weight", &Device::Cpu)
         .unwrap();
-    assert_eq!(max_abs((head - emb).unwrap()), 0.0);
+    assert_eq!(max_abs_diff(&head, &emb), 0.0);
 
     // Merging tied models keeps them tied: no head is written, the config still says tied.
-    let cfg = MergeConfig::from_toml_str(
+    let merged = merge(
+        tmp.path(),
         "[merge]\nmethod = \"linear\"\n[[merge.models]]\nmodel = \"a\"\nparameters = { weight = 1 }\n[[merge.models]]\nmodel = \"b\"\nparameters = { weight = 1 }\n",
-        "tied.toml",
-    )
-    .unwrap();
-    let out = tmp.path().join("out");
-    engine::run(&cfg, &resolver(tmp.path()), &MergeOptions::new(&out)).unwrap();
-    let merged = Checkpoint::open_dir(&out).unwrap();
+        &tmp.path().join("out"),
+    );
     assert!(merged.tie_word_embeddings());
     assert!(!merged.names().any(|n| n == "lm_head.weight"));
     assert_eq!(merged.config().unwrap()["tie_word_embeddings"], true);
@@ -171,14 +154,11 @@ fn half_precision_inputs_merge_in_f32_and_keep_their_dtype() {
     }
     let a = Checkpoint::open_dir(tmp.path().join("a")).unwrap();
     assert_eq!(a.storage_dtype(), DType::BF16);
-    let cfg = MergeConfig::from_toml_str(
+    let merged = merge(
+        tmp.path(),
         "[merge]\nmethod = \"linear\"\n[[merge.models]]\nmodel = \"a\"\nparameters = { weight = 0.5 }\n[[merge.models]]\nmodel = \"b\"\nparameters = { weight = 0.5 }\n",
-        "half.toml",
-    )
-    .unwrap();
-    let out = tmp.path().join("out");
-    engine::run(&cfg, &resolver(tmp.path()), &MergeOptions::new(&out)).unwrap();
-    let merged = Checkpoint::open_dir(&out).unwrap();
+        &tmp.path().join("out"),
+    );
     // Default output dtype: the first model's.
     assert_eq!(merged.storage_dtype(), DType::BF16);
     assert_eq!(merged.config().unwrap()["torch_dtype"], "bfloat16");
@@ -190,28 +170,21 @@ fn half_precision_inputs_merge_in_f32_and_keep_their_dtype() {
         * 0.5)
         .unwrap();
     let got = merged.load_f32(name, &Device::Cpu).unwrap();
-    assert!(max_abs((got - expect).unwrap()) < 4e-3);
+    assert!(max_abs_diff(&got, &expect) < 4e-3);
 }
 
 #[test]
 fn adapter_over_its_own_base_path() {
     // base_model_name_or_path "../base" is taken relative to the adapter directory.
     let tmp = tempfile::tempdir().unwrap();
-    let cfg = MergeConfig::from_toml_str(
+    let merged = merge(
+        &fixtures(),
         "[merge]\nmethod = \"linear\"\ndtype = \"float32\"\n[[merge.models]]\nmodel = \"models/lora_a\"\nparameters = { weight = 1 }\n",
-        "adapter.toml",
-    )
-    .unwrap();
-    let out = tmp.path().join("out");
-    engine::run(&cfg, &resolver(&fixtures()), &MergeOptions::new(&out)).unwrap();
-    let merged = Checkpoint::open_dir(&out).unwrap();
+        &tmp.path().join("out"),
+    );
     let golden = Checkpoint::open_dir(fixtures().join("goldens/peft_lora_a")).unwrap();
-    for name in golden.names() {
-        let d = (merged.load_f32(name, &Device::Cpu).unwrap()
-            - golden.load_f32(name, &Device::Cpu).unwrap())
-        .unwrap();
-        assert!(max_abs(d) <= 1e-6, "{name}");
-    }
+    let d = compare::against(&golden, |name| merged.load_f32(name, &Device::Cpu).unwrap());
+    assert!(d <= 1e-6, "{d:e}");
 }
 
 #[test]

@@ -6,22 +6,11 @@ use std::path::{Path, PathBuf};
 
 use merge_core::config::mergekit;
 use merge_core::engine::{self, MergeOptions};
-use merge_core::source::{HubSettings, Resolver};
 use merge_core::MergeConfig;
+use testkit::resolver::offline;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/merge")
-}
-
-fn resolver() -> Resolver {
-    Resolver::new(HubSettings {
-        endpoint: "http://127.0.0.1:9".into(),
-        token: None,
-        cache_dir: std::env::temp_dir().join("merge-core-yaml-no-cache"),
-        offline: true,
-        progress: false,
-    })
-    .with_base_dir(fixtures())
 }
 
 const YAML: &str = r#"
@@ -75,13 +64,13 @@ fn yaml_and_toml_give_identical_output() {
     assert_eq!(from_yaml, from_toml);
     engine::run(
         &from_yaml,
-        &resolver(),
+        &offline(&fixtures()),
         &MergeOptions::new(tmp.path().join("y")),
     )
     .unwrap();
     engine::run(
         &from_toml,
-        &resolver(),
+        &offline(&fixtures()),
         &MergeOptions::new(tmp.path().join("t")),
     )
     .unwrap();

@@ -1,26 +1,23 @@
 //! Model sources against a local server that speaks the hub's HTTP API.
 
 use std::collections::BTreeMap;
-use std::path::Path;
-
-use merge_core::checkpoint::Checkpoint;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use merge_core::source::{is_commit_sha, HubSettings, ModelRef, Resolver};
-use testkit::hub::{HubServer, Repo};
+use merge_core::checkpoint::Checkpoint;
+use merge_core::source::{is_commit_sha, ModelRef, Resolver};
+use testkit::hub::{HubServer, Repo, CLOSED_ENDPOINT};
 use testkit::models::TinyLlama;
+use testkit::resolver::settings;
 
 const SHA: &str = "0123456789abcdef0123456789abcdef01234567";
 const SHA2: &str = "89abcdef0123456789abcdef0123456789abcdef";
 
-fn settings(endpoint: &str, cache: &Path, token: Option<&str>, offline: bool) -> HubSettings {
-    HubSettings {
-        endpoint: endpoint.into(),
-        token: token.map(str::to_string),
-        cache_dir: cache.to_path_buf(),
-        offline,
-        progress: false,
+/// `model` at `revision`.
+fn at(model: &str, revision: Option<String>) -> ModelRef {
+    ModelRef {
+        model: model.into(),
+        revision,
     }
 }
 
@@ -43,16 +40,13 @@ fn resolves_branch_to_commit_and_downloads_only_needed_files() {
     let files = model_repo(&tmp.path().join("src"), 1);
     let mut repo = Repo::single(SHA, files);
     repo.refs.insert("v1.0".into(), SHA.into());
-    let hub = HubServer::start(BTreeMap::from([("org/tiny".to_string(), repo)]));
+    let hub = HubServer::serve("org/tiny", repo);
     let cache = tmp.path().join("cache");
     let resolver = Resolver::new(settings(&hub.endpoint, &cache, None, false));
 
     for rev in [None, Some("v1.0"), Some(SHA)] {
         let files = resolver
-            .resolve(&ModelRef {
-                model: "org/tiny".into(),
-                revision: rev.map(str::to_string),
-            })
+            .resolve(&at("org/tiny", rev.map(str::to_string)))
             .unwrap();
         assert_eq!(files.commit.as_deref(), Some(SHA), "revision {rev:?}");
         let ckpt = Checkpoint::open(&files).unwrap();
@@ -84,10 +78,7 @@ fn resolves_branch_to_commit_and_downloads_only_needed_files() {
 fn sharded_repo_fetches_index_and_shards() {
     let tmp = tempfile::tempdir().unwrap();
     let files = model_repo(&tmp.path().join("src"), 3);
-    let hub = HubServer::start(BTreeMap::from([(
-        "org/sharded".to_string(),
-        Repo::single(SHA, files),
-    )]));
+    let hub = HubServer::serve("org/sharded", Repo::single(SHA, files));
     let resolver = Resolver::new(settings(
         &hub.endpoint,
         &tmp.path().join("cache"),
@@ -111,7 +102,7 @@ fn gated_repo_needs_a_token() {
     let files = model_repo(&tmp.path().join("src"), 1);
     let mut repo = Repo::single(SHA, files);
     repo.gated_token = Some("hf_secret_token".into());
-    let hub = HubServer::start(BTreeMap::from([("meta/gated".to_string(), repo)]));
+    let hub = HubServer::serve("meta/gated", repo);
     let cache = tmp.path().join("cache");
 
     let err = Resolver::new(settings(&hub.endpoint, &cache, None, false))
@@ -138,10 +129,7 @@ fn gated_repo_needs_a_token() {
 fn unknown_repo_and_revision_are_clear_errors() {
     let tmp = tempfile::tempdir().unwrap();
     let files = model_repo(&tmp.path().join("src"), 1);
-    let hub = HubServer::start(BTreeMap::from([(
-        "org/tiny".to_string(),
-        Repo::single(SHA, files),
-    )]));
+    let hub = HubServer::serve("org/tiny", Repo::single(SHA, files));
     let resolver = Resolver::new(settings(&hub.endpoint, &tmp.path().join("c"), None, false));
     let err = resolver
         .resolve(&ModelRef::new("org/none"))
@@ -152,10 +140,7 @@ fn unknown_repo_and_revision_are_clear_errors() {
         "{err}"
     );
     let err = resolver
-        .resolve(&ModelRef {
-            model: "org/tiny".into(),
-            revision: Some(SHA2.into()),
-        })
+        .resolve(&at("org/tiny", Some(SHA2.into())))
         .unwrap_err()
         .to_string();
     assert!(err.contains("not found"), "{err}");
@@ -165,23 +150,17 @@ fn unknown_repo_and_revision_are_clear_errors() {
 fn offline_mode_uses_the_cache_only() {
     let tmp = tempfile::tempdir().unwrap();
     let files = model_repo(&tmp.path().join("src"), 1);
-    let hub = HubServer::start(BTreeMap::from([(
-        "org/tiny".to_string(),
-        Repo::single(SHA, files),
-    )]));
+    let hub = HubServer::serve("org/tiny", Repo::single(SHA, files));
     let cache = tmp.path().join("cache");
     let online = Resolver::new(settings(&hub.endpoint, &cache, None, false));
     let first = Checkpoint::open(&online.resolve(&ModelRef::new("org/tiny")).unwrap()).unwrap();
     let before = hub.requests().len();
 
     // Offline, pointing at a closed port: branch and sha both resolve from the cache.
-    let offline = Resolver::new(settings("http://127.0.0.1:9", &cache, None, true));
+    let offline = Resolver::new(settings(CLOSED_ENDPOINT, &cache, None, true));
     for rev in [None, Some(SHA)] {
         let files = offline
-            .resolve(&ModelRef {
-                model: "org/tiny".into(),
-                revision: rev.map(str::to_string),
-            })
+            .resolve(&at("org/tiny", rev.map(str::to_string)))
             .unwrap();
         assert_eq!(files.commit.as_deref(), Some(SHA));
         let again = Checkpoint::open(&files).unwrap();
@@ -193,10 +172,7 @@ fn offline_mode_uses_the_cache_only() {
         "offline mode touched the server"
     );
     let err = offline
-        .resolve(&ModelRef {
-            model: "org/tiny".into(),
-            revision: Some("dev".into()),
-        })
+        .resolve(&at("org/tiny", Some("dev".into())))
         .unwrap_err()
         .to_string();
     assert!(err.contains("HF_HUB_OFFLINE"), "{err}");
@@ -226,13 +202,8 @@ fn commit_ids_are_recognised() {
 
 #[test]
 fn missing_local_path_is_an_error_and_hub_ids_are_not_paths() {
-    let r = Resolver::new(HubSettings {
-        endpoint: "http://127.0.0.1:9".into(),
-        token: None,
-        cache_dir: std::env::temp_dir().join("no-such-hub-cache"),
-        offline: true,
-        progress: false,
-    });
+    let cache = std::env::temp_dir().join("no-such-hub-cache");
+    let r = Resolver::new(settings(CLOSED_ENDPOINT, &cache, None, true));
     let err = r.resolve(&ModelRef::new("./nowhere/model")).unwrap_err();
     assert!(err.to_string().contains("file not found"), "{err}");
     let err = r.resolve(&ModelRef::new("org/model")).unwrap_err();
@@ -241,12 +212,6 @@ fn missing_local_path_is_an_error_and_hub_ids_are_not_paths() {
 
 #[test]
 fn token_is_never_in_debug_output() {
-    let s = HubSettings {
-        endpoint: "x".into(),
-        token: Some("hf_secret".into()),
-        cache_dir: PathBuf::new(),
-        offline: false,
-        progress: false,
-    };
+    let s = settings("x", &PathBuf::new(), Some("hf_secret"), false);
     assert!(!format!("{s:?}").contains("hf_secret"));
 }

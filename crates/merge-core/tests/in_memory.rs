@@ -11,9 +11,9 @@ use candle_core::{DType, Device, Tensor};
 use merge_core::adapter::Adapter;
 use merge_core::checkpoint::{tensor_bytes, Checkpoint};
 use merge_core::engine::{self, merge_in_memory, MergeOptions, MergeSession, TensorSink};
-use merge_core::source::{HubSettings, Resolver};
 use merge_core::MergeConfig;
 use testkit::models::{self, TinyLlama};
+use testkit::resolver::offline;
 
 /// Collects what a merge puts, refusing a tensor put twice.
 #[derive(Default)]
@@ -31,17 +31,6 @@ impl Collect {
     fn take(self) -> BTreeMap<String, Tensor> {
         self.0.into_inner().unwrap()
     }
-}
-
-fn resolver(dir: &Path) -> Resolver {
-    Resolver::new(HubSettings {
-        endpoint: "http://127.0.0.1:9".into(),
-        token: None,
-        cache_dir: dir.join("no-cache"),
-        offline: true,
-        progress: false,
-    })
-    .with_base_dir(dir)
 }
 
 /// Big enough that the embedding and head span three streaming chunks (the last partial).
@@ -94,7 +83,7 @@ fn same_as_disk(dir: &Path, session: &MergeSession, toml: &str) {
     let cfg = MergeConfig::from_toml_str(toml, "t.toml").unwrap();
     let out = tempfile::tempdir_in(dir).unwrap();
     let out = out.path().join("m");
-    engine::run(&cfg, &resolver(dir), &MergeOptions::new(&out)).unwrap();
+    engine::run(&cfg, &offline(dir), &MergeOptions::new(&out)).unwrap();
     let disk = Checkpoint::open_dir(&out).unwrap();
     let sink = Collect::default();
     let report = merge_in_memory(session, &cfg, &sink).unwrap();
@@ -133,7 +122,7 @@ fn tensor_methods_put_what_the_disk_merge_writes() {
     );
     let session = MergeSession::open(
         &MergeConfig::from_toml_str(&all, "t").unwrap(),
-        &resolver(dir),
+        &offline(dir),
     )
     .unwrap();
     for (method, dtype, extra) in [
@@ -172,11 +161,11 @@ fn lora_avg_folds_onto_the_base_as_loading_base_plus_adapter_does() {
         );
         let cfg = MergeConfig::from_toml_str(&toml, "t.toml").unwrap();
         let out = dir.join(format!("avg-{dtype}"));
-        engine::run(&cfg, &resolver(dir), &MergeOptions::new(&out)).unwrap();
+        engine::run(&cfg, &offline(dir), &MergeOptions::new(&out)).unwrap();
         let base = Checkpoint::open_dir(dir.join("base")).unwrap();
         let written = Adapter::open_dir(&out).unwrap();
 
-        let session = MergeSession::open(&cfg, &resolver(dir)).unwrap();
+        let session = MergeSession::open(&cfg, &offline(dir)).unwrap();
         let sink = Collect::default();
         let report = merge_in_memory(&session, &cfg, &sink).unwrap();
         let folded = report.folded_onto.expect("an adapter-level method folds");
@@ -215,7 +204,7 @@ fn bad_input_fails_before_anything_is_put() {
     let open = format!("[merge]\nmethod = \"linear\"\nbase_model = \"base\"\n{models}");
     let session = MergeSession::open(
         &MergeConfig::from_toml_str(&open, "t").unwrap(),
-        &resolver(dir),
+        &offline(dir),
     )
     .unwrap();
     let fails = |toml: &str, needles: &[&str]| {

@@ -11,47 +11,12 @@ use merge_core::adapter::Adapter;
 use merge_core::checkpoint::Checkpoint;
 use merge_core::engine::InputModel;
 use merge_core::engine::{self, MergeOptions};
-use merge_core::source::{HubSettings, Resolver};
 use merge_core::MergeConfig;
+use testkit::compare;
+use testkit::resolver::offline;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/merge")
-}
-
-fn offline_resolver() -> Resolver {
-    Resolver::new(HubSettings {
-        endpoint: "http://127.0.0.1:9".into(),
-        token: None,
-        cache_dir: std::env::temp_dir().join("merge-core-parity-no-cache"),
-        offline: true,
-        progress: false,
-    })
-    .with_base_dir(fixtures())
-}
-
-/// max |a − b| over every tensor of `golden`; also checks both have the same names.
-fn max_diff(ours: &Checkpoint, golden: &Checkpoint) -> f32 {
-    let ours_names: Vec<&str> = ours.names().collect();
-    let golden_names: Vec<&str> = golden.names().collect();
-    assert_eq!(ours_names, golden_names, "tensor names differ");
-    let mut worst = 0f32;
-    for name in golden.names() {
-        let a = ours.load_f32(name, &Device::Cpu).unwrap();
-        let b = golden.load_f32(name, &Device::Cpu).unwrap();
-        assert_eq!(a.dims(), b.dims(), "{name}");
-        let d = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        worst = worst.max(d);
-    }
-    worst
 }
 
 /// Every case in cases.json: (name, method, max |diff| against mergekit's output).
@@ -66,12 +31,12 @@ fn run_cases() -> Vec<(String, String, f32)> {
         let name = case["name"].as_str().unwrap();
         let cfg: MergeConfig = serde_json::from_value(case["config"].clone()).unwrap();
         let out = tmp.path().join(name);
-        engine::run(&cfg, &offline_resolver(), &MergeOptions::new(&out))
+        engine::run(&cfg, &offline(&fixtures()), &MergeOptions::new(&out))
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         let ours = Checkpoint::open_dir(&out).unwrap();
         let golden_path = fixtures().join(case["golden"].as_str().unwrap());
         let golden = Checkpoint::open_dir(golden_path.parent().unwrap()).unwrap();
-        let d = max_diff(&ours, &golden);
+        let d = compare::checkpoints(&ours, &golden);
         println!("{name}: max |diff| = {d:e}");
         // The output carries what transformers needs.
         let config = ours.config().expect("config.json written");
@@ -119,22 +84,7 @@ fn adapters_fold_in_like_peft_merge_and_unload() {
         let model = InputModel::adapted(base.clone(), adapter).unwrap();
         let golden =
             Checkpoint::open_dir(fixtures().join("goldens").join(format!("peft_{name}"))).unwrap();
-        let mut worst = 0f32;
-        for t in golden.names() {
-            let a = model.load_f32(t, &Device::Cpu).unwrap();
-            let b = golden.load_f32(t, &Device::Cpu).unwrap();
-            let d = (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            worst = worst.max(d);
-        }
+        let worst = compare::against(&golden, |t| model.load_f32(t, &Device::Cpu).unwrap());
         println!("{name}: max |diff| vs peft = {worst:e}");
         assert!(worst <= 1e-6, "{name}: {worst}");
     }
@@ -145,7 +95,7 @@ fn bin_and_safetensors_layouts_read_the_same_tensors() {
     let st = Checkpoint::open_dir(fixtures().join("models/expert_b")).unwrap();
     for layout in ["expert_b_bin", "expert_b_bin_sharded"] {
         let bin = Checkpoint::open_dir(fixtures().join("models").join(layout)).unwrap();
-        assert_eq!(max_diff(&bin, &st), 0.0, "{layout}");
+        assert_eq!(compare::checkpoints(&bin, &st), 0.0, "{layout}");
     }
     let sharded = Checkpoint::open_dir(fixtures().join("models/expert_a_sharded")).unwrap();
     assert!(
@@ -153,7 +103,7 @@ fn bin_and_safetensors_layouts_read_the_same_tensors() {
         "fixture should be sharded"
     );
     let single = Checkpoint::open_dir(fixtures().join("models/expert_a")).unwrap();
-    assert_eq!(max_diff(&sharded, &single), 0.0);
+    assert_eq!(compare::checkpoints(&sharded, &single), 0.0);
 }
 
 /// Methods that merge whole tensors reuse the inputs loaded while the engine offered them
@@ -170,15 +120,15 @@ fn whole_tensor_methods_on_adapters_and_bin_equal_the_safetensors_merge() {
         }))
         .unwrap();
         let out = tmp.path().join(out);
-        engine::run(&cfg, &offline_resolver(), &MergeOptions::new(&out)).unwrap();
+        engine::run(&cfg, &offline(&fixtures()), &MergeOptions::new(&out)).unwrap();
         Checkpoint::open_dir(&out).unwrap()
     };
-    let d = max_diff(
+    let d = compare::checkpoints(
         &slerp("models/expert_b_bin", "bin"),
         &slerp("models/expert_b", "st"),
     );
     assert_eq!(d, 0.0, ".bin input: {d:e}");
-    let d = max_diff(
+    let d = compare::checkpoints(
         &slerp("models/lora_a", "adapter"),
         &slerp("goldens/peft_lora_a", "folded"),
     );

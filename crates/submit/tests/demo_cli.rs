@@ -5,48 +5,30 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Instant;
 
-fn run(ws: &Path, demo_dir: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_llm-merging"))
-        .current_dir(ws)
-        // Any hub access would fail: nothing listens on port 9.
-        .env("HF_ENDPOINT", "http://127.0.0.1:9")
-        .env("HF_HOME", ws.join("hf-home"))
-        .env_remove("HF_HUB_OFFLINE")
-        .env_remove("HF_TOKEN")
-        .env_remove("LLM_MERGING_DATA")
-        .env("LLM_MERGING_DEMO_DIR", demo_dir)
-        .output()
-        .unwrap()
-}
+use testkit::cli::{demo, demo_workspace, ok};
 
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
+fn run(ws: &Path, demo_dir: &Path) -> Output {
+    demo(
+        Command::new(env!("CARGO_BIN_EXE_llm-merging")),
+        ws,
+        demo_dir,
     )
+    .output()
+    .unwrap()
 }
 
 #[test]
 fn default_run_is_the_offline_demo() {
     let tmp = tempfile::tempdir().unwrap();
-    let ws = tmp.path().join("ws");
-    std::fs::create_dir_all(ws.join("submissions/demo")).unwrap();
-    std::fs::write(ws.join("Cargo.toml"), "[workspace]\nmembers = []\n").unwrap();
-    std::fs::write(
-        ws.join("submissions/demo/entry.toml"),
-        include_str!("../../../submissions/demo/entry.toml"),
-    )
-    .unwrap();
+    let ws = demo_workspace(tmp.path());
     // Shared with the demo crate's tests (same recipe hash → built once per target dir).
     let demo_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("demo-family");
 
     let t = Instant::now();
     let first_output = run(&ws, &demo_dir);
     let first = t.elapsed().as_secs_f64();
-    let out = text(&first_output);
+    let out = ok(&first_output);
     println!("{out}\nfirst run: {first:.1}s");
-    assert!(first_output.status.success(), "{out}");
     for row in [
         "base",
         "largest",
@@ -71,9 +53,8 @@ fn default_run_is_the_offline_demo() {
     let t = Instant::now();
     let o = run(&ws, &demo_dir);
     let second = t.elapsed().as_secs_f64();
-    let again = text(&o);
+    let again = ok(&o);
     println!("{again}\nsecond run: {second:.1}s");
-    assert!(o.status.success(), "{again}");
     for stage in ["merge", "eval", "predict"] {
         assert!(
             again

@@ -68,7 +68,7 @@ fn eval_merge_equals_merge_then_eval() {
     let tmp = tempfile::tempdir().unwrap();
     let home = tmp.path();
     let f = family::write(tmp.path(), false);
-    let data = family::eval_goldens().join("rows.csv");
+    let data = testkit::goldens::rows_csv();
     let ties = write_config(
         &f,
         "ties.toml",

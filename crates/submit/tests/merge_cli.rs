@@ -6,22 +6,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use candle_core::{Device, Tensor};
+use testkit::cli::{offline, ok, one_error_line};
+use testkit::compare::max_abs_diff;
 use testkit::hub::{HubServer, Repo};
 use testkit::models::{self, TinyLlama};
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_llm-merging"));
-    // Never touch a real hub or the user's cache from tests.
-    c.env("HF_ENDPOINT", "http://127.0.0.1:9")
-        .env(
-            "HF_HOME",
-            std::env::temp_dir().join("llm-merging-test-hf-home"),
-        )
-        .env_remove("HF_TOKEN")
-        .env_remove("HF_AUTH_TOKEN")
-        .env_remove("HF_HUB_OFFLINE");
-    c
-}
 
 struct Workspace {
     dir: tempfile::TempDir,
@@ -37,6 +25,14 @@ impl Workspace {
         w
     }
 
+    /// The binary, cut off from any real hub, `HF_HOME` in the workspace.
+    fn bin(&self) -> Command {
+        offline(
+            Command::new(env!("CARGO_BIN_EXE_llm-merging")),
+            self.dir.path(),
+        )
+    }
+
     fn path(&self, p: &str) -> PathBuf {
         self.dir.path().join(p)
     }
@@ -49,7 +45,7 @@ impl Workspace {
 
     fn merge(&self, text: &str, extra: &[&str]) -> Output {
         let cfg = self.config(text);
-        bin()
+        self.bin()
             .arg("merge")
             .arg(&cfg)
             .arg("--out")
@@ -61,16 +57,8 @@ impl Workspace {
 
     /// Assert a failure with one error line containing every `needle`, and no output.
     fn expect_error(&self, text: &str, needles: &[&str]) {
-        let out = self.merge(text, &[]);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "succeeded: {stderr}");
-        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-        assert_eq!(lines.len(), 1, "expected one error line, got: {stderr}");
-        eprintln!("{}", lines[0]);
-        assert!(lines[0].starts_with("error: "), "{stderr}");
-        for n in needles {
-            assert!(lines[0].contains(n), "`{n}` not in: {stderr}");
-        }
+        let line = one_error_line(&self.merge(text, &[]), needles);
+        eprintln!("{line}");
         assert!(!self.path("out").exists(), "output directory left behind");
         let leftovers: Vec<_> = std::fs::read_dir(self.dir.path())
             .unwrap()
@@ -115,12 +103,7 @@ fn merge_core_reader(dir: &Path) -> Vec<(String, Tensor)> {
 #[test]
 fn linear_merge_writes_a_loadable_model() {
     let w = Workspace::new();
-    let out = w.merge(LINEAR, &["--shard-size", "2KB"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ok(&w.merge(LINEAR, &["--shard-size", "2KB"]));
     let dir = w.path("out");
     for f in [
         "config.json",
@@ -140,16 +123,7 @@ fn linear_merge_writes_a_loadable_model() {
     for (name, t) in &merged {
         assert_eq!(t.dtype(), candle_core::DType::F32);
         let expect = ((&a[name] * 0.75).unwrap() + (&b[name] * 0.25).unwrap()).unwrap();
-        let d: f32 = (t - expect)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let d = max_abs_diff(t, &expect);
         assert!(d < 4e-3, "{name}: {d} (bf16 rounding only)");
     }
     let card = std::fs::read_to_string(dir.join("README.md")).unwrap();
@@ -326,10 +300,9 @@ fn merges_hub_models_by_id_and_revision() {
     let cfg = w.config(&format!(
         "[merge]\nmethod = \"linear\"\n[[merge.models]]\nmodel = \"org/a\"\nrevision = \"{SHA_A}\"\nparameters = {{ weight = 1 }}\n[[merge.models]]\nmodel = \"org/b\"\nrevision = \"main\"\nparameters = {{ weight = 1 }}\n"
     ));
-    let home = w.path("hf-home");
     let run = |token: Option<&str>| {
-        let mut c = bin();
-        c.env("HF_ENDPOINT", &hub.endpoint).env("HF_HOME", &home);
+        let mut c = w.bin();
+        c.env("HF_ENDPOINT", &hub.endpoint);
         if let Some(t) = token {
             c.env("HF_TOKEN", t);
         }
@@ -347,12 +320,7 @@ fn merges_hub_models_by_id_and_revision() {
         stderr.contains("org/a") && stderr.contains("needs a token"),
         "{stderr}"
     );
-    let ok = run(Some("hf_test_secret"));
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
+    ok(&run(Some("hf_test_secret")));
     let card = std::fs::read_to_string(w.path("out/README.md")).unwrap();
     assert!(card.contains(&format!("org/a@{SHA_A}")), "{card}");
     assert!(card.contains(&format!("org/b@{SHA_B}")), "{card}");

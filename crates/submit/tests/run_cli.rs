@@ -6,24 +6,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use candle_core::Device;
+use testkit::cli::{entry, ok, one_error_line, text, workspace};
 use testkit::hub::{HubServer, Repo};
 
 const SHA_A: &str = "1111111111111111111111111111111111111111";
 const SHA_B: &str = "2222222222222222222222222222222222222222";
 const TOKEN: &str = "hf_e2e_secret_token_value";
-
-fn tokenizer_dir() -> PathBuf {
-    let base = std::env::var_os("LLM_MERGING_TOKENIZERS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.cache/tokenizers"));
-    let dir = base.join("llama2");
-    assert!(
-        dir.join("tokenizer.json").is_file(),
-        "tokenizer missing at {}: run scripts/fetch-tokenizers.sh first",
-        dir.display()
-    );
-    dir
-}
 
 fn tiny_config() -> serde_json::Value {
     serde_json::json!({
@@ -38,7 +26,7 @@ fn tiny_config() -> serde_json::Value {
 
 /// A tiny model directory; `scale` makes the second expert differ from the first.
 fn write_model(dir: &Path, scale: f64) {
-    testkit::synthetic::write_decoder_dir(dir, &tiny_config(), &tokenizer_dir());
+    testkit::synthetic::write_decoder_dir(dir, &tiny_config(), &testkit::tokenizers::dir("llama2"));
     let p = dir.join("model.safetensors");
     let tensors: Vec<(String, candle_core::Tensor)> =
         candle_core::safetensors::load(&p, &Device::Cpu)
@@ -72,8 +60,8 @@ struct Setup {
 fn setup() -> Setup {
     let tmp = tempfile::tempdir().unwrap();
     let ws = tmp.path().join("ws");
+    workspace(&ws);
     std::fs::create_dir_all(ws.join("src")).unwrap();
-    std::fs::write(ws.join("Cargo.toml"), "[workspace]\nmembers = []\n").unwrap();
     std::fs::write(ws.join("src/lib.rs"), "// participant code\n").unwrap();
     std::fs::write(ws.join(".env"), format!("HF_TOKEN={TOKEN}\n")).unwrap();
     std::fs::create_dir_all(ws.join("target")).unwrap();
@@ -82,11 +70,10 @@ fn setup() -> Setup {
     std::fs::write(ws.join("data/validation/mc.csv"), VALIDATION_MC).unwrap();
     std::fs::write(ws.join("data/validation/gen.csv"), VALIDATION_GEN).unwrap();
     std::fs::write(ws.join("data/test.csv"), TEST).unwrap();
-    let entry = ws.join("submissions/tiny");
-    std::fs::create_dir_all(&entry).unwrap();
-    std::fs::write(
-        entry.join("entry.toml"),
-        format!(
+    entry(
+        &ws,
+        "tiny",
+        &format!(
             r#"[merge]
 method = "linear"
 dtype = "float32"
@@ -109,8 +96,7 @@ device = "cpu"
 test_file = "${{DATA_DIR}}/test.csv"
 "#
         ),
-    )
-    .unwrap();
+    );
     let models = tmp.path().join("models");
     write_model(&models.join("a"), 1.0);
     write_model(&models.join("b"), 0.5);
@@ -146,14 +132,6 @@ impl Setup {
     }
 }
 
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
 fn all_files(dir: &Path, out: &mut Vec<PathBuf>) {
     for e in std::fs::read_dir(dir).unwrap() {
         let p = e.unwrap().path();
@@ -169,8 +147,7 @@ fn all_files(dir: &Path, out: &mut Vec<PathBuf>) {
 fn run_merges_evaluates_predicts_packages_and_reuses() {
     let s = setup();
     let first = s.run(&["run", "--entry", "submissions/tiny"]);
-    let log1 = text(&first);
-    assert!(first.status.success(), "{log1}");
+    let log1 = ok(&first);
     let dist = s.ws.join("dist/tiny");
     for f in ["submission.csv", "scores.json", "manifest.json", "tiny.tar"] {
         assert!(dist.join(f).is_file(), "{f} missing\n{log1}");
@@ -242,10 +219,8 @@ fn run_merges_evaluates_predicts_packages_and_reuses() {
 
     // A second package gives the same tar; a second run reuses every stage.
     let tar1 = std::fs::read(dist.join("tiny.tar")).unwrap();
-    let again = s.run(&["package", "--entry", "submissions/tiny"]);
-    assert!(again.status.success(), "{}", text(&again));
+    let log2 = ok(&s.run(&["package", "--entry", "submissions/tiny"]));
     assert_eq!(tar1, std::fs::read(dist.join("tiny.tar")).unwrap());
-    let log2 = text(&again);
     for stage in ["merge", "eval", "predict"] {
         let line = log2
             .lines()
@@ -266,16 +241,7 @@ fn run_merges_evaluates_predicts_packages_and_reuses() {
 #[test]
 fn bad_entries_fail_with_one_clear_line() {
     let s = setup();
-    let one_line = |o: &Output, needles: &[&str]| {
-        assert!(!o.status.success());
-        let err = String::from_utf8_lossy(&o.stderr);
-        let lines: Vec<&str> = err.lines().filter(|l| !l.is_empty()).collect();
-        assert_eq!(lines.len(), 1, "{err}");
-        for n in needles {
-            assert!(lines[0].contains(n), "`{n}` not in {err}");
-        }
-    };
-    one_line(
+    one_error_line(
         &s.run(&["run", "--entry", "submissions/none"]),
         &["submissions/none", "no such directory"],
     );
@@ -283,14 +249,14 @@ fn bad_entries_fail_with_one_clear_line() {
     let entry = s.ws.join("submissions/tiny/entry.toml");
     let good = std::fs::read_to_string(&entry).unwrap();
     std::fs::write(&entry, good.replace("batch_size = 2", "batch_size = ")).unwrap();
-    one_line(
+    one_error_line(
         &s.run(&["run", "--entry", "submissions/tiny"]),
         &["entry.toml:16:"],
     );
     std::fs::write(&entry, &good).unwrap();
 
     std::fs::remove_file(s.ws.join("data/test.csv")).unwrap();
-    one_line(
+    one_error_line(
         &s.run(&["run", "--entry", "submissions/tiny"]),
         &["data/test.csv", "fetch-data"],
     );
@@ -339,8 +305,7 @@ fn check_flags_large_new_and_unpinned_models() {
     // All pinned, small and old: passes.
     std::fs::write(&entry, &good).unwrap();
     let out = s.run(&["check", "--entry", "submissions/tiny"]);
-    assert!(out.status.success(), "{}", text(&out));
-    assert!(text(&out).contains("every rule holds"));
+    assert!(ok(&out).contains("every rule holds"));
 }
 
 #[test]
@@ -349,8 +314,7 @@ fn check_counts_parameters_from_safetensors_headers() {
     // requests (and the weights are not downloaded).
     let s = setup();
     let out = s.run(&["check", "--entry", "submissions/tiny"]);
-    let log = text(&out);
-    assert!(out.status.success(), "{log}");
+    let log = ok(&out);
     // embed + head 2·32000·16, per layer q 256 + k 128 + v 128 + o 256 + 3·512 + norms 32,
     // two layers, final norm 16: 1,028,688 parameters.
     assert!(log.contains("1.03M"), "{log}");
@@ -398,10 +362,9 @@ fn adapter_entry_merges_adapters_and_evaluates_base_plus_adapter() {
         4.0,
         2,
     );
-    let entry = s.ws.join("submissions/adapters");
-    std::fs::create_dir_all(&entry).unwrap();
-    std::fs::write(
-        entry.join("entry.toml"),
+    entry(
+        &s.ws,
+        "adapters",
         r#"[merge]
 method = "lora_avg"
 base_model = "../../models/base"
@@ -417,11 +380,9 @@ datasets = ["${DATA_DIR}/validation/mc.csv", "${DATA_DIR}/validation/gen.csv"]
 max_gen_len = 4
 device = "cpu"
 "#,
-    )
-    .unwrap();
+    );
     let out = s.run(&["run", "--entry", "submissions/adapters"]);
-    let log = text(&out);
-    assert!(out.status.success(), "{log}");
+    let log = ok(&out);
     let work = s.ws.join("dist/adapters/work/merged");
     assert!(work.join("adapter_config.json").is_file(), "{log}");
     assert!(work.join("adapter_model.safetensors").is_file());

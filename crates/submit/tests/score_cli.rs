@@ -3,46 +3,22 @@
 //! collected into one leaderboard, and scored again without any work.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
+
+use testkit::cli::{demo, demo_workspace, ok};
 
 fn bin(ws: &Path, demo_dir: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_llm-merging"));
-    c.current_dir(ws)
-        // Any hub access would fail: nothing listens on port 9.
-        .env("HF_ENDPOINT", "http://127.0.0.1:9")
-        .env("HF_HOME", ws.join("hf-home"))
-        .env_remove("HF_HUB_OFFLINE")
-        .env_remove("HF_TOKEN")
-        .env_remove("LLM_MERGING_DATA")
-        .env("LLM_MERGING_DEMO_DIR", demo_dir);
-    c
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
+    demo(
+        Command::new(env!("CARGO_BIN_EXE_llm-merging")),
+        ws,
+        demo_dir,
     )
-}
-
-fn ok(o: Output) -> String {
-    let t = text(&o);
-    assert!(o.status.success(), "{t}");
-    t
 }
 
 /// A workspace holding the demo entry, packaged: returns (workspace, its tar).
 fn demo_package(root: &Path, demo_dir: &Path) -> (PathBuf, PathBuf) {
-    let ws = root.join("ws");
-    std::fs::create_dir_all(ws.join("submissions/demo")).unwrap();
-    std::fs::write(ws.join("Cargo.toml"), "[workspace]\nmembers = []\n").unwrap();
-    std::fs::write(
-        ws.join("submissions/demo/entry.toml"),
-        include_str!("../../../submissions/demo/entry.toml"),
-    )
-    .unwrap();
-    ok(bin(&ws, demo_dir)
+    let ws = demo_workspace(root);
+    ok(&bin(&ws, demo_dir)
         .args(["package", "--entry", "submissions/demo"])
         .output()
         .unwrap());
@@ -104,9 +80,10 @@ fn shards_score_and_collect_into_one_leaderboard() {
     let data = demo_dir.join("data");
     let labels = data.join("test-labels.csv");
     let out = tmp.path().join("scores");
-    let score = |extra: &[&str]| {
-        let mut c = bin(&ws, &demo_dir);
-        c.arg("score")
+    // `score` of every submission into `out`.
+    let score_into = |out: &Path, extra: &[&str]| {
+        bin(&ws, &demo_dir)
+            .arg("score")
             .arg("--submissions")
             .arg(&subs)
             .arg("--labels")
@@ -114,16 +91,18 @@ fn shards_score_and_collect_into_one_leaderboard() {
             .arg("--data")
             .arg(&data)
             .arg("--out")
-            .arg(&out)
-            .args(extra);
-        ok(c.output().unwrap())
+            .arg(out)
+            .args(extra)
+            .output()
+            .unwrap()
     };
+    let score = |extra: &[&str]| ok(&score_into(&out, extra));
     let first = score(&["--shard", "0/2"]);
     assert!(first.contains("alice: scored"), "{first}");
     assert!(first.contains("carol: failed at unpack"), "{first}");
     let second = score(&["--shard", "1/2"]);
     assert!(second.contains("bob: failed at rules"), "{second}");
-    let collected = ok(bin(&ws, &demo_dir)
+    let collected = ok(&bin(&ws, &demo_dir)
         .arg("score")
         .arg("--collect")
         .arg(&out)
@@ -148,7 +127,7 @@ fn shards_score_and_collect_into_one_leaderboard() {
     assert!(html.contains("3 submissions: 1 scored, 2 failed"), "{html}");
 
     // The scores equal scoring the entry's own submission.csv directly.
-    let direct: serde_json::Value = serde_json::from_str(&ok(bin(&ws, &demo_dir)
+    let direct: serde_json::Value = serde_json::from_str(&ok(&bin(&ws, &demo_dir)
         .arg("score")
         .arg("--predictions")
         .arg(ws.join("dist/demo/submission.csv"))
@@ -195,20 +174,10 @@ fn shards_score_and_collect_into_one_leaderboard() {
 
     // An entry over budget is stopped and says so.
     let tight = tmp.path().join("tight");
-    let o = bin(&ws, &demo_dir)
-        .arg("score")
-        .arg("--submissions")
-        .arg(&subs)
-        .arg("--labels")
-        .arg(&labels)
-        .arg("--data")
-        .arg(&data)
-        .arg("--out")
-        .arg(&tight)
-        .args(["--budget", "0.05s", "--shard", "0/3"])
-        .output()
-        .unwrap();
-    let t = ok(o);
+    let t = ok(&score_into(
+        &tight,
+        &["--budget", "0.05s", "--shard", "0/3"],
+    ));
     assert!(t.contains("alice: failed at budget: over budget"), "{t}");
 }
 
@@ -243,13 +212,9 @@ fn cluster_templates_run_the_shards_they_are_given() {
     assert!(script.contains("#SBATCH --gres=gpu:1"), "{script}");
     let out = work.join("slurm");
     for task in ["0", "1"] {
-        let o = Command::new("bash")
+        let o = demo(Command::new("bash"), &ws, &demo_dir)
             .arg(&sbatch)
-            .current_dir(&ws)
             .env("PATH", std::env::var("PATH").unwrap())
-            .env("HF_ENDPOINT", "http://127.0.0.1:9")
-            .env("HF_HOME", ws.join("hf-home"))
-            .env("LLM_MERGING_DEMO_DIR", &demo_dir)
             .env("SLURM_ARRAY_TASK_ID", task)
             .env("SLURM_ARRAY_TASK_MAX", "1")
             .env("SUBMISSIONS", &subs)
@@ -259,13 +224,13 @@ fn cluster_templates_run_the_shards_they_are_given() {
             .env("LLM_MERGING", exe)
             .output()
             .unwrap();
-        ok(o);
+        ok(&o);
     }
     // Each task scored its own shard: alice in 0, zed in 1.
     assert!(out.join("shard-0/results/alice.json").is_file());
     assert!(out.join("shard-1/results/zed.json").is_file());
     assert!(!out.join("shard-0/results/zed.json").exists());
-    let collected = ok(bin(&ws, &demo_dir)
+    let collected = ok(&bin(&ws, &demo_dir)
         .arg("score")
         .arg("--collect")
         .arg(out.join("shard-0"))
@@ -319,20 +284,16 @@ fn cluster_templates_run_the_shards_they_are_given() {
         exe.parent().unwrap().display(),
         std::env::var("PATH").unwrap()
     );
-    let o = Command::new("/bin/sh")
+    let o = demo(Command::new("/bin/sh"), &ws, &demo_dir)
         .arg("-c")
         .arg(&cmd)
-        .current_dir(&ws)
         .env("PATH", path)
-        .env("HF_ENDPOINT", "http://127.0.0.1:9")
-        .env("HF_HOME", ws.join("hf-home"))
-        .env("LLM_MERGING_DEMO_DIR", &demo_dir)
         .env("JOB_COMPLETION_INDEX", "1")
         .env("SHARDS", env("SHARDS"))
         .env("BUDGET", env("BUDGET"))
         .output()
         .unwrap();
-    ok(o);
+    ok(&o);
     // Index 1 of 4 over [alice, zed]: zed only.
     assert!(work.join("out/shard-1/results/zed.json").is_file());
     assert!(!work.join("out/shard-1/results/alice.json").exists());

@@ -4,37 +4,26 @@
 //! values are the transformers / peft goldens of eval-harness (scripts/goldens/t5_goldens.py).
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Command;
 
-use candle_core::Tensor;
 use serde_json::Value;
-use testkit::synthetic::{t5_qv_lora_factors, write_t5_dir};
+use testkit::cli::{entry, offline, ok, workspace};
+use testkit::goldens::{self, golden, predictions};
+use testkit::models::write_peft_adapter;
+use testkit::synthetic::{t5_averaged_lora_factors, t5_qv_lora_factors};
 
-fn goldens() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../eval-harness/tests/goldens")
+/// The binary, offline with `HF_HOME` under `home`, run with `args`; it must succeed.
+fn run(home: &Path, args: &[&str]) -> String {
+    ok(&bin(home).args(args).output().unwrap())
 }
 
-fn golden(name: &str) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(goldens().join(format!("{name}.json"))).unwrap())
-        .unwrap()
-}
-
-fn run(args: &[&str]) -> Output {
-    let o = Command::new(env!("CARGO_BIN_EXE_llm-merging"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "llm-merging {args:?} failed:\n{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    o
+fn bin(home: &Path) -> Command {
+    offline(Command::new(env!("CARGO_BIN_EXE_llm-merging")), home)
 }
 
 /// `id → prediction` of a predictions CSV.
-fn predictions(p: &Path) -> HashMap<String, String> {
+fn predicted(p: &Path) -> HashMap<String, String> {
     let mut r = csv::Reader::from_path(p).unwrap();
     assert_eq!(
         r.headers().unwrap().iter().collect::<Vec<_>>(),
@@ -48,35 +37,9 @@ fn predictions(p: &Path) -> HashMap<String, String> {
         .collect()
 }
 
-/// Expected predictions of a golden: multiple-choice indices and generated texts.
-fn expected(g: &Value) -> HashMap<String, String> {
-    let mut m = HashMap::new();
-    for x in g["mc"].as_array().unwrap() {
-        m.insert(
-            x["id"].as_str().unwrap().to_string(),
-            x["prediction"].to_string(),
-        );
-    }
-    for x in g["gen"].as_array().unwrap() {
-        m.insert(
-            x["id"].as_str().unwrap().to_string(),
-            x["text"].as_str().unwrap().to_string(),
-        );
-    }
-    m
-}
-
-/// Writes adapter `which` (1 or 2) of the flant5_avg stand-in: rank 16 on every `q`/`v`.
-fn write_adapter(dir: &Path, cfg: &Value, adapter_config: &Value, which: usize) {
-    std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(dir.join("adapter_config.json"), adapter_config.to_string()).unwrap();
-    let f = t5_qv_lora_factors(cfg, which, 16);
-    candle_core::safetensors::save(&f, dir.join("adapter_model.safetensors")).unwrap();
-}
-
 /// The golden rows in the test schema (no target column).
 fn write_test_csv(path: &Path) {
-    let ds = eval_harness::dataset::load(&goldens().join("rows.csv")).unwrap();
+    let ds = goldens::rows();
     let mut w = csv::Writer::from_path(path).unwrap();
     w.write_record(["id", "input", "eval_type", "answer_choices"])
         .unwrap();
@@ -95,48 +58,39 @@ fn write_test_csv(path: &Path) {
 #[test]
 fn eval_and_predict_pick_t5_from_config_and_fold_the_averaged_adapter() {
     let tmp = tempfile::tempdir().unwrap();
-    let base = golden("t5_v11");
     let model = tmp.path().join("flan-t5-tiny");
-    write_t5_dir(&model, &base["config"], &goldens().join("t5-tokenizer"));
+    let base = goldens::write_model("t5_v11", &model);
 
     // The flant5_avg layout: two rank-16 q/v adapters, factors averaged 0.5/0.5.
     let lora = golden("t5_lora");
-    let f1 = t5_qv_lora_factors(&base["config"], 1, 16);
-    let f2 = t5_qv_lora_factors(&base["config"], 2, 16);
-    let avg: HashMap<String, Tensor> = f1
-        .iter()
-        .map(|(k, a)| {
-            let m = ((a * 0.5).unwrap() + (&f2[k] * 0.5).unwrap()).unwrap();
-            (k.clone(), m)
-        })
-        .collect();
     let adapter = tmp.path().join("flant5_avg");
-    std::fs::create_dir_all(&adapter).unwrap();
-    std::fs::write(
-        adapter.join("adapter_config.json"),
-        lora["adapter_config"].to_string(),
-    )
-    .unwrap();
-    candle_core::safetensors::save(&avg, adapter.join("adapter_model.safetensors")).unwrap();
+    write_peft_adapter(
+        &adapter,
+        &lora["adapter_config"],
+        t5_averaged_lora_factors(&base["config"], 16),
+    );
 
-    let rows = goldens().join("rows.csv");
+    let rows = goldens::rows_csv();
     let out = tmp.path().join("eval");
-    run(&[
-        "eval",
-        "--model",
-        model.to_str().unwrap(),
-        "--adapter",
-        adapter.to_str().unwrap(),
-        "--data",
-        rows.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--batch-size",
-        "3",
-    ]);
+    run(
+        tmp.path(),
+        &[
+            "eval",
+            "--model",
+            model.to_str().unwrap(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--data",
+            rows.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--batch-size",
+            "3",
+        ],
+    );
     assert_eq!(
-        predictions(&out.join("predictions/rows.csv")),
-        expected(&lora)
+        predicted(&out.join("predictions/rows.csv")),
+        predictions(&lora)
     );
     let scores: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("scores.json")).unwrap()).unwrap();
@@ -147,16 +101,19 @@ fn eval_and_predict_pick_t5_from_config_and_fold_the_averaged_adapter() {
     let test = tmp.path().join("test.csv");
     write_test_csv(&test);
     let sub = tmp.path().join("submission.csv");
-    run(&[
-        "predict",
-        "--model",
-        model.to_str().unwrap(),
-        "--data",
-        test.to_str().unwrap(),
-        "--out",
-        sub.to_str().unwrap(),
-    ]);
-    assert_eq!(predictions(&sub), expected(&base));
+    run(
+        tmp.path(),
+        &[
+            "predict",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            test.to_str().unwrap(),
+            "--out",
+            sub.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(predicted(&sub), predictions(&base));
 }
 
 /// `llm-merging run` on a flant5_avg-shaped entry: `lora_avg` of two rank-16 q/v adapters on a
@@ -166,31 +123,23 @@ fn eval_and_predict_pick_t5_from_config_and_fold_the_averaged_adapter() {
 fn run_merges_flant5_avg_standin_and_evaluates_it() {
     let tmp = tempfile::tempdir().unwrap();
     let ws = tmp.path().join("ws");
+    workspace(&ws);
     std::fs::create_dir_all(ws.join("src")).unwrap();
-    std::fs::write(ws.join("Cargo.toml"), "[workspace]\nmembers = []\n").unwrap();
     std::fs::write(ws.join("src/lib.rs"), "// participant code\n").unwrap();
     std::fs::create_dir_all(ws.join("data/validation")).unwrap();
-    std::fs::copy(
-        goldens().join("rows.csv"),
-        ws.join("data/validation/rows.csv"),
-    )
-    .unwrap();
+    std::fs::copy(goldens::rows_csv(), ws.join("data/validation/rows.csv")).unwrap();
     write_test_csv(&ws.join("data/test.csv"));
-    let base = golden("t5_v11");
-    let lora = golden("t5_lora");
-    let cfg = &base["config"];
     let models = ws.join("models");
-    write_t5_dir(
-        &models.join("flan-t5-tiny"),
-        &base["config"],
-        &goldens().join("t5-tokenizer"),
-    );
-    write_adapter(&models.join("lora_a"), cfg, &lora["adapter_config"], 1);
-    write_adapter(&models.join("lora_b"), cfg, &lora["adapter_config"], 2);
-    let entry = ws.join("submissions/flant5_tiny");
-    std::fs::create_dir_all(&entry).unwrap();
-    std::fs::write(
-        entry.join("entry.toml"),
+    let base = goldens::write_model("t5_v11", &models.join("flan-t5-tiny"));
+    let lora = golden("t5_lora");
+    // The flant5_avg stand-in's adapters: rank 16 on every `q`/`v`.
+    for (name, which) in [("lora_a", 1), ("lora_b", 2)] {
+        let factors = t5_qv_lora_factors(&base["config"], which, 16);
+        write_peft_adapter(&models.join(name), &lora["adapter_config"], factors);
+    }
+    entry(
+        &ws,
+        "flant5_tiny",
         r#"[merge]
 method = "lora_avg"
 base_model = "../../models/flan-t5-tiny"
@@ -206,31 +155,23 @@ datasets = ["${DATA_DIR}/validation/rows.csv"]
 batch_size = 2
 device = "cpu"
 "#,
-    )
-    .unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_llm-merging"))
+    );
+    let log = ok(&bin(tmp.path())
         .current_dir(&ws)
-        .env("HF_HOME", tmp.path().join("hf"))
         .env("HF_HUB_OFFLINE", "1")
         .env_remove("LLM_MERGING_DATA")
         .args(["run", "--entry", "submissions/flant5_tiny"])
         .output()
-        .unwrap();
-    let log = format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    assert!(o.status.success(), "{log}");
+        .unwrap());
     let dist = ws.join("dist/flant5_tiny");
     assert!(
         dist.join("work/merged/adapter_config.json").is_file(),
         "{log}"
     );
-    let want = expected(&lora);
+    let want = predictions(&lora);
     assert_eq!(
-        predictions(&dist.join("work/eval/predictions/rows.csv")),
+        predicted(&dist.join("work/eval/predictions/rows.csv")),
         want
     );
-    assert_eq!(predictions(&dist.join("submission.csv")), want);
+    assert_eq!(predicted(&dist.join("submission.csv")), want);
 }
