@@ -113,6 +113,24 @@ fn t5_original_tied_head_matches_transformers() {
 }
 
 #[test]
+fn buckets_follow_the_t5_rule() {
+    // Bidirectional, 32 buckets, max distance 128: 16 per direction, 8 exact.
+    let b = |rp| relative_position_bucket(rp, true, 32, 128);
+    assert_eq!(b(0), 0);
+    assert_eq!(b(-7), 7);
+    assert_eq!(b(7), 16 + 7);
+    assert_eq!(b(-8), 8);
+    assert_eq!(b(-1000), 15);
+    assert_eq!(b(1000), 31);
+    // Causal: future keys are bucket 0, past distances use all 32 buckets.
+    let c = |rp| relative_position_bucket(rp, false, 32, 128);
+    assert_eq!(c(5), 0);
+    assert_eq!(c(-15), 15);
+    assert_eq!(c(-16), 16);
+    assert_eq!(c(-10_000), 31);
+}
+
+#[test]
 fn relative_position_buckets_match_transformers() {
     let g = golden("t5_buckets");
     let rps: Vec<i64> = g["relative_positions"]

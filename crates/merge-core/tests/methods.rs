@@ -175,6 +175,12 @@ fn della_keeps_large_magnitudes_more_often() {
     assert!((large - 0.77).abs() < 0.03, "large magnitudes kept {large}");
 }
 
+#[test]
+fn della_rejects_bad_epsilon() {
+    let mut x = vec![1.0f32; 8];
+    assert!(merge_core::methods::sparsify::della_magprune(&mut x, 4, 0.9, 0.15, true, 1).is_err());
+}
+
 fn small(values: &[f32]) -> Tensor {
     Tensor::from_vec(values.to_vec(), values.len(), &Device::Cpu).unwrap()
 }

@@ -72,26 +72,3 @@ impl GenerationConfig {
             .unwrap_or(self.max_length.saturating_sub(1))
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn generation_length_falls_back_to_the_defaults() {
-        let g = GenerationConfig::from_json(
-            serde_json::json!({"decoder_start_token_id": 0, "eos_token_id": 1}),
-        )
-        .unwrap();
-        // max_length 20 counts the decoder start token.
-        assert_eq!(g.new_tokens(), 19);
-        assert_eq!(g.eos_token_ids, Some(vec![1]));
-        let g = GenerationConfig::from_json(
-            serde_json::json!({"max_new_tokens": 7, "max_length": 100, "eos_token_id": [1, 5]}),
-        )
-        .unwrap();
-        assert_eq!(g.new_tokens(), 7);
-        assert_eq!(g.eos_token_ids, Some(vec![1, 5]));
-        assert!(GenerationConfig::from_json(serde_json::json!({"max_length": "x"})).is_err());
-    }
-}

@@ -86,17 +86,3 @@ pub fn resolve_dtype(s: &str, device: &Device) -> std::result::Result<DType, Str
         _ => parse_dtype(s).map_err(|e| e.replace("(f32,", "(auto, f32,")),
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn auto_dtype_is_f32_on_the_cpu_and_names_are_checked() {
-        assert_eq!(resolve_dtype("auto", &Device::Cpu).unwrap(), DType::F32);
-        assert_eq!(resolve_dtype("bf16", &Device::Cpu).unwrap(), DType::BF16);
-        assert_eq!(resolve_dtype("float16", &Device::Cpu).unwrap(), DType::F16);
-        let e = resolve_dtype("fp8", &Device::Cpu).unwrap_err();
-        assert!(e.contains("`fp8`") && e.contains("auto"), "{e}");
-    }
-}

@@ -400,14 +400,3 @@ pub(super) fn select_ranks(
         })
         .collect())
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn della_rejects_bad_epsilon() {
-        let mut x = vec![1.0f32; 8];
-        assert!(della_magprune(&mut x, 4, 0.9, 0.15, true, 1).is_err());
-    }
-}

@@ -150,35 +150,3 @@ impl T5Config {
         Self::deserialize(v).map_err(|e| e.to_string())
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn config_defaults_and_variants() {
-        let v1 = T5Config::from_json(&serde_json::json!({
-            "model_type": "t5", "feed_forward_proj": "gated-gelu", "tie_word_embeddings": false
-        }))
-        .unwrap();
-        assert!(v1.gated && !v1.tie_word_embeddings && !v1.scale_decoder_outputs);
-        assert_eq!(v1.activation, T5Activation::GeluNew);
-        let orig = T5Config::from_json(&serde_json::json!({"model_type": "t5"})).unwrap();
-        assert!(!orig.gated && orig.tie_word_embeddings && orig.scale_decoder_outputs);
-        assert_eq!(orig.activation, T5Activation::Relu);
-        assert_eq!(orig.num_decoder_layers, orig.num_layers);
-        // transformers 5 says whether to rescale; without the key the tied rule applies.
-        let t5 = T5Config::from_json(&serde_json::json!({
-            "model_type": "t5", "tie_word_embeddings": true, "scale_decoder_outputs": false
-        }))
-        .unwrap();
-        assert!(t5.tie_word_embeddings && !t5.scale_decoder_outputs);
-        let e = T5Config::from_json(&serde_json::json!({"model_type": "llama"})).unwrap_err();
-        assert!(e.contains("llama"), "{e}");
-        let e = T5Config::from_json(&serde_json::json!({
-            "model_type": "t5", "feed_forward_proj": "gated-tanhish"
-        }))
-        .unwrap_err();
-        assert!(e.contains("tanhish"), "{e}");
-    }
-}
