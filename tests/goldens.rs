@@ -126,6 +126,7 @@ pub fn options(batch_size: usize, max_gen_len: Option<usize>) -> EvalOptions {
         limit: None,
         scoring: Scoring::StarterKit,
         progress: false,
+        ..Default::default()
     }
 }
 

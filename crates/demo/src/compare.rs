@@ -26,6 +26,7 @@ pub fn eval_options() -> EvalOptions {
         // one-token answers, which measures how an answer ends, not whether it is right.
         scoring: Scoring::Full,
         progress: false,
+        ..EvalOptions::default()
     }
 }
 

@@ -53,15 +53,15 @@ pub struct ChoiceResult {
     pub choice_tokens: Vec<usize>,
 }
 
-/// Scores the choices of one example.
+/// Scores the choices of one example given its prompt's token ids (the kit's: the input
+/// tokenizer's ids of the row's input).
 pub fn score_choices(
     model: &dyn LanguageModel,
-    input: &str,
+    ids: &[u32],
     choices: &[String],
     mode: Scoring,
 ) -> Result<ChoiceResult> {
     let tok = model.tokenizer();
-    let ids = tok.encode_input(input)?;
     if ids.is_empty() {
         return Err(Error::Msg("the input tokenizes to no tokens".into()));
     }
@@ -82,7 +82,7 @@ pub fn score_choices(
     // The kit's decoder quirk: the first choice token is context, never scored.
     let first_scored =
         usize::from(mode == Scoring::StarterKit && model.kind() == ModelKind::Decoder);
-    let log_probs = model.continuation_log_probs(&ids, &cids, first_scored)?;
+    let log_probs = model.continuation_log_probs(ids, &cids, first_scored)?;
     let scores: Vec<f64> = log_probs
         .iter()
         .map(|lp| lp.iter().fold(0f64, |s, &v| s + v as f64))

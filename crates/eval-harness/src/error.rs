@@ -49,6 +49,9 @@ pub enum Error {
         /// Why.
         source: Box<Error>,
     },
+    /// A row's prompt could not be rendered ([`prompt`]: demonstrations, chat template).
+    #[error(transparent)]
+    Prompt(#[from] prompt::Error),
     /// A request the model cannot run (an empty batch, a token outside the vocabulary, an
     /// input that tokenizes to nothing), or an output that cannot be written.
     #[error("{0}")]

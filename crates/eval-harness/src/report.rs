@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 
 /// One evaluated row.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct ExampleOutcome {
     /// Row id, echoed from the input file.
     pub id: String,
@@ -33,6 +33,17 @@ pub struct ExampleOutcome {
     pub output_tokens: Vec<usize>,
     /// Wall time attributed to this row (a batch's time shared by its rows).
     pub seconds: f64,
+    /// With a `[prompt]` table: the text the model was given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<String>,
+    /// With a `[prompt]` table, rows that generate: the generation as decoded, before
+    /// post-processing and answer extraction.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub completion: Option<String>,
+    /// Generate-mode multiple choice: how the answer was found (`regex`, `choice_text`,
+    /// `loglik`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub extracted_by: Option<&'static str>,
 }
 
 /// One evaluated dataset.
@@ -145,16 +156,22 @@ pub fn write_eval_outputs(out: &Path, results: &[DatasetOutcome]) -> Result<()> 
     Ok(())
 }
 
-/// A plain-text table: dataset, rows, metric values, seconds.
+/// A plain-text table: dataset, rows, metric values (`±` the standard error where computed),
+/// seconds.
 pub fn score_table(results: &[DatasetOutcome]) -> String {
     let mut s = format!("{:<20} {:>6} {:>9}  scores\n", "dataset", "rows", "seconds");
     for r in results {
         let scores = if r.scores.is_empty() {
             "(no targets)".to_string()
         } else {
+            let se = |k: &str| r.scores.get(&format!("{k}_stderr"));
             r.scores
                 .iter()
-                .map(|(k, v)| format!("{k}={v:.4}"))
+                .filter(|(k, _)| !k.ends_with("_stderr"))
+                .map(|(k, v)| match se(k) {
+                    Some(se) => format!("{k}={v:.4}±{se:.4}"),
+                    None => format!("{k}={v:.4}"),
+                })
                 .collect::<Vec<_>>()
                 .join("  ")
         };

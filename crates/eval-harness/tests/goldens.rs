@@ -53,7 +53,8 @@ fn check_choices(f: &Fixture) {
             (Scoring::StarterKit, "kit_scores", "kit_prediction"),
             (Scoring::Full, "full_scores", "full_prediction"),
         ] {
-            let r = score_choices(&f.model, &e.input, &e.answer_choices, mode).unwrap();
+            let input = f.tok().encode_input(&e.input).unwrap();
+            let r = score_choices(&f.model, &input, &e.answer_choices, mode).unwrap();
             for (a, b) in r.scores.iter().zip(m[key].as_array().unwrap()) {
                 let d = (a - b.as_f64().unwrap()).abs();
                 assert!(d <= 1e-3, "{} {} {key}: {a} vs {b}", f.g["model"], e.id);

@@ -14,6 +14,7 @@ fn outcome(id: &str, p: &str) -> ExampleOutcome {
         prompt_tokens: 3,
         output_tokens: vec![2, 2],
         seconds: 0.1,
+        ..Default::default()
     }
 }
 
@@ -35,7 +36,10 @@ fn writes_all_outputs() {
     assert_eq!(s["cosmos_qa"]["accuracy"], 0.5);
     let det = std::fs::read_to_string(out.join("details/cosmos_qa.jsonl")).unwrap();
     assert_eq!(det.lines().count(), 2);
-    assert!(score_table(&[r]).contains("accuracy=0.5000"));
+    assert!(score_table(std::slice::from_ref(&r)).contains("accuracy=0.5000\n"));
+    let mut r = r;
+    r.scores.insert("accuracy_stderr".into(), 0.25);
+    assert!(score_table(&[r]).contains("accuracy=0.5000±0.2500\n"));
     // Only the outputs remain next to `run`: the temporary directory is gone.
     assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1);
 }

@@ -178,3 +178,53 @@ fn adapter_is_folded_into_the_weights() {
     .unwrap();
     assert!(err.to_string().contains("missing"), "{err}");
 }
+
+#[test]
+fn standard_errors_are_the_bootstrap_over_rows_and_absent_unless_asked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, _) = model_dir("llama", tmp.path());
+    let m = load(&dir, None, DType::F32, &Device::Cpu).unwrap();
+    let ds = goldens::rows();
+    let opts = |stderr| EvalOptions {
+        max_gen_len: Some(4),
+        scoring: Scoring::Full,
+        progress: false,
+        stderr_resamples: stderr,
+        ..Default::default()
+    };
+    let plain = evaluate(&*m, &ds, &opts(None)).unwrap();
+    assert!(plain.scores.keys().all(|k| !k.ends_with("_stderr")));
+    let r = evaluate(&*m, &ds, &opts(Some(1000))).unwrap();
+    // The same scores, and for each metric its standard error.
+    for (k, v) in &plain.scores {
+        assert_eq!(r.scores[k], *v, "{k}");
+        assert!(r.scores.contains_key(&format!("{k}_stderr")), "{k}");
+    }
+    assert_eq!(r.scores.len(), 2 * plain.scores.len());
+    let per_row = |f: &dyn Fn(&eval_harness::report::ExampleOutcome) -> Option<f64>| {
+        r.examples.iter().filter_map(f).collect::<Vec<f64>>()
+    };
+    let right = per_row(&|e| {
+        (e.eval_type == "multiple_choice")
+            .then(|| f64::from(u8::from(Some(&e.prediction) == e.target.as_ref())))
+    });
+    assert!(right.len() >= 2);
+    assert_eq!(
+        r.scores["accuracy_stderr"],
+        stats::bootstrap_se(&right, 1000, 0)
+    );
+    let rouge_l = per_row(&|e| {
+        let t = e.target.as_deref()?;
+        (e.eval_type == "generation")
+            .then(|| eval_harness::metrics::rouge(t, &e.prediction).rouge_l)
+    });
+    assert_eq!(
+        r.scores["rougeL_stderr"],
+        stats::bootstrap_se(&rouge_l, 1000, 0)
+    );
+    // Seeded: the same again.
+    assert_eq!(
+        evaluate(&*m, &ds, &opts(Some(1000))).unwrap().scores,
+        r.scores
+    );
+}

@@ -87,7 +87,8 @@ fn check_choices(f: &Fixture) {
                 "choice ids of {c:?}"
             );
         }
-        let r = score_choices(&f.model, &e.input, &e.answer_choices, Scoring::StarterKit).unwrap();
+        let input = f.tok().encode_input(&e.input).unwrap();
+        let r = score_choices(&f.model, &input, &e.answer_choices, Scoring::StarterKit).unwrap();
         for (a, b) in r.scores.iter().zip(m["scores"].as_array().unwrap()) {
             let d = (a - b.as_f64().unwrap()).abs();
             assert!(d <= 1e-3, "{} {}: score {a} vs {b}", f.g["model"], e.id);

@@ -88,6 +88,7 @@ fn options(a: &ModelArgs) -> EvalOptions {
         limit: a.limit,
         scoring: a.scoring,
         progress: true,
+        ..EvalOptions::default()
     }
 }
 

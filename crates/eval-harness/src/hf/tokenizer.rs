@@ -209,6 +209,16 @@ impl Tokenizer {
         self.encode_with(text, false, true)
     }
 
+    /// Text that carries its own special tokens (a chat template's rendering), tokenized as
+    /// transformers' `apply_chat_template(tokenize=True)` does: nothing added.
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.tok.encode(text, false);
+        Ok(enc
+            .map_err(|e| Error::Tokenizer(e.to_string()))?
+            .get_ids()
+            .to_vec())
+    }
+
     /// Decodes generated ids with special tokens skipped, then the optional space clean-up.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         let s = self

@@ -210,6 +210,7 @@ impl<'a> Run<'a> {
             limit: eval.limit,
             scoring: eval.scoring.parse().map_err(anyhow::Error::msg)?,
             progress: true,
+            ..EvalOptions::default()
         })
     }
 
