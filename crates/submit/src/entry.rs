@@ -18,6 +18,10 @@
 //!
 //! [predict]
 //! test_file = "${DATA_DIR}/test.csv"
+//!
+//! [prompt.multiple_choice]     # optional: prompting per eval_type (see the prompt crate)
+//! template = "{input}\n{choices}\nAnswer with the letter."
+//! few_shot = 3
 //! ```
 //!
 //! The competition forbade absolute paths and device ids in entries: paths are relative to the
@@ -44,6 +48,9 @@ pub struct EntryFile {
     /// Test-set predictions.
     #[serde(default)]
     pub predict: PredictSettings,
+    /// Prompting per `eval_type`, the same for eval and predict; absent: the raw input.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<prompt::PromptSettings>,
 }
 
 /// `[eval]`.
@@ -73,6 +80,10 @@ pub struct EvalSettings {
     /// Only the first N rows of each file (quick checks; not for reported scores).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<usize>,
+    /// Bootstrap standard errors of every metric with N resamples (0: none); default 1000
+    /// with `[prompt]`, none without.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stderr: Option<usize>,
 }
 
 impl Default for EvalSettings {
@@ -85,6 +96,7 @@ impl Default for EvalSettings {
             dtype: default_dtype(),
             device: default_device(),
             limit: None,
+            stderr: None,
         }
     }
 }
@@ -189,6 +201,9 @@ impl Entry {
         let origin = path.display().to_string();
         let file: EntryFile = toml::from_str(&text).map_err(|e| toml_error(&origin, &text, &e))?;
         file.merge.validate(&origin)?;
+        if let Some(p) = &file.prompt {
+            p.validate().with_context(|| origin.clone())?;
+        }
         let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
         let name = file_stem.unwrap_or_else(|| {
             dir.file_name()
@@ -217,6 +232,15 @@ impl Entry {
         }
         if let Some(b) = &self.file.merge.base_model {
             paths.push(("merge.base_model", b));
+        }
+        let prompt = self.file.prompt.as_ref();
+        for t in [
+            prompt.and_then(|p| p.multiple_choice.as_ref()),
+            prompt.and_then(|p| p.generation.as_ref()),
+        ] {
+            if let Some(f) = t.and_then(|t| t.few_shot_file.as_deref()) {
+                paths.push(("prompt.*.few_shot_file", f));
+            }
         }
         for m in &self.file.merge.models {
             paths.push(("merge.models.model", &m.model));

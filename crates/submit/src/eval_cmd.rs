@@ -1,16 +1,20 @@
 //! `llm-merging eval` and `llm-merging predict`: a model directory (or a merge config, merged
-//! in memory) in, predictions and scores out, with the starter kit's semantics by default.
+//! in memory) in, predictions and scores out, with the starter kit's semantics by default and
+//! an entry's `[prompt]` with `--prompt FILE.toml`.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use eval_harness::dataset;
+use eval_harness::dataset::{self, Dataset};
 use eval_harness::merged::MergedModel;
 use eval_harness::report::{self, DatasetOutcome};
 use eval_harness::{EvalOptions, LanguageModel, Scoring};
+use merge_core::engine::Inputs;
 use merge_core::source::Resolver;
 use merge_core::MergeConfig;
+
+use crate::prompting::{self, Prompting};
 
 /// Options shared by `eval` and `predict`.
 #[derive(clap::Args, Debug, Clone)]
@@ -53,6 +57,11 @@ pub struct ModelArgs {
     /// No device ids: select the GPU with CUDA_VISIBLE_DEVICES.
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Prompting: a TOML file with a `[prompt]` table (an entry.toml works too): templates,
+    /// few-shot demonstrations, the model's chat template, generate-mode multiple choice. Use
+    /// the same file for eval and predict. Default: each row's raw input, as the starter kit.
+    #[arg(long)]
+    pub prompt: Option<PathBuf>,
 }
 
 /// `llm-merging eval`: scores a model on competition files.
@@ -66,6 +75,10 @@ pub struct EvalArgs {
     /// Output directory: predictions/<stem>.csv, scores.json, details/<stem>.jsonl.
     #[arg(long)]
     pub out: PathBuf,
+    /// Bootstrap standard errors of every metric over rows (`<metric>_stderr`, seeded) with N
+    /// resamples; `--stderr` alone: 1000. On (1000) with --prompt; `--stderr 0` turns them off.
+    #[arg(long, num_args = 0..=1, default_missing_value = "1000")]
+    pub stderr: Option<usize>,
 }
 
 /// `llm-merging predict`: the leaderboard submission file for the test set.
@@ -81,15 +94,74 @@ pub struct PredictArgs {
     pub out: PathBuf,
 }
 
-fn options(a: &ModelArgs) -> EvalOptions {
+fn options(a: &ModelArgs, prompting: Option<&Prompting>) -> EvalOptions {
     EvalOptions {
         batch_size: a.batch_size.max(1),
         max_gen_len: a.max_gen_len,
         limit: a.limit,
         scoring: a.scoring,
         progress: true,
-        ..EvalOptions::default()
+        prompt: prompting.map(|p| p.prompter.clone()),
+        stderr_resamples: None,
     }
+}
+
+/// The models `--merge CONFIG` names, resolved from the config's directory first.
+fn merge_resolver(config: &Path) -> Resolver {
+    let dir = config.parent().map(Path::to_path_buf).unwrap_or_default();
+    demo::with_demo_models(Resolver::from_env().with_base_dir(dir))
+}
+
+/// Prompting from `--prompt FILE` (if given) for the model `a` names: demonstrations from
+/// `few_shot_file` (relative to the prompt file's directory first) or `validation`, every row
+/// of `rows` rendered once. Before the model loads.
+fn prompting(
+    a: &ModelArgs,
+    validation: &[PathBuf],
+    rows: &[&Dataset],
+) -> Result<Option<Prompting>> {
+    let Some(file) = &a.prompt else {
+        return Ok(None);
+    };
+    let settings = prompting::read_file(file)?;
+    let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
+    let resolve = |p: &str| -> Result<PathBuf> {
+        let data = std::env::var("LLM_MERGING_DATA").unwrap_or_else(|_| "data".into());
+        let p = PathBuf::from(crate::entry::expand(p, |v| match v {
+            "DATA_DIR" => Some(data.clone()),
+            other => std::env::var(other).ok(),
+        })?);
+        Ok(if p.is_relative() && base.join(&p).exists() {
+            base.join(p)
+        } else {
+            p
+        })
+    };
+    let (tokenizer_dir, model) = match (&a.model, &a.merge) {
+        (Some(m), _) => (Ok(m.clone()), m.display().to_string()),
+        (None, Some(c)) => {
+            // A merge takes its tokenizer (and chat template) from its reference model.
+            let dir = MergeConfig::from_file(c).and_then(|cfg| {
+                let inputs = Inputs::open(&cfg, &merge_resolver(c))?;
+                inputs.reference.files().model_dir()
+            });
+            (
+                dir.map_err(anyhow::Error::from),
+                format!("of {}", c.display()),
+            )
+        }
+        (None, None) => bail!("--model or --merge is required"),
+    };
+    let p = prompting::prepare(
+        &settings,
+        resolve,
+        validation,
+        || tokenizer_dir,
+        &model,
+        rows,
+    )
+    .with_context(|| file.display().to_string())?;
+    Ok(Some(p))
 }
 
 /// The model to evaluate: loaded from a directory, or merged in memory.
@@ -114,9 +186,7 @@ fn load_model(a: &ModelArgs) -> Result<Loaded> {
     let m = match (&a.model, &a.merge) {
         (_, Some(config)) => {
             let cfg = MergeConfig::from_file(config)?;
-            let dir = config.parent().map(Path::to_path_buf).unwrap_or_default();
-            let resolver = demo::with_demo_models(Resolver::from_env().with_base_dir(dir));
-            let m = MergedModel::open(&cfg, &resolver, dtype, &device)
+            let m = MergedModel::open(&cfg, &merge_resolver(config), dtype, &device)
                 .with_context(|| format!("merging {} in memory", config.display()))?;
             Loaded::Merged(Box::new(m))
         }
@@ -177,10 +247,13 @@ pub fn run_eval(args: EvalArgs) -> Result<()> {
     } else {
         args.data.clone()
     };
-    // Read every data file first so a bad row fails before minutes of model loading.
+    // Read every data file (and prompt every row) first so a bad row fails before minutes of
+    // model loading.
     let datasets = load_datasets(&paths)?;
+    let prompting = prompting(&args.model, &paths, &datasets.iter().collect::<Vec<_>>())?;
     let m = load_model(&args.model)?;
-    let opts = options(&args.model);
+    let mut opts = options(&args.model, prompting.as_ref());
+    opts.stderr_resamples = prompting::stderr_resamples(args.stderr, prompting.is_some());
     let mut results: Vec<DatasetOutcome> = Vec::new();
     for ds in &datasets {
         let r = eval_harness::evaluate(m.model(), ds, &opts)?;
@@ -203,8 +276,13 @@ pub fn run_eval(args: EvalArgs) -> Result<()> {
 /// Runs `llm-merging predict`.
 pub fn run_predict(args: PredictArgs) -> Result<()> {
     let ds = dataset::load(&args.data)?;
+    // Demonstrations default to the validation files, as `eval` without --data reads them.
+    let d = Path::new("data/validation");
+    let validation = [d.join("cosmos_qa.csv"), d.join("xsum.csv")];
+    let prompting = prompting(&args.model, &validation, &[&ds])?;
     let m = load_model(&args.model)?;
-    let r = eval_harness::evaluate(m.model(), &ds, &options(&args.model))?;
+    let opts = options(&args.model, prompting.as_ref());
+    let r = eval_harness::evaluate(m.model(), &ds, &opts)?;
     report::write_atomic(&args.out, |p| report::write_predictions_csv(p, &r.examples))
         .with_context(|| format!("writing {}", args.out.display()))?;
     eprintln!(

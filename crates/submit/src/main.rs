@@ -11,6 +11,7 @@ mod merge_cmd;
 mod organizer;
 mod package;
 mod pipeline;
+mod prompting;
 mod rules;
 mod run_cmd;
 

@@ -22,6 +22,8 @@ pub struct Manifest<'a> {
     pub tar: &'a Path,
     pub tar_files: usize,
     pub dir_name: &'a str,
+    /// The entry's prompting (settings, chat template sha256, few-shot files), if any.
+    pub prompt: Option<serde_json::Value>,
 }
 
 /// The manifest's file name, in `dist/<entry>/` and at the top of the tar's tree.
@@ -33,7 +35,7 @@ pub fn render(m: &Manifest) -> Result<serde_json::Value> {
     let cfg = &entry.file.merge;
     let eval = &entry.file.eval;
     let dist = entry.dist_dir();
-    let manifest = serde_json::json!({
+    let mut manifest = serde_json::json!({
         "entry": entry.name,
         // Where the entry is inside the packed tree (a directory with entry.toml, or one .toml).
         "entry_path": entry.path_in_workspace(),
@@ -70,6 +72,9 @@ pub fn render(m: &Manifest) -> Result<serde_json::Value> {
         },
         "command_line": std::env::args().collect::<Vec<_>>(),
     });
+    if let (Some(p), Some(o)) = (&m.prompt, manifest.as_object_mut()) {
+        o.insert("prompt".into(), p.clone());
+    }
     Ok(manifest)
 }
 

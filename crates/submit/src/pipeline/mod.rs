@@ -21,6 +21,7 @@ use merge_core::source::{HubSettings, ModelFiles, Resolver};
 
 use crate::entry::Entry;
 use crate::package;
+use crate::prompting::{self, Prompting};
 pub use stage::StageReport;
 use stage::{Key, Stage};
 
@@ -64,6 +65,8 @@ struct Run<'a> {
     inputs: Inputs,
     /// Every input model's files (adapters with their bases), labelled for the manifest.
     input_files: Vec<(String, ModelFiles)>,
+    /// The entry's `[prompt]`, ready for the merged model (the same for eval and predict).
+    prompting: Option<Prompting>,
 }
 
 /// Runs every stage of an entry and packages it. Returns the stage reports.
@@ -137,6 +140,27 @@ impl<'a> Run<'a> {
                 input_files.push((format!("adapter {}", i + 1), files.clone()));
             }
         }
+        let prompting = match &entry.file.prompt {
+            None => None,
+            Some(settings) => {
+                // The merged model takes the reference model's tokenizer and chat template;
+                // every validation and test row is prompted once before anything is merged.
+                let data = datasets.iter().chain([&test_file]);
+                let rows = data
+                    .map(|d| Ok(eval_harness::dataset::load(d)?))
+                    .collect::<Result<Vec<_>>>()?;
+                let reference = inputs.reference.files();
+                let p = prompting::prepare(
+                    settings,
+                    |p| entry.path(p),
+                    &entry.datasets()?,
+                    || Ok(reference.model_dir()?),
+                    &reference.describe(),
+                    &rows.iter().collect::<Vec<_>>(),
+                );
+                Some(p.with_context(|| entry.file_path.display().to_string())?)
+            }
+        };
         Ok(Run {
             entry,
             opts,
@@ -147,6 +171,7 @@ impl<'a> Run<'a> {
             token,
             inputs,
             input_files,
+            prompting,
         })
     }
 
@@ -196,6 +221,9 @@ impl<'a> Run<'a> {
         let mut key = Key::new(&format!("{stage};{merge_key};"))
             .add(toml::to_string(&self.entry.file.eval)?)
             .add(crate::device::name(&self.device));
+        if let Some(p) = &self.prompting {
+            key = key.add(p.key()?);
+        }
         for d in data {
             key = key.file(d)?;
         }
@@ -210,7 +238,8 @@ impl<'a> Run<'a> {
             limit: eval.limit,
             scoring: eval.scoring.parse().map_err(anyhow::Error::msg)?,
             progress: true,
-            ..EvalOptions::default()
+            prompt: self.prompting.as_ref().map(|p| p.prompter.clone()),
+            stderr_resamples: prompting::stderr_resamples(eval.stderr, self.prompting.is_some()),
         })
     }
 
@@ -333,6 +362,10 @@ impl<'a> Run<'a> {
             tar: &tar,
             tar_files: files.len() + 1,
             dir_name: &self.opts.dir_name,
+            prompt: match &self.prompting {
+                Some(p) => Some(p.manifest(&self.entry.workspace)?),
+                None => None,
+            },
         })?;
         let in_tar = serde_json::to_string_pretty(&manifest::for_tar(&manifest))?;
         package::write_tar(
