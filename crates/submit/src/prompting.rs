@@ -174,3 +174,29 @@ impl Prompting {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_shipped_prompt_file_is_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../submissions/prompts");
+        let mut n = 0;
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            let s = read_file(&p).unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
+            assert!(s.multiple_choice.is_some() && s.generation.is_some());
+            n += 1;
+        }
+        assert!(n >= 2, "one prompt file per mode expected, found {n}");
+    }
+
+    #[test]
+    fn standard_errors_come_with_prompting_unless_turned_off() {
+        assert_eq!(stderr_resamples(None, false), None);
+        assert_eq!(stderr_resamples(None, true), Some(DEFAULT_RESAMPLES));
+        assert_eq!(stderr_resamples(Some(0), true), None);
+        assert_eq!(stderr_resamples(Some(200), false), Some(200));
+    }
+}

@@ -347,6 +347,32 @@ fn an_entry_with_prompt_runs_eval_predict_and_package() {
             "{f}"
         );
     }
+    // The same with the merge done in memory: the chat template is the reference model's.
+    let config = s.ws.join("merge.toml");
+    let text = std::fs::read_to_string(&entry).unwrap();
+    let merge = &text[..text.find("[eval]").unwrap()];
+    std::fs::write(&config, merge.replace("../../../models", "../models")).unwrap();
+    ok(&s.run(&[
+        "eval",
+        "--merge",
+        config.to_str().unwrap(),
+        "--prompt",
+        entry.to_str().unwrap(),
+        "--data",
+        "data/validation/mc.csv",
+        "data/validation/gen.csv",
+        "--max-gen-len",
+        "8",
+        "--out",
+        "cli-eval-merge",
+    ]));
+    for f in ["predictions/mc.csv", "predictions/gen.csv", "scores.json"] {
+        assert_eq!(
+            s.read(&format!("cli-eval-merge/{f}")),
+            s.read(&format!("{dist}/work/eval/{f}")),
+            "{f}"
+        );
+    }
     // predict has no validation files by default here: the prompt file names them.
     let file = s.ws.join("predict-prompt.toml");
     let text = std::fs::read_to_string(&entry).unwrap();
