@@ -231,11 +231,16 @@ fn load_datasets(paths: &[PathBuf]) -> Result<Vec<dataset::Dataset>> {
     Ok(out)
 }
 
+/// The official validation files, where `eval` reads them without --data.
+fn default_validation() -> Vec<PathBuf> {
+    let d = Path::new("data/validation");
+    vec![d.join("cosmos_qa.csv"), d.join("xsum.csv")]
+}
+
 /// Runs `llm-merging eval`.
 pub fn run_eval(args: EvalArgs) -> Result<()> {
     let paths = if args.data.is_empty() {
-        let d = Path::new("data/validation");
-        let paths = vec![d.join("cosmos_qa.csv"), d.join("xsum.csv")];
+        let paths = default_validation();
         if let Some(missing) = paths.iter().find(|p| !p.is_file()) {
             bail!(
                 "{} not found: without --data, eval reads the official validation files from \
@@ -277,8 +282,7 @@ pub fn run_eval(args: EvalArgs) -> Result<()> {
 pub fn run_predict(args: PredictArgs) -> Result<()> {
     let ds = dataset::load(&args.data)?;
     // Demonstrations default to the validation files, as `eval` without --data reads them.
-    let d = Path::new("data/validation");
-    let validation = [d.join("cosmos_qa.csv"), d.join("xsum.csv")];
+    let validation = default_validation();
     let prompting = prompting(&args.model, &validation, &[&ds])?;
     let m = load_model(&args.model)?;
     let opts = options(&args.model, prompting.as_ref());
