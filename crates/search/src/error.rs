@@ -115,15 +115,6 @@ pub enum Error {
     /// Bad input, found before any model loads.
     #[error(transparent)]
     Spec(#[from] SpecError),
-    /// A candidate recipe the merge engine refused (for example a method's required parameter
-    /// with no value).
-    #[error("recipe {recipe}: {source}")]
-    Recipe {
-        /// A short description of the recipe.
-        recipe: String,
-        /// The merge engine's reason.
-        source: merge_core::Error,
-    },
     /// Merging or evaluating failed.
     #[error(transparent)]
     Eval(#[from] eval_harness::Error),

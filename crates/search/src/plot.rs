@@ -44,6 +44,8 @@ pub fn score_plot(path: &Path, trials: &[Trial], rungs: usize, entry: f64) -> Re
         .map_err(|x| e(format!("{x:?}")))?;
     chart
         .configure_mesh()
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .light_line_style(WHITE.mix(0.0))
         .x_desc("trial")
         .y_desc("objective")
         .draw()
@@ -69,17 +71,15 @@ pub fn score_plot(path: &Path, trials: &[Trial], rungs: usize, entry: f64) -> Re
         .map_err(|x| e(format!("{x:?}")))?
         .label("all tuning rows")
         .legend(|(x, y)| Circle::new((x, y), 4, FULL.filled()));
-    let mut best = f64::NEG_INFINITY;
-    let line: Vec<(f64, f64)> = trials
+    let mut line: Vec<(f64, f64)> = Vec::new();
+    for t in trials
         .iter()
-        .filter(|t| t.rung == full)
-        .filter_map(|t| {
-            (t.objective > best).then(|| {
-                best = t.objective;
-                (t.seq as f64, best)
-            })
-        })
-        .collect();
+        .filter(|t| t.rung == full && t.error.is_none())
+    {
+        if line.last().is_none_or(|&(_, best)| t.objective > best) {
+            line.push((t.seq as f64, t.objective));
+        }
+    }
     let mut steps = Vec::new();
     for (i, &(x, y)) in line.iter().enumerate() {
         if i > 0 {
@@ -162,11 +162,12 @@ pub fn held_out_plot(path: &Path, check: &Check, datasets: &[String]) -> Result<
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(60)
-        .build_cartesian_2d(-0.5..k as f64 - 0.5, 0.0..1.05)
+        .build_cartesian_2d(-0.5..k as f64 - 0.5, 0.0..1.3)
         .map_err(|x| e(format!("{x:?}")))?;
     chart
         .configure_mesh()
         .disable_x_mesh()
+        .light_line_style(WHITE.mix(0.0))
         .x_labels(k * 4 + 1)
         .x_label_formatter(&formatter)
         .y_desc("score")

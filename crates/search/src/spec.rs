@@ -267,7 +267,7 @@ impl SearchSpec {
             return Err(SpecError::ZeroBudget { key: "trials" });
         }
         if let Some(t) = self.time {
-            if !(t.0 > 0.0) {
+            if t.0.is_nan() || t.0 <= 0.0 {
                 return Err(SpecError::ZeroBudget { key: "time" });
             }
         }

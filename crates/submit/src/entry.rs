@@ -22,6 +22,13 @@
 //! [prompt.multiple_choice]     # optional: prompting per eval_type (see the prompt crate)
 //! template = "{input}\n{choices}\nAnswer with the letter."
 //! few_shot = 3
+//!
+//! [search]                     # optional: `llm-merging search` (see the search crate)
+//! trials = 40
+//! [[search.space]]
+//! parameter = "weight"
+//! model = "*"
+//! range = [0.2, 1.5]
 //! ```
 //!
 //! The competition forbade absolute paths and device ids in entries: paths are relative to the
@@ -51,6 +58,10 @@ pub struct EntryFile {
     /// Prompting per `eval_type`, the same for eval and predict; absent: the raw input.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt: Option<prompt::PromptSettings>,
+    /// `llm-merging search`: the space, rows, objective and budget of a recipe search
+    /// (optional; `run` and `package` ignore it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub search: Option<search::SearchSpec>,
 }
 
 /// `[eval]`.

@@ -14,6 +14,7 @@ mod pipeline;
 mod prompting;
 mod rules;
 mod run_cmd;
+mod search_cmd;
 
 use std::process::ExitCode;
 
@@ -47,6 +48,9 @@ enum Command {
     Run(run_cmd::RunArgs),
     /// Package an entry into dist/<entry>/ (running the stages it needs).
     Package(run_cmd::RunArgs),
+    /// Search the entry's recipe ([search] table): merge in memory, evaluate, keep the best,
+    /// check it on held-out rows; into search/<entry>/.
+    Search(search_cmd::SearchArgs),
     /// Organizers: score a folder of submitted entries on the hidden test set (sharded or
     /// not) and write a leaderboard.
     Score(organizer::ScoreArgs),
@@ -58,7 +62,9 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if matches!(cli.command, None | Some(Command::Demo(_))) {
+    let demo_search =
+        matches!(&cli.command, Some(Command::Search(a)) if search_cmd::is_demo(&a.entry));
+    if matches!(cli.command, None | Some(Command::Demo(_))) || demo_search {
         // Before any thread starts: the demo's tiny models train and run fastest on one.
         demo::single_threaded_compute();
     }
@@ -87,6 +93,7 @@ fn main() -> ExitCode {
         Some(Command::Demo(args)) => demo_cmd::run(&args),
         Some(Command::Convert(args)) => convert_cmd::run(args),
         Some(Command::Score(args)) => organizer::run(args),
+        Some(Command::Search(args)) => search_cmd::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
