@@ -13,6 +13,7 @@ use merge_core::MergeConfig;
 use search::{Check, Evaluator, Finished, InMemory, Plan, Recommendation, SearchSpec, Space};
 
 use crate::entry::{Entry, EntryFile};
+use crate::prompting::Prompting;
 
 /// Arguments of `llm-merging search`.
 #[derive(clap::Args, Debug, Clone)]
@@ -77,12 +78,18 @@ pub fn run(args: SearchArgs) -> Result<()> {
     let device = crate::device::resolve(&eval.device)?;
     let dtype = eval_harness::resolve_dtype(&eval.dtype, &device).map_err(anyhow::Error::msg)?;
     let scoring: Scoring = eval.scoring.parse().map_err(anyhow::Error::msg)?;
-    let identity = format!(
+    let resolver = demo::with_demo_models(Resolver::from_env().with_base_dir(&entry.dir));
+    let prompting = prompting(&entry, &resolver, &datasets)?;
+    let mut identity = format!(
         "scoring={};max_gen_len={:?};dtype={dtype:?};device={}",
         eval.scoring,
         eval.max_gen_len,
         crate::device::name(&device)
     );
+    if let Some(p) = &prompting {
+        // Rows scored under one prompt are not the same rows under another.
+        identity += &format!(";{}", p.key()?);
+    }
     let plan = Plan::new(
         spec,
         &entry.file.merge,
@@ -127,9 +134,12 @@ pub fn run(args: SearchArgs) -> Result<()> {
         limit: None,
         scoring,
         progress: false,
+        // The entry's own prompting, as `run` evaluates it; no standard errors (the held-out
+        // check computes its own intervals from the rows).
+        prompt: prompting.map(|p| p.prompter),
+        stderr_resamples: None,
     };
     let recipe = entry.file.merge.clone();
-    let resolver = demo::with_demo_models(Resolver::from_env().with_base_dir(&entry.dir));
     let data = plan.datasets.clone();
     let open = Box::new(move || -> search::Result<Box<dyn Evaluator>> {
         eprintln!("loading the entry's models (opened once; every trial merges in memory)");
@@ -156,6 +166,39 @@ pub fn run(args: SearchArgs) -> Result<()> {
         shown.display()
     );
     Ok(())
+}
+
+/// The entry's `[prompt]`, every validation row rendered once (a bad prompt fails here,
+/// before any model loads); the chat template, when a task uses one, from the merge's
+/// reference model.
+fn prompting(
+    entry: &Entry,
+    resolver: &Resolver,
+    datasets: &[Dataset],
+) -> Result<Option<Prompting>> {
+    let Some(settings) = &entry.file.prompt else {
+        return Ok(None);
+    };
+    let merge = &entry.file.merge;
+    let reference = merge
+        .base_model
+        .clone()
+        .or_else(|| merge.models.first().map(|m| m.model.clone()))
+        .unwrap_or_default();
+    let p = crate::prompting::prepare(
+        settings,
+        |p| entry.path(p),
+        &entry.datasets()?,
+        || {
+            let inputs = merge_core::engine::Inputs::open(merge, resolver)?;
+            Ok(inputs.reference.files().model_dir()?)
+        },
+        &reference,
+        &datasets.iter().collect::<Vec<_>>(),
+    );
+    Ok(Some(
+        p.with_context(|| entry.file_path.display().to_string())?,
+    ))
 }
 
 fn describe_space(plan: &Plan) -> String {

@@ -262,3 +262,46 @@ fn bad_search_input_is_one_error_line_before_any_model_loads() {
         assert!(!ws.join("search").exists(), "nothing written for bad input");
     }
 }
+
+/// The objective line of the entry's own recipe on the tuning rows: its score.
+fn entry_tuning_score(out: &str) -> f64 {
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("entry's own recipe"))
+        .unwrap_or_else(|| panic!("no entry line in\n{out}"));
+    line.split_whitespace()
+        .find_map(|w| w.parse::<f64>().ok())
+        .unwrap()
+}
+
+#[test]
+fn trials_are_scored_with_the_entrys_prompt() {
+    let tmp = tempfile::tempdir().unwrap();
+    let plain = demo_entry(3, 4);
+    let prompted = format!(
+        "{plain}\n[prompt.multiple_choice]\ntemplate = \"Question: {{input}}\"\n\n[prompt.generation]\ntemplate = \"Text: {{input}}\"\n"
+    );
+    let a = ok(search(&demo_ws(tmp.path(), "plain", &plain), &[]));
+    let ws = demo_ws(tmp.path(), "prompted", &prompted);
+    let b = ok(search(&ws, &[]));
+    // The demo's models were trained on the raw inputs: prompted rows score otherwise.
+    assert_ne!(entry_tuning_score(&a), entry_tuning_score(&b), "{a}\n{b}");
+    let best = std::fs::read_to_string(ws.join("search/demo/best/entry.toml")).unwrap();
+    assert!(best.contains("[prompt.multiple_choice]"), "{best}");
+
+    // A bad prompt is one error line, before any model loads.
+    let bad = format!("{plain}\n[prompt.generation]\ntemplate = \"Summarize {{text}}\"\n");
+    let ws = demo_ws(tmp.path(), "bad-prompt", &bad);
+    let o = search(&ws, &[]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{}", text(&o));
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    assert!(
+        errors[0].contains("entry.toml")
+            && errors[0].contains("`prompt.generation.template`: unknown placeholder `{text}`"),
+        "{stderr}"
+    );
+    assert!(!text(&o).contains("loading the entry's models"), "{stderr}");
+    assert!(!ws.join("search").exists());
+}
