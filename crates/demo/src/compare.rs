@@ -2,12 +2,12 @@
 //! CSV with the eval harness. Merged models and scores are cached inside the demo directory
 //! (which a recipe change replaces whole), keyed by the merge config and eval settings.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use eval_harness::{EvalOptions, LanguageModel, Scoring};
-use merge_core::engine::{self, MergeOptions};
+use merge_core::engine::{self, InputModel, Inputs, MergeOptions};
 use merge_core::source::Resolver;
 use merge_core::MergeConfig;
 use sha2::{Digest, Sha256};
@@ -167,29 +167,40 @@ pub fn run_merge(toml: &str, out: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The base and each expert as the demo's merges read them (the LoRA expert on its base),
+/// named by directory: the table's reference rows, the same models `run --references` scores.
+fn reference_models(dir: &Path) -> Result<Vec<(&'static str, InputModel)>> {
+    let toml = merge_config_toml(dir, "task_arithmetic", "[merge.parameters]\nweight = 1.0\n");
+    let cfg = MergeConfig::from_toml_str(&toml, "demo references")?;
+    let inputs = Inputs::open(&cfg, &Resolver::from_env())?;
+    let base = inputs
+        .base
+        .clone()
+        .context("the demo config names its base")?;
+    Ok(std::iter::once((BASE, base))
+        .chain(
+            [EXPERT_LARGEST, EXPERT_REVERSE, LORA_OPPOSITE]
+                .into_iter()
+                .zip(inputs.models),
+        )
+        .collect())
+}
+
 /// The demo table for the family in `dir`: base, the three experts, and the reference merges
 /// ([`REFERENCE_MERGES`]). Cached per row in `dir/compare/`.
 pub fn compare(dir: &Path) -> Result<Table> {
     let cache = dir.join("compare");
-    let load = |model: &Path, adapter: Option<&Path>| -> Result<Box<dyn LanguageModel>> {
-        Ok(eval_harness::load(
-            model,
-            adapter,
-            DType::F32,
-            &Device::Cpu,
-        )?)
+    let load = |model: &Path| -> Result<Box<dyn LanguageModel>> {
+        Ok(eval_harness::load(model, None, DType::F32, &Device::Cpu)?)
     };
     let mut rows = Vec::new();
-    for (name, model, adapter) in [
-        (BASE, BASE, None),
-        (EXPERT_LARGEST, EXPERT_LARGEST, None),
-        (EXPERT_REVERSE, EXPERT_REVERSE, None),
-        (LORA_OPPOSITE, BASE, Some(LORA_OPPOSITE)),
-    ] {
+    for (name, model) in reference_models(dir)? {
         let k = key(&["model", name]);
         rows.push(cached_scores(&cache, name, &k, || {
-            let adapter: Option<PathBuf> = adapter.map(|a| dir.join(a));
-            score_model(dir, &*load(&dir.join(model), adapter.as_deref())?)
+            score_model(
+                dir,
+                &*eval_harness::load_input(&model, DType::F32, &Device::Cpu)?,
+            )
         })?);
     }
     for (method, params) in REFERENCE_MERGES {
@@ -203,7 +214,7 @@ pub fn compare(dir: &Path) -> Result<Table> {
             || {
                 let out = cache.join(format!("merged-{method}"));
                 run_merge(&toml, &out)?;
-                score_model(dir, &*load(&out, None)?)
+                score_model(dir, &*load(&out)?)
             },
         )?);
         rows.last_mut().expect("pushed").name = name;

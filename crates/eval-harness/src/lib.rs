@@ -23,4 +23,4 @@ pub use choices::Scoring;
 pub use error::{Error, Result};
 pub use evaluate::{evaluate, EvalOptions, DEFAULT_BATCH_SIZE};
 pub use lm::{LanguageModel, ModelKind};
-pub use models::{load, resolve_dtype};
+pub use models::{load, load_input, resolve_dtype};

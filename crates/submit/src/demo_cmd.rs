@@ -46,6 +46,7 @@ pub fn run_default(entry: &Path) -> Result<()> {
         dir_name: "LLM-Merging".into(),
         until: pipeline::Until::Package,
         test_file: None,
+        references: false,
     })?;
     let e = Entry::load(entry)?;
     let dir = demo_family::dir(Some(&e.dir))?;

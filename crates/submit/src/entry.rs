@@ -15,6 +15,7 @@
 //! batch_size = 32
 //! dtype = "float32"            # auto (bf16 on a GPU, f32 on the CPU) | float32 | bfloat16 | float16
 //! device = "auto"              # auto | cpu | cuda (never a device id)
+//! references = false           # true: also score the base and each expert, inspect task vectors
 //!
 //! [predict]
 //! test_file = "${DATA_DIR}/test.csv"
@@ -95,6 +96,10 @@ pub struct EvalSettings {
     /// with `[prompt]`, none without.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stderr: Option<usize>,
+    /// Also score the base and each expert on the same rows and inspect the task vectors, for
+    /// the report (as `run --references`); reused while unchanged.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub references: bool,
 }
 
 impl Default for EvalSettings {
@@ -108,6 +113,7 @@ impl Default for EvalSettings {
             device: default_device(),
             limit: None,
             stderr: None,
+            references: false,
         }
     }
 }

@@ -7,11 +7,13 @@ mod device;
 mod entry;
 mod eval_cmd;
 mod fetch_data;
+mod inspect_cmd;
 mod merge_cmd;
 mod organizer;
 mod package;
 mod pipeline;
 mod prompting;
+mod report_cmd;
 mod rules;
 mod run_cmd;
 mod search_cmd;
@@ -58,6 +60,12 @@ enum Command {
     Convert(convert_cmd::ConvertArgs),
     /// Build the offline demo model family (cached) and print base, experts and merges scored.
     Demo(demo_cmd::DemoArgs),
+    /// Task-vector diagnostics of a merge's experts: norms, cosines, sign conflicts and kept
+    /// sets per tensor, layer and module kind; findings, inspect.json and SVG heatmaps.
+    Inspect(inspect_cmd::InspectArgs),
+    /// Write an entry's HTML report (scores against references, timings, heatmaps, examples),
+    /// or compare several entries on the same rows.
+    Report(report_cmd::ReportArgs),
 }
 
 fn main() -> ExitCode {
@@ -94,6 +102,8 @@ fn main() -> ExitCode {
         Some(Command::Convert(args)) => convert_cmd::run(args),
         Some(Command::Score(args)) => organizer::run(args),
         Some(Command::Search(args)) => search_cmd::run(args),
+        Some(Command::Inspect(args)) => inspect_cmd::run(args),
+        Some(Command::Report(args)) => report_cmd::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

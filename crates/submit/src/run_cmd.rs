@@ -27,6 +27,10 @@ pub struct RunArgs {
     /// Predict this test file instead of the entry's `[predict] test_file`.
     #[arg(long)]
     pub test_file: Option<PathBuf>,
+    /// Also score the base and each expert on the same validation rows and inspect the task
+    /// vectors (stages reused while unchanged), for the report's comparison rows and heatmaps.
+    #[arg(long)]
+    pub references: bool,
 }
 
 /// Runs `llm-merging run` / `package`.
@@ -37,6 +41,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         dir_name: args.dir_name,
         until: args.until,
         test_file: args.test_file,
+        references: args.references,
     })
     .map(drop)
 }

@@ -46,7 +46,15 @@ fn default_run_is_the_offline_demo() {
     }
     assert!(out.contains("package written to"), "{out}");
     let dist = ws.join("dist/demo");
-    for f in ["submission.csv", "scores.json", "manifest.json", "demo.tar"] {
+    for f in [
+        "submission.csv",
+        "scores.json",
+        "manifest.json",
+        "demo.tar",
+        "report.html",
+        "inspect/inspect.json",
+        "work/references/expert-3/scores.json",
+    ] {
         assert!(dist.join(f).is_file(), "{f} missing");
     }
 
@@ -55,7 +63,16 @@ fn default_run_is_the_offline_demo() {
     let second = t.elapsed().as_secs_f64();
     let again = ok(&o);
     println!("{again}\nsecond run: {second:.1}s");
-    for stage in ["merge", "eval", "predict"] {
+    // The demo entry sets `references = true`: the base and experts are scored and the task
+    // vectors inspected once, then reused.
+    for stage in [
+        "merge",
+        "eval",
+        "predict",
+        "ref-base",
+        "ref-expert-3",
+        "inspect",
+    ] {
         assert!(
             again
                 .lines()

@@ -39,6 +39,27 @@ pub fn load(
     })
 }
 
+/// Loads one input of a merge alone, as the merge reads it: a full checkpoint, or an adapter
+/// on its base. The base and each expert scored this way are the reference rows a merge's
+/// scores are compared with (the demo's table, `run --references`).
+pub fn load_input(
+    model: &merge_core::engine::InputModel,
+    dtype: DType,
+    device: &Device,
+) -> Result<Box<dyn LanguageModel>> {
+    use merge_core::engine::InputModel;
+    match model {
+        InputModel::Full(c) => load(&c.files().model_dir()?, None, dtype, device),
+        InputModel::Adapted { base, adapter } => {
+            let files = adapter.files().ok_or_else(|| {
+                Error::Msg(format!("{}: an adapter held in memory", adapter.label))
+            })?;
+            let dir = files.model_dir()?;
+            load(&base.files().model_dir()?, Some(&dir), dtype, device)
+        }
+    }
+}
+
 /// `(rows, length)` of a batch of token rows (with per-token `valid` flags of the same shape,
 /// when given): an error when it is empty or ragged or a token is outside the vocabulary.
 pub(crate) fn batch_shape(

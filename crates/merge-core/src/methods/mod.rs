@@ -76,8 +76,8 @@ pub use stream::{
     STREAM_CHUNK,
 };
 pub use task_arithmetic::{
-    Consensus, TaskArithmeticFamily, BREADCRUMBS, BREADCRUMBS_TIES, DARE_LINEAR, DARE_TIES, DELLA,
-    DELLA_LINEAR, TASK_ARITHMETIC, TIES,
+    Consensus, Sparsification, TaskArithmeticFamily, BREADCRUMBS, BREADCRUMBS_TIES, DARE_LINEAR,
+    DARE_TIES, DELLA, DELLA_LINEAR, TASK_ARITHMETIC, TIES,
 };
 
 /// What a method gets for one tensor.
@@ -183,6 +183,11 @@ pub trait MergeMethod: Send + Sync {
     /// `None` for parameters it only handles whole. Must give the same result as `merge`.
     fn merge_streaming(&self, inputs: &StreamInputs, out: &dyn ChunkSink) -> Option<Result<()>> {
         let _ = (inputs, out);
+        None
+    }
+    /// For methods on task vectors: how each is sparsified (by its `density`) and whether
+    /// signs are elected, so diagnostics (`llm-merging inspect`) can tell what the method keeps.
+    fn task_vector_rule(&self) -> Option<(Sparsification, Option<Consensus>)> {
         None
     }
 }

@@ -371,6 +371,10 @@ impl MergeMethod for TaskArithmeticFamily {
         true
     }
 
+    fn task_vector_rule(&self) -> Option<(Sparsification, Option<Consensus>)> {
+        Some((self.sparsification, self.consensus))
+    }
+
     fn scratch_tensors(&self, n_models: usize) -> usize {
         if self.sparsification == Sparsification::None {
             1

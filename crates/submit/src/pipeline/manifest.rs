@@ -91,18 +91,19 @@ pub fn for_tar(manifest: &serde_json::Value) -> serde_json::Value {
 
 /// The stage table, the time counted against the competition's budget, and the wall time.
 pub fn print_summary(reports: &[StageReport], wall_seconds: f64) {
-    println!("\n{:<10} {:>10}  status", "stage", "seconds");
+    println!("\n{:<14} {:>10}  status", "stage", "seconds");
     let mut budget = 0.0;
     let mut counted = Vec::new();
     for r in reports {
         println!(
-            "{:<10} {:>10.1}  {}",
+            "{:<14} {:>10.1}  {}",
             r.stage,
             r.seconds,
             if r.reused { "reused" } else { "ran" }
         );
-        // Packaging is not part of the competition's budget; the other stages are.
-        if r.stage != "package" {
+        // Merging, evaluation and prediction count against the competition's budget;
+        // packaging, reference rows and diagnostics do not.
+        if report::timings::counted(&r.stage) {
             budget += r.seconds;
             counted.push(r.stage.as_str());
         }

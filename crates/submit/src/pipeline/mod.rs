@@ -8,6 +8,8 @@
 
 mod identity;
 pub mod manifest;
+pub mod references;
+pub mod report;
 mod stage;
 
 use std::path::{Path, PathBuf};
@@ -42,6 +44,9 @@ pub struct RunOptions {
     pub until: Until,
     /// Predict this file instead of the entry's `[predict] test_file`.
     pub test_file: Option<PathBuf>,
+    /// Also evaluate the base and each expert on the validation rows and inspect the task
+    /// vectors, for the report (the entry's `[eval] references` turns it on too).
+    pub references: bool,
 }
 
 /// The last stage a run goes to.
@@ -90,9 +95,15 @@ pub fn run(opts: &RunOptions) -> Result<Vec<StageReport>> {
     let scores = run.eval(&merged, &mut model, &mut reports)?;
     let submission = run.predict(&merged, &mut model, &mut reports)?;
     drop(model);
+    if opts.references || entry.file.eval.references {
+        run.references(&mut reports)?;
+        run.inspect(&mut reports)?;
+    }
     let dist = run.package(&submission, &scores, &merged, &mut reports)?;
     manifest::print_summary(&reports, total.elapsed().as_secs_f64());
     println!("package written to {}", dist.display());
+    let report = report::write_entry_report(&entry)?;
+    println!("report written to {}", report.display());
     Ok(reports)
 }
 
@@ -175,7 +186,7 @@ impl<'a> Run<'a> {
         })
     }
 
-    fn stage(&self, name: &'static str) -> Stage {
+    fn stage(&self, name: &str) -> Stage {
         Stage::new(&self.work, name, self.opts.force)
     }
 
@@ -216,10 +227,18 @@ impl<'a> Run<'a> {
         Ok(Merged { key, state, dir })
     }
 
+    /// The `[eval]` settings that change scores, as key material (`references` only adds
+    /// stages, so it is left out).
+    fn eval_settings_key(&self) -> Result<String> {
+        let mut eval = self.entry.file.eval.clone();
+        eval.references = false;
+        Ok(toml::to_string(&eval)?)
+    }
+
     /// The key of the eval or predict stage over `data`.
     fn eval_key(&self, stage: &str, merge_key: &str, data: &[PathBuf]) -> Result<String> {
         let mut key = Key::new(&format!("{stage};{merge_key};"))
-            .add(toml::to_string(&self.entry.file.eval)?)
+            .add(self.eval_settings_key()?)
             .add(crate::device::name(&self.device));
         if let Some(p) = &self.prompting {
             key = key.add(p.key()?);

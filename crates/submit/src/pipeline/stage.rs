@@ -71,16 +71,16 @@ pub struct StageReport {
 
 /// One stage under a work directory.
 pub struct Stage {
-    name: &'static str,
+    name: String,
     state_path: PathBuf,
     force: bool,
 }
 
 impl Stage {
     /// The stage `name`, its state in `work/<name>.json`; `force` never reuses.
-    pub fn new(work: &Path, name: &'static str, force: bool) -> Self {
+    pub fn new(work: &Path, name: &str, force: bool) -> Self {
         Stage {
-            name,
+            name: name.to_string(),
             state_path: work.join(format!("{name}.json")),
             force,
         }
@@ -124,7 +124,7 @@ impl Stage {
             }
         };
         reports.push(StageReport {
-            stage: self.name.into(),
+            stage: self.name.clone(),
             seconds: state.seconds,
             reused,
         });
