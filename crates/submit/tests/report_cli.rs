@@ -349,5 +349,7 @@ fn the_demo_report_renders_in_a_real_browser() {
     assert!(dom.contains("entries compared: demo, demo_ta"));
     let paired = table_rows(&dom, "paired");
     assert_eq!(paired.len(), 3, "one paired test per skill");
-    assert!(paired.iter().all(|r| r.contains("demo_ta (task_arithmetic)")));
+    assert!(paired
+        .iter()
+        .all(|r| r.contains("demo_ta (task_arithmetic)")));
 }
