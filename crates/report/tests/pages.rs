@@ -199,3 +199,38 @@ fn entries_compare_on_the_same_rows_only() {
         "{err}"
     );
 }
+
+#[test]
+fn a_search_directory_adds_its_plots_and_trials() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    eval_dir(
+        &root.join("merged"),
+        &[("a", true), ("b", true), ("c", false), ("d", true)],
+        &GEN,
+    );
+    let mut src = source(root, "mine", root.join("merged"), vec![]);
+    // No search directory: no section.
+    src.search_dir = Some(root.join("search/mine"));
+    let html = report::entry_html(&src).unwrap();
+    assert!(!html.contains("<h2 id=\"search\">"));
+    // What `llm-merging search` leaves: trials.csv and SVG plots (an XML prolog is dropped).
+    let dir = root.join("search/mine");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("trials.csv"),
+        "trial,density,weight,score\n0,0.5,1.0,0.61\n1,0.3,0.8,0.67\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("score.svg"),
+        "<?xml version=\"1.0\"?>\n<svg xmlns=\"http://www.w3.org/2000/svg\"><rect id=\"curve\"/></svg>",
+    )
+    .unwrap();
+    let html = report::entry_html(&src).unwrap();
+    assert!(html.contains("<h2 id=\"search\">"), "{html}");
+    assert!(html.contains("<table id=\"trials\">"));
+    assert!(html.contains("<td>0.67</td>") && html.contains("<th>density</th>"));
+    assert!(html.contains("<figcaption>score</figcaption><svg"));
+    assert!(html.contains("<rect id=\"curve\"/>") && !html.contains("<?xml"));
+}
