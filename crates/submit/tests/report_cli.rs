@@ -329,11 +329,43 @@ fn the_demo_report_renders_in_a_real_browser() {
     );
 
     // Two entries compared on the same rows: a paired test per dataset.
-    let other = include_str!("../../../submissions/demo/entry.toml")
-        .replace("method = \"ties\"", "method = \"task_arithmetic\"");
+    // The second entry without `references = true`: its run scores only the merge, then
+    // `run --references` adds the reference stages and reuses the merge's own.
+    let demo_toml = include_str!("../../../submissions/demo/entry.toml");
+    assert!(demo_toml.contains("references = true"));
+    let other = demo_toml
+        .replace("method = \"ties\"", "method = \"task_arithmetic\"")
+        .replace("references = true", "references = false");
     entry(&ws, "demo_ta", &other);
     let run = |args: &[&str]| ok(&demo(bin(), &ws, &demo_dir).args(args).output().unwrap());
-    run(&["run", "--entry", "submissions/demo_ta"]);
+    let out = run(&["run", "--entry", "submissions/demo_ta"]);
+    assert!(
+        !out.contains("ref-base") && !out.contains("inspect"),
+        "{out}"
+    );
+    let stage_line = |out: &str, stage: &str, status: &str| {
+        out.lines()
+            .any(|l| l.split_whitespace().next() == Some(stage) && l.ends_with(status))
+    };
+    let out = run(&["run", "--entry", "submissions/demo_ta", "--references"]);
+    for stage in ["merge", "eval", "predict"] {
+        assert!(
+            stage_line(&out, stage, "reused"),
+            "{stage} not reused:\n{out}"
+        );
+    }
+    for stage in [
+        "ref-base",
+        "ref-expert-1",
+        "ref-expert-2",
+        "ref-expert-3",
+        "inspect",
+    ] {
+        assert!(
+            stage_line(&out, stage, "ran"),
+            "{stage} did not run:\n{out}"
+        );
+    }
     let out = run(&[
         "report",
         "--entry",
