@@ -156,13 +156,8 @@ pub(crate) fn tensor_sums(tv: &TensorVectors, rule: &Rule) -> Result<Sums> {
             !(a.is_zero() || b.is_zero() || (a.low_rank().is_some() && b.low_rank().is_some()))
         })
         .collect();
-    let partials = map_chunks(tv, true, |c| Pass1 {
-        base_sq: dot64(&c.base, &c.base),
-        dot: elementwise
-            .iter()
-            .map(|&(i, j)| dot64(&c.deltas[i], &c.deltas[j]))
-            .collect(),
-    })?;
+    let selecting = selecting(tv, rule);
+    let (partials, high) = pass1(tv, &elementwise, &selecting)?;
     for p in &partials {
         sums.base_sq += p.base_sq;
         for (&(i, j), d) in elementwise.iter().zip(&p.dot) {
@@ -180,7 +175,7 @@ pub(crate) fn tensor_sums(tv: &TensorVectors, rule: &Rule) -> Result<Sums> {
     if tv.experts.iter().all(|t| t.is_zero()) {
         return Ok(sums);
     }
-    let thresholds = thresholds(tv, rule)?;
+    let thresholds = thresholds(tv, &selecting, &high)?;
     // Pass 3: where ties at a threshold are split, the threshold keys before each chunk.
     let split: Vec<usize> = (0..e)
         .filter(|&i| thresholds[i].is_some_and(|t| t.drop_ties > 0))
@@ -224,31 +219,81 @@ pub(crate) fn tensor_sums(tv: &TensorVectors, rule: &Rule) -> Result<Sums> {
     Ok(sums)
 }
 
-/// Passes 1 (its histogram part) and 2: each top-k expert's threshold.
-fn thresholds(tv: &TensorVectors, rule: &Rule) -> Result<Vec<Option<Threshold>>> {
-    let n = tv.n;
-    let selecting: Vec<(usize, usize)> = rule
-        .keep
+/// The experts that keep a top-k (`(expert, k)`), in expert order: those whose thresholds
+/// passes 1 and 2 locate.
+fn selecting(tv: &TensorVectors, rule: &Rule) -> Vec<(usize, usize)> {
+    rule.keep
         .iter()
         .enumerate()
         .filter_map(|(i, k)| match k {
             Keep::Top(k) if !tv.experts[i].is_zero() => Some((i, *k)),
             _ => None,
         })
-        .collect();
+        .collect()
+}
+
+/// Pass 1: per chunk (in chunk order) ‖base‖² and the `elementwise` inner products, and for
+/// the `selecting` experts the histograms of the high 16 bits of their magnitude keys (one
+/// read of every chunk for both).
+fn pass1(
+    tv: &TensorVectors,
+    elementwise: &[(usize, usize)],
+    selecting: &[(usize, usize)],
+) -> Result<(Vec<Pass1>, Vec<u32>)> {
+    let e = tv.experts.len();
+    let width = selecting.len() * BINS;
+    let (mut parts, high) = (0..tv.n_chunks())
+        .into_par_iter()
+        .try_fold(
+            || (Chunk::new(e), Vec::new(), vec![0u32; width]),
+            |(mut c, mut parts, mut h), i| {
+                tv.read(i, &mut c, true)?;
+                parts.push((
+                    i,
+                    Pass1 {
+                        base_sq: dot64(&c.base, &c.base),
+                        dot: elementwise
+                            .iter()
+                            .map(|&(a, b)| dot64(&c.deltas[a], &c.deltas[b]))
+                            .collect(),
+                    },
+                ));
+                for (slot, &(x, _)) in selecting.iter().enumerate() {
+                    let h = &mut h[slot * BINS..(slot + 1) * BINS];
+                    for d in &c.deltas[x] {
+                        h[(mag_key(*d) >> 16) as usize] += 1;
+                    }
+                }
+                Ok::<_, Error>((c, parts, h))
+            },
+        )
+        .map(|r| r.map(|(_, parts, h)| (parts, h)))
+        .try_reduce(
+            || (Vec::new(), vec![0u32; width]),
+            |(mut pa, mut ha), (pb, hb)| {
+                pa.extend(pb);
+                ha.iter_mut().zip(&hb).for_each(|(a, b)| *a += b);
+                Ok((pa, ha))
+            },
+        )?;
+    // Floating-point sums are added in chunk order by the caller.
+    parts.sort_unstable_by_key(|(i, _)| *i);
+    Ok((parts.into_iter().map(|(_, p)| p).collect(), high))
+}
+
+/// Pass 2: each selecting expert's exact threshold, from pass 1's `high` histograms and a
+/// histogram of the low 16 bits of the keys in the bin that holds the k-th largest.
+fn thresholds(
+    tv: &TensorVectors,
+    selecting: &[(usize, usize)],
+    high: &[u32],
+) -> Result<Vec<Option<Threshold>>> {
+    let n = tv.n;
     let mut out = vec![None; tv.experts.len()];
     if selecting.is_empty() {
         return Ok(out);
     }
     let s = selecting.len();
-    let high = histograms(tv, s * BINS, |c, h| {
-        for (slot, &(i, _)) in selecting.iter().enumerate() {
-            let h = &mut h[slot * BINS..(slot + 1) * BINS];
-            for d in &c.deltas[i] {
-                h[(mag_key(*d) >> 16) as usize] += 1;
-            }
-        }
-    })?;
     // The lowest kept element has ascending rank n − k.
     let bins: Vec<(u32, usize)> = selecting
         .iter()
