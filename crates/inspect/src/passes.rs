@@ -84,11 +84,45 @@ struct Pass4 {
     kept_energy: Vec<f64>,
 }
 
+/// Lanes of the f64 sums: independent accumulators, so the sums vectorise instead of waiting
+/// on one add chain; their order is fixed, so results stay deterministic.
+const LANES: usize = 8;
+
+/// Σ aᵢ·bᵢ in f64.
 fn dot64(a: &[f32], b: &[f32]) -> f64 {
-    a.iter()
-        .zip(b)
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f64 = (ca.remainder().iter().zip(cb.remainder()))
         .map(|(x, y)| f64::from(*x) * f64::from(*y))
-        .sum()
+        .sum();
+    let mut acc = [0f64; LANES];
+    for (x, y) in ca.zip(cb) {
+        for l in 0..LANES {
+            acc[l] += f64::from(x[l]) * f64::from(y[l]);
+        }
+    }
+    acc.iter().sum::<f64>() + tail
+}
+
+/// Σ dᵢ² over the elements where `keep`, in f64.
+fn energy_where(d: &[f32], keep: &[bool]) -> f64 {
+    let (cd, ck) = (d.chunks_exact(LANES), keep.chunks_exact(LANES));
+    let tail: f64 = (cd.remainder().iter().zip(ck.remainder()))
+        .map(|(v, k)| {
+            if *k {
+                f64::from(*v) * f64::from(*v)
+            } else {
+                0.0
+            }
+        })
+        .sum();
+    let mut acc = [0f64; LANES];
+    for (v, k) in cd.zip(ck) {
+        for l in 0..LANES {
+            let x = f64::from(v[l]);
+            acc[l] += if k[l] { x * x } else { 0.0 };
+        }
+    }
+    acc.iter().sum::<f64>() + tail
 }
 
 /// Runs `f` on every chunk (read into per-worker buffers), results in chunk order.
@@ -360,7 +394,7 @@ fn kept_sums(
             }
             _ => mask.extend(d.iter().map(|v| mag_key(*v) != 0)),
         }
-        p.kept[i] = mask.iter().filter(|k| **k).count() as u64;
+        p.kept[i] = mask.iter().map(|k| u64::from(*k)).sum();
         p.energy[i] = dot64(d, d);
     }
     if rule.consensus {
@@ -369,12 +403,14 @@ fn kept_sums(
         c.total.resize(len, 0.0);
         for i in 0..e {
             let w = rule.weights[i];
-            for ((t, v), k) in c.total.iter_mut().zip(&c.deltas[i]).zip(&c.masks[i]) {
-                let v = if *k { *v } else { 0.0 };
-                if i == 0 {
-                    *t = v * w;
-                } else {
-                    *t += v * w;
+            let terms = c.deltas[i].iter().zip(&c.masks[i]);
+            if i == 0 {
+                for (t, (v, k)) in c.total.iter_mut().zip(terms) {
+                    *t = (if *k { *v } else { 0.0 }) * w;
+                }
+            } else {
+                for (t, (v, k)) in c.total.iter_mut().zip(terms) {
+                    *t += (if *k { *v } else { 0.0 }) * w;
                 }
             }
         }
@@ -382,30 +418,25 @@ fn kept_sums(
     for i in 0..e {
         let w = rule.weights[i];
         let d = &c.deltas[i];
-        p.kept_energy[i] = d
-            .iter()
-            .zip(&c.masks[i])
-            .enumerate()
-            .filter(|&(x, (v, k))| {
-                if !*k {
-                    return false;
-                }
-                if !rule.consensus {
-                    return true;
-                }
-                let (v, up) = (v * w, c.total[x] >= 0.0);
-                (up && v > 0.0) || (!up && v < 0.0)
-            })
-            .map(|(_, (v, _))| f64::from(*v) * f64::from(*v))
-            .sum();
+        p.kept_energy[i] = if rule.consensus {
+            // Kept and agreeing with the elected sign (a zero total elects +).
+            c.elected.clear();
+            c.elected
+                .extend(d.iter().zip(&c.masks[i]).zip(&c.total).map(|((v, k), t)| {
+                    let (v, up) = (v * w, *t >= 0.0);
+                    *k && ((up && v > 0.0) || (!up && v < 0.0))
+                }));
+            energy_where(d, &c.elected)
+        } else {
+            energy_where(d, &c.masks[i])
+        };
         for j in i..e {
             let (mi, mj, dj) = (&c.masks[i], &c.masks[j], &c.deltas[j]);
             let (mut both, mut conflicts) = (0u64, 0u64);
-            for x in 0..len {
-                if mi[x] && mj[x] {
-                    both += 1;
-                    conflicts += u64::from((d[x] > 0.0) != (dj[x] > 0.0));
-                }
+            for ((a, b), (x, y)) in mi.iter().zip(mj).zip(d.iter().zip(dj)) {
+                let k = *a & *b;
+                both += u64::from(k);
+                conflicts += u64::from(k & ((*x > 0.0) != (*y > 0.0)));
             }
             for (a, b) in [(i, j), (j, i)] {
                 p.both[a * e + b] = both;

@@ -197,6 +197,8 @@ pub(crate) struct Chunk {
     pub deltas: Vec<Vec<f32>>,
     pub masks: Vec<Vec<bool>>,
     pub total: Vec<f32>,
+    /// One expert's kept elements that agree with the elected sign (pass 4's scratch).
+    pub elected: Vec<bool>,
 }
 
 impl Chunk {
@@ -207,6 +209,7 @@ impl Chunk {
             deltas: vec![Vec::new(); experts],
             masks: vec![Vec::new(); experts],
             total: Vec::new(),
+            elected: Vec::new(),
         }
     }
 }
