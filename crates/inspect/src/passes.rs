@@ -383,14 +383,28 @@ fn kept_sums(
         match (rule.keep[i], thresholds[i]) {
             (Keep::Nothing, _) => mask.resize(len, false),
             (Keep::Top(_), Some(t)) => {
-                let mut seen = tie_starts[i].get(c.index).copied().unwrap_or(0);
-                mask.extend(d.iter().map(|v| {
-                    let key = mag_key(*v);
-                    let tie = key == t.key;
-                    let keep = key > t.key || (tie && seen >= t.drop_ties);
-                    seen += usize::from(tie);
-                    keep && key != 0
-                }));
+                let starts = &tie_starts[i];
+                let mut seen = starts.get(c.index).copied().unwrap_or(0);
+                let next = starts.get(c.index + 1).copied().unwrap_or(usize::MAX);
+                if seen >= t.drop_ties {
+                    // Every threshold key here is kept (no split, or the cut came earlier).
+                    mask.extend(d.iter().map(|v| {
+                        let key = mag_key(*v);
+                        key >= t.key && key != 0
+                    }));
+                } else if next <= t.drop_ties {
+                    // Every threshold key here is dropped.
+                    mask.extend(d.iter().map(|v| mag_key(*v) > t.key));
+                } else {
+                    // The cut falls in this chunk: count threshold keys in position order.
+                    mask.extend(d.iter().map(|v| {
+                        let key = mag_key(*v);
+                        let tie = key == t.key;
+                        let keep = key > t.key || (tie && seen >= t.drop_ties);
+                        seen += usize::from(tie);
+                        keep && key != 0
+                    }));
+                }
             }
             _ => mask.extend(d.iter().map(|v| mag_key(*v) != 0)),
         }
