@@ -82,11 +82,11 @@ impl Heatmap {
         let ch: i32 = (480 / nr as i32).clamp(12, 26);
         let (left, top, right, bottom) = (78, 58, 110, 40);
         // Wide enough for the title and subtitle too (a map of one expert pair is narrow);
-        // text widths estimated from the font sizes (16 and 11 px).
+        // text widths estimated from the font sizes (16 and 11 px: about 6 and 4 px a character).
         let text = |s: &str, px: f64| 20 + (s.chars().count() as f64 * px) as i32;
         let width = (left + cw * nc as i32 + right)
-            .max(text(&self.title, 9.0))
-            .max(text(&self.subtitle, 6.0));
+            .max(text(&self.title, 6.5))
+            .max(text(&self.subtitle, 4.5));
         let height = top + (ch * nr as i32).max(bar_height(nr as i32 * ch) + 28) + bottom;
         let mut out = String::new();
         {
