@@ -71,6 +71,9 @@ pub struct Evaluated {
     pub role: Role,
     /// `scores.json`: dataset → metric → value.
     pub scores: BTreeMap<String, BTreeMap<String, f64>>,
+    /// The standard errors the evaluation computed (`<metric>_stderr` in `scores.json`, with
+    /// `[eval] stderr` or `[prompt]`): dataset → metric → value.
+    pub recorded_stderr: BTreeMap<String, BTreeMap<String, f64>>,
     /// Dataset → rows in file order.
     pub rows: BTreeMap<String, Vec<RowOutcome>>,
 }
@@ -91,9 +94,21 @@ impl Evaluated {
     /// Reads `run.dir`'s `scores.json` and the details of every dataset it scores.
     pub fn load(run: &RunDir) -> Result<Evaluated> {
         let scores_path = run.dir.join("scores.json");
-        let scores: BTreeMap<String, BTreeMap<String, f64>> =
+        let mut scores: BTreeMap<String, BTreeMap<String, f64>> =
             serde_json::from_str(&read(&scores_path)?)
                 .map_err(|e| Error::parse(&scores_path, e))?;
+        // `<metric>_stderr` entries are the evaluation's standard errors, not metrics.
+        let mut recorded_stderr = BTreeMap::new();
+        for (dataset, metrics) in &mut scores {
+            let errors: BTreeMap<String, f64> = metrics
+                .iter()
+                .filter_map(|(k, v)| Some((k.strip_suffix("_stderr")?.to_string(), *v)))
+                .collect();
+            metrics.retain(|k, _| !k.ends_with("_stderr"));
+            if !errors.is_empty() {
+                recorded_stderr.insert(dataset.clone(), errors);
+            }
+        }
         let mut rows = BTreeMap::new();
         for dataset in scores.keys() {
             let path = run.dir.join("details").join(format!("{dataset}.jsonl"));
@@ -112,6 +127,7 @@ impl Evaluated {
             name: run.name.clone(),
             role: run.role,
             scores,
+            recorded_stderr,
             rows,
         })
     }
@@ -128,8 +144,16 @@ impl Evaluated {
             .unwrap_or_default()
     }
 
-    /// The bootstrap standard error of `metric` on `dataset` (rows resampled, seeded).
+    /// The standard error of `metric` on `dataset`: the one the evaluation recorded, else a
+    /// bootstrap over the rows' values (1000 resamples, seed 0).
     pub fn standard_error(&self, dataset: &str, metric: &str) -> Option<f64> {
+        if let Some(se) = self
+            .recorded_stderr
+            .get(dataset)
+            .and_then(|m| m.get(metric))
+        {
+            return Some(*se);
+        }
         let v: Vec<f64> = self.values(dataset, metric).iter().map(|x| x.1).collect();
         (v.len() >= 2).then(|| stats::bootstrap_se(&v, stats::DEFAULT_RESAMPLES, 0))
     }

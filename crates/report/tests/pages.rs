@@ -234,3 +234,26 @@ fn a_search_directory_adds_its_plots_and_trials() {
     assert!(html.contains("<figcaption>score</figcaption><svg"));
     assert!(html.contains("<rect id=\"curve\"/>") && !html.contains("<?xml"));
 }
+
+#[test]
+fn standard_errors_the_evaluation_recorded_are_shown_not_made_columns() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let dir = root.join("merged");
+    eval_dir(
+        &dir,
+        &[("a", true), ("b", true), ("c", false), ("d", true)],
+        &GEN,
+    );
+    // As `[eval] stderr = N` (or `[prompt]`) writes them: `<metric>_stderr` beside each metric.
+    let mut scores: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("scores.json")).unwrap()).unwrap();
+    scores["cosmos_qa"]["accuracy_stderr"] = 0.1234.into();
+    std::fs::write(dir.join("scores.json"), scores.to_string()).unwrap();
+    let html = report::entry_html(&source(root, "mine", dir, vec![])).unwrap();
+    assert!(!html.contains("accuracy_stderr"), "{html}");
+    assert!(
+        html.contains("0.750 <span class=\"se\">± 0.123</span>"),
+        "{html}"
+    );
+}

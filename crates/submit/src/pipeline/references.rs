@@ -63,6 +63,10 @@ impl Run<'_> {
             let mut key = Key::new(&format!("reference;{};", env!("CARGO_PKG_VERSION")))
                 .add(self.eval_settings_key()?)
                 .add(crate::device::name(&self.device));
+            // The references are prompted as the merge is (the same rows, the same prompter).
+            if let Some(p) = &self.prompting {
+                key = key.add(p.key()?);
+            }
             identity::model_identity(model.checkpoint().files(), key.hasher())?;
             if let InputModel::Adapted { adapter, .. } = model {
                 identity::model_identity(
