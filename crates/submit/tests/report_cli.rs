@@ -366,6 +366,32 @@ fn the_demo_report_renders_in_a_real_browser() {
             "{stage} did not run:\n{out}"
         );
     }
+    // A `[prompt]` changes how every row is put to the models: the references are evaluated
+    // again with it (the task vectors are not), and the standard errors the evaluation then
+    // records (`<metric>_stderr`) are the page's, not extra columns.
+    let prompted = format!(
+        "{other}\n[prompt.multiple_choice]\ntemplate = \"Question. {{input}}\"\n\
+         [prompt.generation]\ntemplate = \"{{input}}\"\n"
+    );
+    entry(&ws, "demo_ta", &prompted);
+    let out = run(&["run", "--entry", "submissions/demo_ta", "--references"]);
+    for stage in ["merge", "inspect"] {
+        assert!(
+            stage_line(&out, stage, "reused"),
+            "{stage} not reused:\n{out}"
+        );
+    }
+    for stage in ["eval", "ref-base", "ref-expert-3"] {
+        assert!(
+            stage_line(&out, stage, "ran"),
+            "{stage} did not run:\n{out}"
+        );
+    }
+    let scores =
+        std::fs::read_to_string(ws.join("dist/demo_ta/work/references/base/scores.json")).unwrap();
+    assert!(scores.contains("accuracy_stderr"), "{scores}");
+    let html = std::fs::read_to_string(ws.join("dist/demo_ta/report.html")).unwrap();
+    assert!(!html.contains("_stderr") && html.contains("<span class=\"se\">± 0.0"));
     let out = run(&[
         "report",
         "--entry",
