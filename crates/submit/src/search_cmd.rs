@@ -165,6 +165,15 @@ pub fn run(args: SearchArgs) -> Result<()> {
         "outputs in {}: best/entry.toml, trials.csv, score.svg, held_out.svg, store.sqlite",
         shown.display()
     );
+    // The entry's report shows the search's plots and trials; before the entry's first run
+    // there is no report to write, which is said, not an error.
+    match crate::pipeline::report::write_entry_report(&entry) {
+        Ok(path) => println!("report written to {}", path.display()),
+        Err(e) if matches!(e.downcast_ref(), Some(report::Error::NotRun { .. })) => {
+            println!("no report yet: {e}")
+        }
+        Err(e) => return Err(e),
+    }
     Ok(())
 }
 

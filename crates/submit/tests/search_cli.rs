@@ -98,6 +98,12 @@ fn the_demo_search_beats_the_hand_set_ties_on_held_out_rows() {
         assert!(dir.join(f).is_file(), "{f} missing");
     }
     assert_eq!(trials(&ws).len(), 150);
+    // The entry never ran: no report to add the search to, and the command to run is named.
+    assert!(
+        out.contains("no report yet: entry `demo` has not been run")
+            && out.contains("run `llm-merging run --entry submissions/demo` first"),
+        "{out}"
+    );
 
     // The best entry is complete: `run` merges and predicts with it as it is.
     let best = std::fs::read_to_string(dir.join("best/entry.toml")).unwrap();
@@ -114,8 +120,21 @@ fn the_demo_search_beats_the_hand_set_ties_on_held_out_rows() {
     assert!(!report.contains("loading the entry's models"), "{report}");
     assert_eq!(objective_line(&report), o);
     assert!(report.contains("150 trials"), "{report}");
+    // Once the entry has run, the search writes its report with the search's plots and trials.
+    ok(bin(&ws)
+        .args(["run", "--entry", "submissions/demo"])
+        .output()
+        .unwrap());
     let again = ok(search(&ws, &[]));
     assert!(!again.contains("loading the entry's models"), "{again}");
+    let page = ws.join("dist/demo/report.html");
+    assert!(
+        again.contains(&format!("report written to {}", page.display())),
+        "{again}"
+    );
+    let html = std::fs::read_to_string(&page).unwrap();
+    assert!(html.contains("<h2 id=\"search\">") && html.contains("<table id=\"trials\">"));
+    assert!(html.contains("<figcaption>score</figcaption><svg"));
     assert!(
         again.contains("resumed: all 150 trials replayed"),
         "{again}"
