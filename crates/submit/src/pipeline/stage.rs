@@ -2,7 +2,9 @@
 //!
 //! A stage's state (`work/<stage>.json`: the key it ran with, how long it took, and what it
 //! wants to remember) is written only after its outputs are complete, so a run killed mid-stage
-//! never leaves a state that claims outputs which are not there.
+//! never leaves a state that claims outputs which are not there; and the old state is removed
+//! before a stage reruns, so it never vouches for outputs the rerun is halfway through
+//! replacing.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -109,6 +111,12 @@ impl Stage {
         let (state, reused) = match self.reusable(key, present) {
             Some(s) => (s, true),
             None => {
+                // The old state goes before the outputs change: a run killed while this stage
+                // rewrites them must not leave a state that claims them.
+                match std::fs::remove_file(&self.state_path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+                    _ => {}
+                }
                 let t = Instant::now();
                 let extra = run()?;
                 let s = StageState {
