@@ -109,6 +109,27 @@ def seeds_configs():
         "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
         "bos_token": {"content": "<pad>", "lstrip": False}, "eos_token": "</s>",
         "pad_token": None, "clean_up_tokenization_spaces": False}))
+    # Chat templates: Llama 3's (as its tokenizer_config.json has it) and one in the style of
+    # Zephyr/Qwen (system handling, raise_exception, tojson, the generation prompt).
+    llama3 = ("{% set loop_messages = messages %}{% for message in loop_messages %}"
+              "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+              "+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+              "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+              "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}")
+    put("tokenizer_config", "chat-llama3", json.dumps({
+        "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "chat_template": llama3,
+        "model_max_length": 131072, "tokenizer_class": "PreTrainedTokenizerFast"}))
+    zephyr = ("{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+              "{% set messages = messages[1:] %}{% else %}{% set system = '' %}{% endif %}"
+              "{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+              "{{ raise_exception('roles must alternate') }}{% endif %}"
+              "{{ '<|' + message['role'] + '|>\n' + message['content'].strip() + eos_token + '\n' }}"
+              "{% endfor %}{% if system %}{{ system | tojson }}{% endif %}"
+              "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}")
+    put("tokenizer_config", "chat-alternating", json.dumps({
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "chat_template": [{"name": "default", "template": zephyr},
+                          {"name": "tool_use", "template": "{{ messages | length }}"}]}))
     examples = os.path.join(ROOT, "submissions/examples")
     for name in sorted(os.listdir(examples)):
         put("merge_toml", name, read(examples, name))

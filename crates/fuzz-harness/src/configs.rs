@@ -24,7 +24,9 @@ pub fn config_json(data: &[u8]) {
 }
 
 /// `tokenizer_config.json` beside a real `tokenizer.json`: special tokens by text or as
-/// AddedToken objects, the add_bos/add_eos flags, `model_max_length`, for both model kinds.
+/// AddedToken objects, the add_bos/add_eos flags, `model_max_length`, for both model kinds;
+/// and its `chat_template` (Jinja, from the Hub like the rest) compiled and rendered for a
+/// short conversation, as prompting with the model's chat template does.
 pub fn tokenizer_config(data: &[u8]) {
     use eval_harness::hf::tokenizer::{Tokenizer, TokenizerKind};
     with_model_file("tokenizer_config.json", data, |dir| {
@@ -40,6 +42,17 @@ pub fn tokenizer_config(data: &[u8]) {
                 }
                 let _ = tok.encode_target(" 9");
             }
+        }
+        if let Ok(Some(template)) = prompt::ChatTemplate::from_model_dir(dir) {
+            use prompt::Message;
+            let conversation = [
+                Message::new("system", "Answer briefly."),
+                Message::new("user", "Which is larger, 3 or 9?"),
+                Message::new("assistant", "9"),
+                Message::new("user", "And 2 or 8?"),
+            ];
+            let _ = template.render(&conversation, true);
+            let _ = template.render(&conversation[1..2], false);
         }
     });
 }

@@ -40,3 +40,44 @@ fn a_config_with_zero_attention_heads_is_refused_not_divided_by() {
     let err = eval_harness::models::DecoderConfig::from_json(&v).unwrap_err();
     assert!(err.contains("num_attention_heads"), "{err}");
 }
+
+/// A model directory holding `file` as its tokenizer_config.json.
+fn chat_template(file: &Path) -> (tempfile::TempDir, prompt::ChatTemplate) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(file, dir.path().join("tokenizer_config.json")).unwrap();
+    let t = prompt::ChatTemplate::from_model_dir(dir.path())
+        .unwrap()
+        .expect("a chat template");
+    (dir, t)
+}
+
+#[test]
+fn a_chat_template_that_loops_without_end_fails_instead_of_hanging() {
+    let (_dir, t) = chat_template(&regression("tokenizer_config", "nested-range-loop"));
+    let start = std::time::Instant::now();
+    let err = t
+        .render(&[prompt::Message::new("user", "Hi")], true)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("fuel"), "{err}");
+    assert!(err.contains("tokenizer_config.json"), "{err}");
+    assert!(start.elapsed().as_secs() < 10, "took {:?}", start.elapsed());
+}
+
+#[test]
+fn the_chat_template_seeds_render() {
+    let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/tokenizer_config");
+    for seed in ["chat-llama3", "chat-alternating"] {
+        let (_dir, t) = chat_template(&corpus.join(seed));
+        let text = t
+            .render(
+                &[
+                    prompt::Message::new("system", "Be brief."),
+                    prompt::Message::new("user", "Which is larger, 3 or 9?"),
+                ],
+                true,
+            )
+            .unwrap();
+        assert!(text.contains("Which is larger, 3 or 9?"), "{seed}: {text}");
+    }
+}

@@ -370,12 +370,21 @@ fn a_run_is_refused_while_another_holds_the_entry_and_sweeps_after_it_dies() {
     // A live run holds the lock (this process stands in for it).
     let lock = std::fs::File::create(dist.join(".run.lock")).unwrap();
     lock.try_lock().unwrap();
-    let o = f.bin(&ws, &["run", "--entry", "submissions/tiny"]).output().unwrap();
+    let o = f
+        .bin(&ws, &["run", "--entry", "submissions/tiny"])
+        .output()
+        .unwrap();
     let line = testkit::cli::one_error_line(&o, &["another run of this entry is in progress"]);
-    assert!(dist.join(".tmpXyZ").exists(), "swept under a live run: {line}");
+    assert!(
+        dist.join(".tmpXyZ").exists(),
+        "swept under a live run: {line}"
+    );
     // The holder dies (the kernel releases its lock): the next run sweeps and completes.
     drop(lock);
-    ok(&f.bin(&ws, &["run", "--entry", "submissions/tiny"]).output().unwrap());
+    ok(&f
+        .bin(&ws, &["run", "--entry", "submissions/tiny"])
+        .output()
+        .unwrap());
     assert!(!dist.join(".tmpXyZ").exists() && !dist.join("work/.tmp-merged").exists());
     assert_no_leftovers(&ws, "after the sweep");
 }
