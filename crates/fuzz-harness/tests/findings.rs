@@ -81,3 +81,53 @@ fn the_chat_template_seeds_render() {
         assert!(text.contains("Which is larger, 3 or 9?"), "{seed}: {text}");
     }
 }
+
+#[test]
+fn an_adapter_whose_lora_a_is_a_scalar_is_refused_not_indexed() {
+    use candle_core::{DType, Device, Tensor};
+    // The fuzzer's input (fuzz/regressions/adapter/scalar-lora-a) reduced to its point.
+    let config = serde_json::json!({"r": 4, "lora_alpha": 8, "peft_type": "LORA",
+        "target_modules": ["q_proj"]});
+    let module = "base_model.model.model.layers.0.self_attn.q_proj";
+    let tensors = vec![
+        (
+            format!("{module}.lora_A.weight"),
+            Tensor::ones((), DType::F32, &Device::Cpu).unwrap(),
+        ),
+        (
+            format!("{module}.lora_B.weight"),
+            Tensor::ones((8, 4), DType::F32, &Device::Cpu).unwrap(),
+        ),
+    ];
+    let err = merge_core::adapter::Adapter::in_memory("scalar", config, tensors)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        err.contains("lora_A has rank no dimensions but the config says 4"),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_fuel_suffices_for_long_conversations_in_real_chat_templates() {
+    // 25 demonstrations as user/assistant turns, a system message and the question: more than
+    // any prompt the kit builds.
+    let mut conversation = vec![prompt::Message::new("system", "Answer with the letter.")];
+    for i in 0..25 {
+        conversation.push(prompt::Message::new(
+            "user",
+            format!("Question {i}: 3 or 9?"),
+        ));
+        conversation.push(prompt::Message::new("assistant", "B"));
+    }
+    conversation.push(prompt::Message::new("user", "Question: 2 or 8?"));
+    for name in ["llama3", "llama3_1", "qwen3", "gemma3"] {
+        let dir = testkit::tokenizers::dir(name);
+        let t = prompt::ChatTemplate::from_model_dir(&dir).unwrap().unwrap();
+        let text = t
+            .render(&conversation, true)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(text.contains("Question 24: 3 or 9?"), "{name}: {text}");
+    }
+}

@@ -150,8 +150,8 @@ fn tojson(
 }
 
 /// The most instructions one rendering may run: real templates use a few thousand for a
-/// conversation; a loop bomb runs out in well under a second.
-const FUEL: u64 = 20_000_000;
+/// conversation (hundreds per message); a loop bomb runs out in milliseconds.
+const FUEL: u64 = 1_000_000;
 
 impl ChatTemplate {
     /// Compiles `source` with the special tokens it may print (`bos_token` → `<s>`, ...);

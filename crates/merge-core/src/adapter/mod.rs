@@ -273,8 +273,9 @@ impl Adapter {
             let rank = pattern_value(&config.rank_pattern, &module).unwrap_or(config.r);
             let alpha = pattern_value(&config.alpha_pattern, &module).unwrap_or(config.lora_alpha);
             // A is r × in (r × vocab for embeddings): its first dimension is the rank.
-            let stored_rank = weights.shape(&a_key).expect("listed")[0];
-            if stored_rank != rank {
+            let stored_rank = weights.shape(&a_key).expect("listed").first().copied();
+            if stored_rank != Some(rank) {
+                let stored_rank = stored_rank.map_or("no dimensions".into(), |r| r.to_string());
                 return Err(Error::adapter(label, format!(
                         "module `{module}`: lora_A has rank {stored_rank} but the config says {rank}"
                     )));
