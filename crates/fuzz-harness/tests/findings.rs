@@ -99,10 +99,10 @@ fn an_adapter_whose_lora_a_is_a_scalar_is_refused_not_indexed() {
             Tensor::ones((8, 4), DType::F32, &Device::Cpu).unwrap(),
         ),
     ];
-    let err = merge_core::adapter::Adapter::in_memory("scalar", config, tensors)
-        .err()
-        .expect("refused")
-        .to_string();
+    let err = match merge_core::adapter::Adapter::in_memory("scalar", config, tensors) {
+        Ok(_) => panic!("an adapter with a scalar lora_A was accepted"),
+        Err(e) => e.to_string(),
+    };
     assert!(
         err.contains("lora_A has rank no dimensions but the config says 4"),
         "{err}"

@@ -265,7 +265,7 @@ impl Machine<'_> {
     }
 
     fn extend_dict(&mut self, mut flat: Vec<Value>) -> Result<(), PickleError> {
-        if flat.len() % 2 != 0 {
+        if !flat.len().is_multiple_of(2) {
             return Err(self.error("SETITEMS with an odd number of values"));
         }
         let deepest = flat.iter().map(Value::depth).max().unwrap_or(0);
