@@ -17,7 +17,8 @@ mod entry;
 mod untrusted_tar;
 
 /// An entry's `entry.toml` in a workspace, loaded and checked as `run` does, its paths
-/// expanded.
+/// expanded; its `[search]` table checked against the merge as `search` does before any model
+/// loads (the space built, the budget read, its starting point turned into a recipe).
 pub fn entry_toml(data: &[u8]) {
     with_file("ws/submissions/fuzzed/entry.toml", data, |path| {
         let dir = path.parent().expect("entry dir");
@@ -30,6 +31,18 @@ pub fn entry_toml(data: &[u8]) {
                 e.path_in_workspace(),
                 e.dist_dir(),
             );
+            if let Some(spec) = &e.file.search {
+                let _ = (spec.budget(), spec.identity());
+                if let Ok(space) = search::Space::new(spec, &e.file.merge) {
+                    // The entry's own recipe: its method, every expert, its values.
+                    let entry = search::Point {
+                        method: 0,
+                        include: vec![true; space.selectable().len()],
+                        unit: space.entry_unit(),
+                    };
+                    let _ = space.recipe(&entry);
+                }
+            }
         }
     });
 }
