@@ -104,7 +104,7 @@ fn an_adapter_whose_lora_a_is_a_scalar_is_refused_not_indexed() {
         Err(e) => e.to_string(),
     };
     assert!(
-        err.contains("lora_A has rank no dimensions but the config says 4"),
+        err.contains("lora_A and lora_B must be matrices, not of shapes [] and [8, 4]"),
         "{err}"
     );
 }
@@ -130,4 +130,32 @@ fn the_fuel_suffices_for_long_conversations_in_real_chat_templates() {
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         assert!(text.contains("Question 24: 3 or 9?"), "{name}: {text}");
     }
+}
+
+#[test]
+fn an_adapter_whose_lora_b_is_a_scalar_is_refused_not_indexed() {
+    use candle_core::{DType, Device, Tensor};
+    // fuzz/regressions/adapter/scalar-lora-b reduced: A fits, B has no dimensions; reading
+    // B's shape to compare B·A with the base indexed out of bounds.
+    let config = serde_json::json!({"r": 4, "lora_alpha": 8, "peft_type": "LORA",
+        "target_modules": ["q_proj"]});
+    let module = "base_model.model.model.layers.0.self_attn.q_proj";
+    let tensors = vec![
+        (
+            format!("{module}.lora_A.weight"),
+            Tensor::ones((4, 8), DType::F32, &Device::Cpu).unwrap(),
+        ),
+        (
+            format!("{module}.lora_B.weight"),
+            Tensor::ones((), DType::F32, &Device::Cpu).unwrap(),
+        ),
+    ];
+    let err = match merge_core::adapter::Adapter::in_memory("scalar", config, tensors) {
+        Ok(_) => panic!("an adapter with a scalar lora_B was accepted"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("lora_A and lora_B must be matrices, not of shapes [4, 8] and []"),
+        "{err}"
+    );
 }

@@ -163,10 +163,6 @@ mod tests {
             reports.iter().map(|r| r.reused).collect::<Vec<_>>(),
             [false, true, false, false]
         );
-        // A stage that fails records nothing: the next run does not reuse the old state.
-        let failed = stage.run_or_reuse("c", true, &mut reports, || anyhow::bail!("boom"));
-        assert!(failed.is_err());
-        assert!(stage.reusable("c", true).is_none());
         assert_eq!(
             stage.reusable("b", true).unwrap().extra,
             serde_json::json!(3)
@@ -174,6 +170,12 @@ mod tests {
         assert!(Stage::new(dir.path(), "s", true)
             .reusable("b", true)
             .is_none());
+        // A stage that fails records nothing, and its old state went before it started (the
+        // failed run may have changed the outputs): nothing is reused afterwards.
+        let failed = stage.run_or_reuse("c", true, &mut reports, || anyhow::bail!("boom"));
+        assert!(failed.is_err());
+        assert!(stage.reusable("c", true).is_none());
+        assert!(stage.reusable("b", true).is_none());
     }
 
     #[test]
