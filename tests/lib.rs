@@ -7,6 +7,7 @@
 pub mod cli;
 pub mod compare;
 pub mod family;
+pub mod faults;
 pub mod goldens;
 pub mod hub;
 pub mod models;

@@ -269,15 +269,13 @@ impl Resolver {
                 .repo(cached)
                 .create_ref(&info.sha);
         }
+        let pinned = Repo::with_revision(r.model.clone(), RepoType::Model, info.sha.clone());
         Ok(ModelFiles {
             reference: r.clone(),
             commit: Some(info.sha.clone()),
             backend: Backend::Hub(Arc::new(HubRepo {
-                repo: api.repo(Repo::with_revision(
-                    r.model.clone(),
-                    RepoType::Model,
-                    info.sha,
-                )),
+                repo: api.repo(pinned.clone()),
+                cache: hf_hub::Cache::new(self.settings.cache_dir.clone()).repo(pinned),
                 files,
             })),
         })
@@ -350,7 +348,14 @@ fn validate_repo_id(id: &str) -> Result<()> {
 }
 
 fn hub_error(repo: &str, revision: &str, err: ApiError) -> Error {
-    let message = match &err {
+    Error::Hub {
+        repo: repo.to_string(),
+        message: hub_message(revision, err),
+    }
+}
+
+fn hub_message(revision: &str, err: ApiError) -> String {
+    match &err {
         ApiError::RequestError(e) => match e.as_ref() {
             ureq::Error::Status(401, _) | ureq::Error::Status(403, _) => format!(
                 "needs a token: the repository is gated or private (HTTP {}); accept its terms on \
@@ -369,10 +374,6 @@ fn hub_error(repo: &str, revision: &str, err: ApiError) -> Error {
             ),
         },
         other => other.to_string(),
-    };
-    Error::Hub {
-        repo: repo.to_string(),
-        message,
     }
 }
 
@@ -394,6 +395,8 @@ enum Backend {
 
 struct HubRepo {
     repo: hf_hub::api::sync::ApiRepo,
+    /// The repository at the pinned commit in the cache.
+    cache: hf_hub::CacheRepo,
     /// The repository's file list at the pinned commit.
     files: BTreeSet<String>,
 }
@@ -474,11 +477,18 @@ impl ModelFiles {
                     return Ok(None);
                 }
                 tracing::info!("fetching {} from {}", name, self.describe());
-                let rev = self.commit.clone().unwrap_or_default();
-                h.repo
-                    .get(name)
-                    .map(Some)
-                    .map_err(|e| hub_error(&self.reference.model, &rev, e))
+                // Retried when transient, checked against the hub's ETag (see hub-download).
+                let message = match hub_download::get(&h.repo, &h.cache, name, 2) {
+                    Ok(path) => return Ok(Some(path)),
+                    Err(hub_download::Failure::Api(e)) => {
+                        hub_message(self.commit.as_deref().unwrap_or_default(), e)
+                    }
+                    Err(corrupt) => corrupt.to_string(),
+                };
+                Err(Error::Hub {
+                    repo: self.describe(),
+                    message: format!("{name}: {message}"),
+                })
             }
         }
     }

@@ -149,6 +149,10 @@ fn tojson(
     Ok(String::from_utf8(out).expect("serde_json writes UTF-8"))
 }
 
+/// The most instructions one rendering may run: real templates use a few thousand for a
+/// conversation (hundreds per message); a loop bomb runs out in milliseconds.
+const FUEL: u64 = 1_000_000;
+
 impl ChatTemplate {
     /// Compiles `source` with the special tokens it may print (`bos_token` → `<s>`, ...);
     /// `origin` names where it came from in messages.
@@ -168,6 +172,9 @@ impl ChatTemplate {
         syntax.trim_blocks(true).lstrip_blocks(true);
         env.set_syntax(syntax.build().map_err(bad)?);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        // A template comes from the model's repository: one that loops without end (nested
+        // `range`s) must fail, not hang the run.
+        env.set_fuel(Some(FUEL));
         env.add_function(
             "raise_exception",
             |message: String| -> std::result::Result<Value, minijinja::Error> {

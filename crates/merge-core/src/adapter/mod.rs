@@ -272,8 +272,17 @@ impl Adapter {
             };
             let rank = pattern_value(&config.rank_pattern, &module).unwrap_or(config.r);
             let alpha = pattern_value(&config.alpha_pattern, &module).unwrap_or(config.lora_alpha);
+            let (a, b) = (
+                weights.shape(&a_key).expect("listed"),
+                weights.shape(&b_key).expect("listed"),
+            );
+            if a.len() != 2 || b.len() != 2 {
+                return Err(Error::adapter(label, format!(
+                    "module `{module}`: lora_A and lora_B must be matrices, not of shapes {a:?} and {b:?}"
+                )));
+            }
             // A is r × in (r × vocab for embeddings): its first dimension is the rank.
-            let stored_rank = weights.shape(&a_key).expect("listed")[0];
+            let stored_rank = a[0];
             if stored_rank != rank {
                 return Err(Error::adapter(label, format!(
                         "module `{module}`: lora_A has rank {stored_rank} but the config says {rank}"

@@ -11,6 +11,7 @@ pub mod manifest;
 pub mod references;
 pub mod report;
 mod stage;
+mod workdir;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -78,6 +79,8 @@ struct Run<'a> {
 pub fn run(opts: &RunOptions) -> Result<Vec<StageReport>> {
     let total = Instant::now();
     let entry = Entry::load(&opts.entry)?;
+    // One run per entry at a time; what a killed run left half-written goes first.
+    let _lock = workdir::lock_and_sweep(&entry.dist_dir())?;
     // An entry over the offline demo family builds it first (once; cached by recipe).
     crate::demo_family::ensure_for_entry(&entry)?;
     let run = Run::open(&entry, opts)?;
@@ -357,6 +360,12 @@ impl<'a> Run<'a> {
     ) -> Result<PathBuf> {
         let t = Instant::now();
         let dist = self.entry.dist_dir();
+        // The manifest is written last: a package without one is unfinished, never a mix of
+        // this run's files and an older manifest.
+        match std::fs::remove_file(dist.join(manifest::FILE)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+            _ => {}
+        }
         let rows = package::validate_submission(submission, &self.test_file)?;
         package::write_file(&dist.join("submission.csv"), &std::fs::read(submission)?)?;
         let scores_text = std::fs::read(scores)?;

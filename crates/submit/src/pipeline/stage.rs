@@ -2,7 +2,9 @@
 //!
 //! A stage's state (`work/<stage>.json`: the key it ran with, how long it took, and what it
 //! wants to remember) is written only after its outputs are complete, so a run killed mid-stage
-//! never leaves a state that claims outputs which are not there.
+//! never leaves a state that claims outputs which are not there; and the old state is removed
+//! before a stage reruns, so it never vouches for outputs the rerun is halfway through
+//! replacing.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -109,6 +111,12 @@ impl Stage {
         let (state, reused) = match self.reusable(key, present) {
             Some(s) => (s, true),
             None => {
+                // The old state goes before the outputs change: a run killed while this stage
+                // rewrites them must not leave a state that claims them.
+                match std::fs::remove_file(&self.state_path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+                    _ => {}
+                }
                 let t = Instant::now();
                 let extra = run()?;
                 let s = StageState {
@@ -155,10 +163,6 @@ mod tests {
             reports.iter().map(|r| r.reused).collect::<Vec<_>>(),
             [false, true, false, false]
         );
-        // A stage that fails records nothing: the next run does not reuse the old state.
-        let failed = stage.run_or_reuse("c", true, &mut reports, || anyhow::bail!("boom"));
-        assert!(failed.is_err());
-        assert!(stage.reusable("c", true).is_none());
         assert_eq!(
             stage.reusable("b", true).unwrap().extra,
             serde_json::json!(3)
@@ -166,6 +170,12 @@ mod tests {
         assert!(Stage::new(dir.path(), "s", true)
             .reusable("b", true)
             .is_none());
+        // A stage that fails records nothing, and its old state went before it started (the
+        // failed run may have changed the outputs): nothing is reused afterwards.
+        let failed = stage.run_or_reuse("c", true, &mut reports, || anyhow::bail!("boom"));
+        assert!(failed.is_err());
+        assert!(stage.reusable("c", true).is_none());
+        assert!(stage.reusable("b", true).is_none());
     }
 
     #[test]

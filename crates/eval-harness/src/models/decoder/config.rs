@@ -184,6 +184,9 @@ impl TryFrom<Raw> for DecoderConfig {
         let family = r.model_type;
         let num_heads = r.num_attention_heads;
         let num_kv_heads = r.num_key_value_heads.unwrap_or(num_heads);
+        if r.num_hidden_layers == 0 || num_heads == 0 {
+            return Err("num_hidden_layers and num_attention_heads must be positive".into());
+        }
         if num_kv_heads == 0 || !num_heads.is_multiple_of(num_kv_heads) {
             return Err(format!(
                 "num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}"
