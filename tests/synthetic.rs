@@ -181,6 +181,32 @@ pub fn write_decoder_dir(dir: &Path, config: &Value, tokenizer_dir: &Path) {
     write_checkpoint(dir, config, &tensors, 1);
 }
 
+/// A two-layer Llama `config.json` of hidden size 16 (GQA: 2 heads, 1 key/value head), for
+/// end-to-end tests that need a real-shaped decoder and nothing more.
+pub fn tiny_llama_config() -> Value {
+    serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "num_hidden_layers": 2, "max_position_embeddings": 64, "rms_norm_eps": 1e-5,
+        "torch_dtype": "float32", "bos_token_id": 1, "eos_token_id": 2, "vocab_size": 32000,
+        "hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2,
+        "num_key_value_heads": 1, "hidden_act": "silu", "tie_word_embeddings": false,
+        "rope_theta": 10000.0
+    })
+}
+
+/// [`write_decoder_dir`] with every weight multiplied by `scale`: experts of one family that
+/// differ from each other (and from the base, scale 1).
+pub fn write_scaled_decoder_dir(dir: &Path, config: &Value, tokenizer_dir: &Path, scale: f64) {
+    write_decoder_dir(dir, config, tokenizer_dir);
+    let p = dir.join("model.safetensors");
+    let tensors: Vec<(String, Tensor)> = candle_core::safetensors::load(&p, &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .map(|(n, t)| (n, (t * scale).unwrap()))
+        .collect();
+    crate::models::save(&p, &tensors);
+}
+
 /// The dimensions of a T5 `config.json`, with transformers' `T5Config` defaults.
 struct T5Dims {
     vocab: usize,

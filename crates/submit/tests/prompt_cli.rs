@@ -10,7 +10,6 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use candle_core::Device;
 use serde_json::Value;
 use testkit::cli::{offline, ok, one_error_line};
 
@@ -61,15 +60,8 @@ struct Setup {
 
 fn write_model(dir: &Path, tokenizer: &str, scale: f64) {
     let config = testkit::goldens::config("llama3");
-    testkit::synthetic::write_decoder_dir(dir, &config, &testkit::tokenizers::dir(tokenizer));
-    let p = dir.join("model.safetensors");
-    let tensors: Vec<(String, candle_core::Tensor)> =
-        candle_core::safetensors::load(&p, &Device::Cpu)
-            .unwrap()
-            .into_iter()
-            .map(|(n, t)| (n, (t * scale).unwrap()))
-            .collect();
-    testkit::models::save(&p, &tensors);
+    let tokenizer = testkit::tokenizers::dir(tokenizer);
+    testkit::synthetic::write_scaled_decoder_dir(dir, &config, &tokenizer, scale);
 }
 
 fn setup() -> Setup {

@@ -5,36 +5,18 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use candle_core::Device;
 use testkit::cli::{entry, ok, one_error_line, text, workspace};
 use testkit::hub::{HubServer, Repo};
+use testkit::synthetic::tiny_llama_config;
 
 const SHA_A: &str = "1111111111111111111111111111111111111111";
 const SHA_B: &str = "2222222222222222222222222222222222222222";
 const TOKEN: &str = "hf_e2e_secret_token_value";
 
-fn tiny_config() -> serde_json::Value {
-    serde_json::json!({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "num_hidden_layers": 2, "max_position_embeddings": 64, "rms_norm_eps": 1e-5,
-        "torch_dtype": "float32", "bos_token_id": 1, "eos_token_id": 2, "vocab_size": 32000,
-        "hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2,
-        "num_key_value_heads": 1, "hidden_act": "silu", "tie_word_embeddings": false,
-        "rope_theta": 10000.0
-    })
-}
-
 /// A tiny model directory; `scale` makes the second expert differ from the first.
 fn write_model(dir: &Path, scale: f64) {
-    testkit::synthetic::write_decoder_dir(dir, &tiny_config(), &testkit::tokenizers::dir("llama2"));
-    let p = dir.join("model.safetensors");
-    let tensors: Vec<(String, candle_core::Tensor)> =
-        candle_core::safetensors::load(&p, &Device::Cpu)
-            .unwrap()
-            .into_iter()
-            .map(|(n, t)| (n, (t * scale).unwrap()))
-            .collect();
-    testkit::models::save(&p, &tensors);
+    let tokenizer = testkit::tokenizers::dir("llama2");
+    testkit::synthetic::write_scaled_decoder_dir(dir, &tiny_llama_config(), &tokenizer, scale);
 }
 
 const VALIDATION_MC: &str = "id,input,target,answer_choices,eval_type
