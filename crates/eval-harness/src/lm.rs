@@ -73,6 +73,14 @@ pub trait LanguageModel: Send + Sync {
     /// transposition, stacking, the tied head following its embedding). `Ok(false)` for
     /// tensors the model does not read; an error naming the tensor for a wrong shape.
     fn set_weight(&mut self, name: &str, tensor: &Tensor) -> Result<bool>;
+
+    /// The weights that [`LanguageModel::set_weight`] also takes in the layer form
+    /// ([`crate::models::linear::to_layer_form`]: f32, transposed), without converting or
+    /// copying them there. A caller replacing many weights (an in-memory merge) prepares these
+    /// on its own threads. None by default.
+    fn layer_form_weights(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// The state of a batch of greedy generations.

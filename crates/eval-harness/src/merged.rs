@@ -4,8 +4,12 @@
 //! parameters or another method over the same models — replacing the weights in place. This is
 //! what a search calls in a loop; `llm-merging eval --merge` calls it once.
 //!
-//! Every merged tensor reaches [`LanguageModel::set_weight`] exactly as reading the written
+//! Every merged tensor reaches [`LanguageModel::set_weight`] with the values reading the written
 //! checkpoint would give it, so scores and predictions equal merge-then-evaluate bit for bit.
+//! The weights the model keeps in another form (linear layers: f32, transposed) are put in that
+//! form by the merge threads as each tensor is finished
+//! ([`crate::models::linear::to_layer_form`]), so the one thread that writes the model only
+//! swaps them in.
 //!
 //! ```no_run
 //! use candle_core::{DType, Device};
@@ -26,7 +30,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::mpsc;
 
 use candle_core::{DType, Device, Tensor};
@@ -37,6 +41,7 @@ use merge_core::MergeConfig;
 
 use crate::error::{Error, Result};
 use crate::lm::LanguageModel;
+use crate::models::linear::to_layer_form;
 
 /// A model evaluated from merges done in memory (see the module docs).
 pub struct MergedModel {
@@ -94,7 +99,8 @@ impl MergedModel {
     pub fn merge(&mut self, cfg: &MergeConfig) -> Result<InMemoryReport> {
         let threads = self.pool.current_num_threads();
         let (tx, rx) = mpsc::sync_channel::<(String, Tensor)>(threads * QUEUED_PER_THREAD);
-        let sink = Queue(tx);
+        let layer_form = self.model.layer_form_weights().into_iter().collect();
+        let sink = Queue { tx, layer_form };
         let (session, pool, model) = (&self.session, &self.pool, &mut self.model);
         let mut put = BTreeSet::new();
         let mut failed = None;
@@ -143,12 +149,26 @@ impl MergedModel {
     }
 }
 
-/// The merge's side of the hand-over: each merged tensor queued for the writer.
-struct Queue(mpsc::SyncSender<(String, Tensor)>);
+/// The merge's side of the hand-over: each merged tensor queued for the writer, in the layer
+/// form where the model takes that (converted here, on the merge's threads).
+struct Queue {
+    tx: mpsc::SyncSender<(String, Tensor)>,
+    layer_form: HashSet<String>,
+}
 
 impl TensorSink for Queue {
     fn put(&self, name: &str, tensor: Tensor) -> merge_core::Result<()> {
-        self.0
+        let tensor = if self.layer_form.contains(name) {
+            to_layer_form(&tensor)
+                .map_err(|e| merge_core::Error::Sink {
+                    tensor: name.to_string(),
+                    source: e.to_string().into(),
+                })?
+                .unwrap_or(tensor)
+        } else {
+            tensor
+        };
+        self.tx
             .send((name.to_string(), tensor))
             .map_err(|_| merge_core::Error::Sink {
                 tensor: name.to_string(),

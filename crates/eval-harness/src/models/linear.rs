@@ -11,7 +11,7 @@
 
 use std::sync::OnceLock;
 
-use candle_core::{DType, Device, Storage, Tensor};
+use candle_core::{CpuStorage, DType, Device, Storage, Tensor, WithDType};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
@@ -92,6 +92,19 @@ impl Lin {
             device: device.clone(),
             panels: OnceLock::new(),
         })
+    }
+
+    /// The checkpoint names of the weights (not biases) this layer keeps transposed in f32 on
+    /// the CPU, which [`Lin::set`] takes in [`to_layer_form`] without a copy; none on other
+    /// dtypes or devices.
+    pub fn layer_form_names(&self) -> Vec<String> {
+        if self.dtype != DType::F32 || !self.device.is_cpu() {
+            return Vec::new();
+        }
+        self.parts
+            .iter()
+            .map(|(p, _)| format!("{p}.weight"))
+            .collect()
     }
 
     /// Replaces the weight or bias `name` when it is one of this layer's; `Ok(false)` otherwise.
@@ -192,27 +205,53 @@ impl Lin {
 /// took a fifth of a model's load time.
 fn transposed(w: &Tensor) -> Result<Tensor> {
     let (rows, cols) = w.dims2()?;
-    const B: usize = 32;
-    let blocked = with_cpu_f32(w, |src| {
-        let mut dst = vec![0f32; rows * cols];
-        // Each task writes B rows of the result from B columns of every source row.
-        dst.par_chunks_mut((B * rows).max(1))
-            .enumerate()
-            .for_each(|(cb, out)| {
-                let c0 = cb * B;
-                let cn = out.len() / rows.max(1);
-                for r in 0..rows {
-                    for (c, &x) in src[r * cols + c0..r * cols + c0 + cn].iter().enumerate() {
-                        out[c * rows + r] = x;
-                    }
-                }
-            });
-        dst
-    })?;
-    match blocked {
+    match with_cpu_f32(w, |src| transpose_to_f32(src, rows, cols))? {
         Some(dst) => Ok(Tensor::from_vec(dst, (cols, rows), w.device())?),
         None => Ok(w.t()?.contiguous()?),
     }
+}
+
+/// A CPU weight `w` (`[rows, cols]`, stored as bf16, f16 or f32) in the form [`Lin`] keeps it
+/// in f32: the transposed view of a new contiguous `[cols, rows]` f32 tensor, which
+/// [`Lin::set`] then takes without converting or copying anything. Widening to f32 is exact,
+/// so the layer ends up bit for bit as if it had been given `w` itself. This lets a caller that
+/// replaces weights from many threads (an in-memory merge) do the work there; `None` for
+/// other dtypes, devices or non-contiguous tensors.
+pub fn to_layer_form(w: &Tensor) -> Result<Option<Tensor>> {
+    let (rows, cols) = w.dims2()?;
+    let (storage, layout) = w.storage_and_layout();
+    let (Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) else {
+        return Ok(None);
+    };
+    let dst = match cpu {
+        CpuStorage::F32(s) => transpose_to_f32(&s[start..end], rows, cols),
+        CpuStorage::BF16(s) => transpose_to_f32(&s[start..end], rows, cols),
+        CpuStorage::F16(s) => transpose_to_f32(&s[start..end], rows, cols),
+        _ => return Ok(None),
+    };
+    Ok(Some(
+        Tensor::from_vec(dst, (cols, rows), &Device::Cpu)?.t()?,
+    ))
+}
+
+/// `src` (`[rows, cols]`, row-major, any float type) transposed and widened into a new
+/// `[cols, rows]` f32 buffer, in parallel: each task writes B rows of the result from B
+/// columns of every source row.
+fn transpose_to_f32<T: WithDType>(src: &[T], rows: usize, cols: usize) -> Vec<f32> {
+    const B: usize = 32;
+    let mut dst = vec![0f32; rows * cols];
+    dst.par_chunks_mut((B * rows).max(1))
+        .enumerate()
+        .for_each(|(cb, out)| {
+            let c0 = cb * B;
+            let cn = out.len() / rows.max(1);
+            for r in 0..rows {
+                for (c, &x) in src[r * cols + c0..r * cols + c0 + cn].iter().enumerate() {
+                    out[c * rows + r] = x.to_f64() as f32;
+                }
+            }
+        });
+    dst
 }
 
 /// `f` on the elements of `t` where it is a contiguous f32 tensor on the CPU (borrowed, not

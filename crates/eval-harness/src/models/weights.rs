@@ -156,6 +156,11 @@ impl Weight {
         })
     }
 
+    /// The checkpoint name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// The tensor.
     pub fn tensor(&self) -> &Tensor {
         &self.tensor

@@ -44,6 +44,10 @@ impl Attention {
         })
     }
 
+    fn lins(&self) -> [&Lin; 4] {
+        [&self.q, &self.k, &self.v, &self.o]
+    }
+
     fn set(&mut self, name: &str, t: &Tensor) -> Result<bool> {
         Ok(self.q.set(name, t)?
             || self.k.set(name, t)?
@@ -146,6 +150,10 @@ impl Mlp {
         })
     }
 
+    fn lins(&self) -> [&Lin; 2] {
+        [&self.gate_up, &self.down]
+    }
+
     fn set(&mut self, name: &str, t: &Tensor) -> Result<bool> {
         Ok(self.gate_up.set(name, t)? || self.down.set(name, t)?)
     }
@@ -191,6 +199,11 @@ impl Block {
             mlp: Mlp::new(cfg, &vb.pp("mlp"))?,
             eps: cfg.rms_norm_eps as f32,
         })
+    }
+
+    /// The layer's linear layers.
+    pub fn lins(&self) -> impl Iterator<Item = &Lin> {
+        self.attn.lins().into_iter().chain(self.mlp.lins())
     }
 
     pub fn set(&mut self, name: &str, t: &Tensor) -> Result<bool> {

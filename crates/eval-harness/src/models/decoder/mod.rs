@@ -314,6 +314,14 @@ impl LanguageModel for Decoder {
         Ok((Box::new(Decoding { model: self, cache }), logits))
     }
 
+    fn layer_form_weights(&self) -> Vec<String> {
+        // A tied head's weight is also the embedding, which is kept as stored.
+        let head = self.lm_head.layer_form_names();
+        let head = head.into_iter().filter(|n| n != self.embed.name());
+        let layers = self.layers.iter().flat_map(|l| l.lins());
+        layers.flat_map(Lin::layer_form_names).chain(head).collect()
+    }
+
     fn set_weight(&mut self, name: &str, tensor: &Tensor) -> Result<bool> {
         // The tied head follows the embedding: both read `model.embed_tokens.weight`.
         let embedding = self.embed.set(name, tensor)?;

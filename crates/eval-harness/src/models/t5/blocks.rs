@@ -146,6 +146,12 @@ impl Block {
         })
     }
 
+    fn lins(&self) -> impl Iterator<Item = &Lin> {
+        let (sa, ff) = (&self.self_attn, &self.ff);
+        let cross = self.cross.iter().flat_map(|(_, c)| [&c.q, &c.kv, &c.o]);
+        [&sa.qkv, &sa.o, &ff.wi, &ff.wo].into_iter().chain(cross)
+    }
+
     fn set(&mut self, name: &str, t: &Tensor) -> Result<bool> {
         if self.self_norm.set(name, t)?
             || self.self_attn.set(name, t)?
@@ -201,6 +207,11 @@ impl Stack {
             )?,
             bidirectional: !decoder,
         })
+    }
+
+    /// Every linear layer of the stack.
+    pub fn lins(&self) -> impl Iterator<Item = &Lin> {
+        self.blocks.iter().flat_map(Block::lins)
     }
 
     pub fn set(&mut self, name: &str, t: &Tensor) -> Result<bool> {

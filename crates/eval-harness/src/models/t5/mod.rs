@@ -526,6 +526,14 @@ impl LanguageModel for T5 {
         Ok((Box::new(state), logits))
     }
 
+    fn layer_form_weights(&self) -> Vec<String> {
+        // A tied head's weight is also the embedding, which is kept as stored.
+        let head = self.lm_head.layer_form_names();
+        let head = head.into_iter().filter(|n| n != self.shared.name());
+        let stacks = self.encoder.lins().chain(self.decoder.lins());
+        stacks.flat_map(Lin::layer_form_names).chain(head).collect()
+    }
+
     fn set_weight(&mut self, name: &str, tensor: &Tensor) -> Result<bool> {
         // A tied head follows the embedding it was loaded from.
         let embedding = self.shared.set(name, tensor)?;
