@@ -86,11 +86,7 @@ impl Check {
     /// compares them.
     pub fn run(scorer: &mut Scorer<'_>, best: &Trial) -> Result<Check> {
         let plan = scorer.plan();
-        let entry = plan.space.base().clone();
-        let best_recipe = plan
-            .space
-            .recipe(&best.raw)
-            .expect("a trial's recipe is valid");
+        let (entry, best_recipe) = the_two_recipes(plan, best);
         let mut sides = Vec::new();
         for recipe in [&entry, &best_recipe] {
             let tuning = scorer.score(recipe, plan.rows.tuning())?.rows;
@@ -104,11 +100,7 @@ impl Check {
     /// The check from the store alone (`--report`): `None` unless both recipes' tuning and
     /// held-out rows are all stored.
     pub fn from_store(plan: &Plan, store: &Store, best: &Trial) -> Result<Option<Check>> {
-        let entry = plan.space.base().clone();
-        let best_recipe = plan
-            .space
-            .recipe(&best.raw)
-            .expect("a trial's recipe is valid");
+        let (entry, best_recipe) = the_two_recipes(plan, best);
         let mut sides = Vec::new();
         for recipe in [&entry, &best_recipe] {
             let key = crate::plan::recipe_key(recipe);
@@ -316,4 +308,13 @@ impl Check {
         };
         s
     }
+}
+
+/// The two recipes the held-out check compares: the entry's own and the best trial's.
+fn the_two_recipes(plan: &Plan, best: &Trial) -> (MergeConfig, MergeConfig) {
+    let best_recipe = plan
+        .space
+        .recipe(&best.raw)
+        .expect("a trial's recipe is valid");
+    (plan.space.base().clone(), best_recipe)
 }
