@@ -312,58 +312,42 @@ fn an_entry_with_prompt_runs_eval_predict_and_package() {
         "{reseeded}"
     );
 
-    // `eval` and `predict --prompt FILE` over the merged model give what the entry gave.
+    // `eval --prompt FILE` over the merged model, and with the merge done in memory (the chat
+    // template is then the reference model's), give what the entry gave.
     let merged = s.ws.join(dist).join("work/merged");
     let entry = s.ws.join("submissions/chatty/entry.toml");
-    let out = s.ws.join("cli-eval");
-    ok(&s.run(&[
-        "eval",
-        "--model",
-        merged.to_str().unwrap(),
-        "--prompt",
-        entry.to_str().unwrap(),
-        "--data",
-        "data/validation/mc.csv",
-        "data/validation/gen.csv",
-        "--max-gen-len",
-        "8",
-        "--batch-size",
-        "2",
-        "--out",
-        out.to_str().unwrap(),
-    ]));
-    for f in ["predictions/mc.csv", "predictions/gen.csv", "scores.json"] {
-        assert_eq!(
-            s.read(&format!("cli-eval/{f}")),
-            s.read(&format!("{dist}/work/eval/{f}")),
-            "{f}"
-        );
-    }
-    // The same with the merge done in memory: the chat template is the reference model's.
     let config = s.ws.join("merge.toml");
     let text = std::fs::read_to_string(&entry).unwrap();
     let merge = &text[..text.find("[eval]").unwrap()];
     std::fs::write(&config, merge.replace("../../../models", "../models")).unwrap();
-    ok(&s.run(&[
-        "eval",
-        "--merge",
-        config.to_str().unwrap(),
-        "--prompt",
-        entry.to_str().unwrap(),
-        "--data",
-        "data/validation/mc.csv",
-        "data/validation/gen.csv",
-        "--max-gen-len",
-        "8",
-        "--out",
-        "cli-eval-merge",
-    ]));
-    for f in ["predictions/mc.csv", "predictions/gen.csv", "scores.json"] {
-        assert_eq!(
-            s.read(&format!("cli-eval-merge/{f}")),
-            s.read(&format!("{dist}/work/eval/{f}")),
-            "{f}"
-        );
+    for (source, path, out) in [
+        ("--model", &merged, "cli-eval"),
+        ("--merge", &config, "cli-eval-merge"),
+    ] {
+        let (path, entry) = (path.to_str().unwrap(), entry.to_str().unwrap());
+        ok(&s.run(&[
+            "eval",
+            source,
+            path,
+            "--prompt",
+            entry,
+            "--data",
+            "data/validation/mc.csv",
+            "data/validation/gen.csv",
+            "--max-gen-len",
+            "8",
+            "--batch-size",
+            "2",
+            "--out",
+            out,
+        ]));
+        for f in ["predictions/mc.csv", "predictions/gen.csv", "scores.json"] {
+            assert_eq!(
+                s.read(&format!("{out}/{f}")),
+                s.read(&format!("{dist}/work/eval/{f}")),
+                "{source}: {f}"
+            );
+        }
     }
     // predict has no validation files by default here: the prompt file names them.
     let file = s.ws.join("predict-prompt.toml");
