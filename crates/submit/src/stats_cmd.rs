@@ -61,13 +61,16 @@ fn shares_input_with(module: &str) -> Option<String> {
         .map(|prefix| format!("{prefix}q_proj"))
 }
 
+/// One distinct input: the modules reading it and the sum of XᵀX so far.
+type InputSum = (BTreeSet<String>, Option<Tensor>);
+
 /// Sums XᵀX per distinct linear-layer input over the tokens `valid` marks.
 #[derive(Default)]
 struct GramSums {
     /// The batch in flight: per flattened position (row-major `[batch, t]`), a real token?
     valid: Mutex<Vec<bool>>,
     /// First module reading an input → (the modules reading it, the sum so far).
-    sums: Mutex<BTreeMap<String, (BTreeSet<String>, Option<Tensor>)>>,
+    sums: Mutex<BTreeMap<String, InputSum>>,
 }
 
 impl InputObserver for GramSums {
