@@ -88,7 +88,7 @@ fn task(opts: &EvalOptions, t: EvalType) -> Option<&Task> {
 
 /// The text a row gives the model (`None`: its raw input) and its token ids: the kit's input
 /// tokenizer, or nothing added to a chat template's rendering.
-fn prompt_ids(
+pub fn prompt_ids(
     model: &dyn LanguageModel,
     e: &Example,
     opts: &EvalOptions,

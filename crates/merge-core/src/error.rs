@@ -47,6 +47,14 @@ pub enum Error {
     #[error("merge method `{method}`: {message}")]
     Method { method: String, message: String },
 
+    /// A model's input statistics (`stats = "DIR"`) are unreadable or do not fit it.
+    #[error("statistics {} of {model}: {message}", path.display())]
+    Statistics {
+        model: String,
+        path: PathBuf,
+        message: String,
+    },
+
     /// Writing the output failed.
     #[error("{}: {message}", path.display())]
     Write { path: PathBuf, message: String },
@@ -117,6 +125,20 @@ impl Error {
     pub fn corrupt(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
         let (path, message) = (path.into(), message.into());
         Error::Corrupt { path, message }
+    }
+
+    /// The statistics in `path` of model `model` do not fit.
+    pub fn statistics(
+        model: impl Into<String>,
+        path: impl Into<PathBuf>,
+        message: impl Into<String>,
+    ) -> Self {
+        let (model, path, message) = (model.into(), path.into(), message.into());
+        Error::Statistics {
+            model,
+            path,
+            message,
+        }
     }
 
     /// Writing to `path` failed.

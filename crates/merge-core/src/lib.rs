@@ -7,6 +7,7 @@
 //! - [`checkpoint`]: reading safetensors / PyTorch `.bin` tensor by tensor, writing sharded
 //!   safetensors atomically;
 //! - [`config`]: the merge config schema (our TOML, mergekit's YAML);
+//! - [`input_stats`]: a model's input statistics (Gram matrices) for data-dependent merges;
 //! - [`params`]: declared, typed parameters and their resolution per tensor;
 //! - [`methods`]: tensor-level merge methods behind one trait;
 //! - [`adapter`]: PEFT LoRA adapters, and the adapter-level merges (`lora_avg`, `cat`, `svd`);
@@ -18,6 +19,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod input_stats;
 pub mod methods;
 pub mod params;
 pub mod registry;

@@ -33,6 +33,7 @@ pub static REGISTRY: &[Method] = &[
     Method::Tensor(&methods::Slerp),
     Method::Tensor(&methods::ModelStock),
     Method::Tensor(&methods::GeometricMedian),
+    Method::Tensor(&methods::RegMean),
     Method::Adapter(&LoraAvg),
     Method::Adapter(&CAT),
     Method::Adapter(&SVD),

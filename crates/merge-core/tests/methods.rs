@@ -58,6 +58,7 @@ fn run(
             params: g,
             model_params: p,
             seed,
+            grams: None,
         })
         .unwrap()
         .flatten_all()

@@ -17,6 +17,7 @@ mod report_cmd;
 mod rules;
 mod run_cmd;
 mod search_cmd;
+mod stats_cmd;
 
 use std::process::ExitCode;
 
@@ -66,6 +67,8 @@ enum Command {
     /// Write an entry's HTML report (scores against references, timings, heatmaps, examples),
     /// or compare several entries on the same rows.
     Report(report_cmd::ReportArgs),
+    /// Input statistics for `regmean`: Gram matrices of the linear layers' inputs on some rows.
+    Stats(stats_cmd::StatsArgs),
 }
 
 fn main() -> ExitCode {
@@ -104,6 +107,7 @@ fn main() -> ExitCode {
         Some(Command::Search(args)) => search_cmd::run(args),
         Some(Command::Inspect(args)) => inspect_cmd::run(args),
         Some(Command::Report(args)) => report_cmd::run(args),
+        Some(Command::Stats(args)) => stats_cmd::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -9,7 +9,7 @@
 //! on the development machine). The copy doubles the weights' memory, which only CPU f32
 //! evaluation pays.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::{CpuStorage, DType, Device, Storage, Tensor, WithDType};
 use candle_nn::VarBuilder;
@@ -17,6 +17,15 @@ use rayon::prelude::*;
 
 use super::weights::{fetch, full_name, prepare};
 use crate::error::Result;
+
+/// Sees every input of the linear layers it is installed on (`llm-merging stats` sums Gram
+/// matrices with one). None is installed by default: evaluation pays one `Option` check per
+/// layer call.
+pub trait InputObserver: Send + Sync {
+    /// `x` (`[.., in]`, as the layer gets it) is the input of the checkpoint modules `modules`
+    /// (`model.layers.0.self_attn.q_proj`; stacked gate/up: both).
+    fn observe(&self, modules: &[&str], x: &Tensor) -> Result<()>;
+}
 
 /// `y = x·W^T + b` with `W^T` kept contiguous, over one or more checkpoint modules whose
 /// outputs sit side by side (stacked q/k/v or gate/up: one product instead of several).
@@ -32,6 +41,7 @@ pub struct Lin {
     /// `W^T` in [`PANEL`]-column panels for [`panel_matmul`]; `None` inside where the weights
     /// are not f32 on the CPU. Made on first use, dropped when a weight is replaced.
     panels: OnceLock<Option<Vec<f32>>>,
+    observer: Option<Arc<dyn InputObserver>>,
 }
 
 impl Lin {
@@ -91,6 +101,7 @@ impl Lin {
             dtype,
             device: device.clone(),
             panels: OnceLock::new(),
+            observer: None,
         })
     }
 
@@ -105,6 +116,11 @@ impl Lin {
             .iter()
             .map(|(p, _)| format!("{p}.weight"))
             .collect()
+    }
+
+    /// Installs (or with `None` removes) an observer of this layer's inputs.
+    pub fn set_observer(&mut self, observer: Option<Arc<dyn InputObserver>>) {
+        self.observer = observer;
     }
 
     /// Replaces the weight or bias `name` when it is one of this layer's; `Ok(false)` otherwise.
@@ -161,6 +177,10 @@ impl Lin {
 
     /// Applies the layer to `x` of shape `[.., in]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(o) = &self.observer {
+            let modules: Vec<&str> = self.parts.iter().map(|(m, _)| m.as_str()).collect();
+            o.observe(&modules, x)?;
+        }
         let dims = x.dims().to_vec();
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, self.inp))?;

@@ -210,6 +210,7 @@ pub fn parse(text: &str, origin: &str) -> Result<MergeConfig> {
             model,
             revision,
             parameters: ours(m.parameters, &format!("{origin}: models[{i}].parameters"))?,
+            stats: None,
         });
     }
     let cfg = MergeConfig {

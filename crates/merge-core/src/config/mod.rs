@@ -14,6 +14,7 @@
 //! [[merge.models]]
 //! model = "org/expert"       # local dir, hub id, or a PEFT adapter
 //! revision = "sha"
+//! stats = "stats/expert"    # input statistics (llm-merging stats), for regmean
 //! [merge.models.parameters]  # per-model parameters (weight, density, gamma, epsilon, ...)
 //! weight = 0.5
 //! ```
@@ -82,6 +83,10 @@ pub struct ModelEntry {
     /// Per-model parameters (`weight`, `density`, ...).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub parameters: BTreeMap<String, ParamValue>,
+    /// The model's input statistics directory (`llm-merging stats`), for methods that use
+    /// them (`regmean`): a path, not a per-tensor parameter, so it sits beside `model`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stats: Option<String>,
 }
 
 /// Output dtypes, under the names transformers writes in `config.json` (`torch_dtype`).

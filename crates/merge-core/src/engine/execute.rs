@@ -316,6 +316,11 @@ fn merge_whole(
         .collect::<Result<Vec<Tensor>>>()?;
     let base = inputs.base.is_some().then(|| tensors.remove(0));
     let models = tensors;
+    let grams = if p.grams {
+        Some(mean_grams(plan, name, device)?)
+    } else {
+        None
+    };
     let merged = plan
         .method
         .merge(&TensorInputs {
@@ -325,9 +330,10 @@ fn merge_whole(
             params: &p.params,
             model_params: &p.model_params,
             seed: tensor_seed(plan.seed, name),
+            grams: grams.as_deref(),
         })
         .map_err(|e| method_error(plan, name, e))?;
-    drop((base, models));
+    drop((base, models, grams));
     if merged.dims() != p.out.shape.as_slice() {
         return Err(method_error(
             plan,
@@ -340,4 +346,17 @@ fn merge_whole(
         ));
     }
     out.write(&p.out, &merged)
+}
+
+/// Per model, the Gram matrix of weight `name`'s inputs divided by its token count (the mean
+/// over the calibration tokens), on `device`.
+fn mean_grams(plan: &MergePlan, name: &str, device: &Device) -> Result<Vec<Tensor>> {
+    plan.stats
+        .iter()
+        .map(|s| {
+            let tokens = s.meta.tokens.max(1) as f64;
+            let g = s.load(name, device)?;
+            (g / tokens).map_err(|e| Error::tensor(name, e))
+        })
+        .collect()
 }

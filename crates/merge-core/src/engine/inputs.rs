@@ -3,6 +3,7 @@
 //! many merges over the same models.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
@@ -88,6 +89,9 @@ pub struct Inputs {
     /// The model whose tensor names, config and tokenizer the output takes (the base, else
     /// the first model's checkpoint, which is an adapter's base).
     pub reference: Arc<Checkpoint>,
+    /// Where relative paths in the config (`stats`) are looked up first: the config's
+    /// directory, as the resolver's.
+    pub base_dir: Option<PathBuf>,
 }
 
 /// A model a reference resolved to, opened.
@@ -131,7 +135,10 @@ impl Inputs {
     /// files), adapters with their bases.
     pub fn open(cfg: &MergeConfig, resolver: &Resolver) -> Result<Self> {
         let mut cache = HashMap::new();
-        Self::assemble(cfg, &mut |r, base| open_with(resolver, &mut cache, r, base))
+        let mut inputs =
+            Self::assemble(cfg, &mut |r, base| open_with(resolver, &mut cache, r, base))?;
+        inputs.base_dir = resolver.base_dir().map(PathBuf::from);
+        Ok(inputs)
     }
 
     /// Build the inputs from `open`, which gives the opened model of a reference (`base`:
@@ -190,6 +197,7 @@ impl Inputs {
             models,
             model_entries,
             reference,
+            base_dir: None,
         })
     }
 
@@ -245,6 +253,7 @@ fn adapter_base_ref(adapter: &Adapter) -> Result<ModelRef> {
 /// another config over those models without touching the files again.
 pub struct MergeSession {
     opened: HashMap<ModelRef, Opened>,
+    base_dir: Option<PathBuf>,
     /// Memory budget for tensors in flight, in bytes (default: a quarter of RAM).
     pub max_memory: Option<u64>,
     /// Where methods that work on whole tensors compute (streaming methods: the CPU).
@@ -262,6 +271,7 @@ impl MergeSession {
         })?;
         Ok(MergeSession {
             opened,
+            base_dir: resolver.base_dir().map(PathBuf::from),
             max_memory: None,
             device: Device::Cpu,
             progress: false,
@@ -270,7 +280,7 @@ impl MergeSession {
 
     /// The inputs of `cfg`, which must name only models this session opened.
     pub fn inputs(&self, cfg: &MergeConfig) -> Result<Inputs> {
-        Inputs::assemble(cfg, &mut |r, _| {
+        let mut inputs = Inputs::assemble(cfg, &mut |r, _| {
             self.opened.get(r).cloned().ok_or_else(|| {
                 let mut known: Vec<String> = self.opened.keys().map(|k| k.to_string()).collect();
                 known.sort();
@@ -283,6 +293,8 @@ impl MergeSession {
                     ),
                 )
             })
-        })
+        })?;
+        inputs.base_dir = self.base_dir.clone();
+        Ok(inputs)
     }
 }

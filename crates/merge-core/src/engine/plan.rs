@@ -4,12 +4,14 @@
 //! early and leaves no output.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use super::inputs::{InputModel, Inputs};
 use super::MergeOptions;
 use crate::checkpoint::{Checkpoint, OutputTensor};
 use crate::config::{MergeConfig, OutDType};
 use crate::error::{Error, Result};
+use crate::input_stats::InputStats;
 use crate::methods::{MergeMethod, Params};
 use crate::params::{layer_position, layers_in, num_layers, ConfigParams};
 use crate::registry::{self, Method};
@@ -27,6 +29,8 @@ pub struct PlannedTensor {
     pub model_params: Vec<Params>,
     /// Copied from the reference unchanged (non-float tensors).
     pub copy: bool,
+    /// Merged with every model's input statistics (see [`MergePlan::stats`]).
+    pub grams: bool,
 }
 
 /// What a merge will do.
@@ -45,6 +49,78 @@ pub struct MergePlan {
     pub bytes_written: u64,
     /// Inputs described for the plan and the model card: (role, label, weight files).
     pub inputs: Vec<(String, String, Vec<PathBuf>)>,
+    /// Per input model, its input statistics, for methods that use them (else empty).
+    pub stats: Vec<Arc<InputStats>>,
+}
+
+/// Open every model's input statistics (`stats = "DIR"` of its `[[merge.models]]` entry),
+/// checked against the model's architecture.
+fn open_statistics(
+    cfg: &MergeConfig,
+    inputs: &Inputs,
+    method: &str,
+) -> Result<Vec<Arc<InputStats>>> {
+    let mut stats = Vec::new();
+    for (m, &entry) in inputs.models.iter().zip(&inputs.model_entries) {
+        let label = m.label();
+        let Some(dir) = &cfg.models[entry].stats else {
+            return Err(Error::method(
+                method,
+                format!(
+                    "model {label} has no input statistics: set `stats = \"DIR\"` in its \
+                     [[merge.models]] entry (`llm-merging stats --model {} --data CSV --out \
+                     DIR` computes them)",
+                    cfg.models[entry].model
+                ),
+            ));
+        };
+        let dir = Path::new(dir);
+        let dir = match &inputs.base_dir {
+            Some(base) if dir.is_relative() && base.join(dir).is_dir() => base.join(dir),
+            _ => dir.to_path_buf(),
+        };
+        let s = InputStats::open(&dir, &label)?;
+        s.check_architecture(&label, m.checkpoint().config())?;
+        stats.push(Arc::new(s));
+    }
+    Ok(stats)
+}
+
+/// Whether tensor `name` (shape `shape`) has input statistics in every model's `stats`: an
+/// error when only some have them, or a matrix does not match the weight's input dimension.
+fn has_grams(
+    name: &str,
+    shape: &[usize],
+    stats: &[Arc<InputStats>],
+    inputs: &Inputs,
+) -> Result<bool> {
+    let with: Vec<bool> = stats.iter().map(|s| s.shape(name).is_some()).collect();
+    if !with.iter().any(|&w| w) {
+        return Ok(false);
+    }
+    for ((s, m), w) in stats.iter().zip(&inputs.models).zip(&with) {
+        if !w {
+            return Err(Error::statistics(
+                m.label(),
+                &s.dir,
+                format!("no Gram matrix for `{name}`, which other models' statistics have"),
+            ));
+        }
+        let gram = s.shape(name).expect("checked");
+        let fits = shape.len() == 2 && gram == [shape[1], shape[1]];
+        if !fits {
+            return Err(Error::statistics(
+                m.label(),
+                &s.dir,
+                format!(
+                    "the Gram matrix of `{name}` is {gram:?} but the weight is {shape:?} (it \
+                     needs [{in_dim}, {in_dim}]): statistics of another architecture?",
+                    in_dim = shape.get(1).copied().unwrap_or(0)
+                ),
+            ));
+        }
+    }
+    Ok(true)
 }
 
 /// Sort tensor names with numbers compared as numbers (layer 2 before layer 10).
@@ -116,6 +192,11 @@ pub fn plan(cfg: &MergeConfig, inputs: &Inputs) -> Result<MergePlan> {
     let reference = &inputs.reference;
     let dtype = output_dtype(cfg, reference);
     let n_layers = num_layers(reference.config()).unwrap_or_else(|| layers_in(reference.names()));
+    let stats = if tensor_method.uses_input_statistics() {
+        open_statistics(cfg, inputs, method.name())?
+    } else {
+        Vec::new()
+    };
 
     let mut names: Vec<&str> = reference.names().collect();
     names.sort_by_cached_key(|n| natural_key(n));
@@ -147,6 +228,7 @@ pub fn plan(cfg: &MergeConfig, inputs: &Inputs) -> Result<MergePlan> {
         let copy = !info.dtype.is_float();
         let t = layer_position(name, n_layers);
         let (mut globals, mut model_params) = (Params::new(), vec![Params::new(); n_models]);
+        let grams = !copy && !stats.is_empty() && has_grams(name, &info.shape, &stats, inputs)?;
         if !copy {
             globals = params.globals(name, t)?;
             for (p, &entry) in model_params.iter_mut().zip(&inputs.model_entries) {
@@ -168,6 +250,7 @@ pub fn plan(cfg: &MergeConfig, inputs: &Inputs) -> Result<MergePlan> {
             params: globals,
             model_params,
             copy,
+            grams,
         });
     }
     let bytes_written = tensors.iter().map(|t| t.out.bytes()).sum();
@@ -192,6 +275,7 @@ pub fn plan(cfg: &MergeConfig, inputs: &Inputs) -> Result<MergePlan> {
         bytes_read,
         bytes_written,
         inputs: described,
+        stats,
     })
 }
 

@@ -59,6 +59,7 @@
 mod geometric_median;
 mod linear;
 mod model_stock;
+mod regmean;
 mod slerp;
 pub mod sparsify;
 mod stream;
@@ -70,6 +71,7 @@ pub use crate::params::{ParamSpec, Params};
 pub use geometric_median::GeometricMedian;
 pub use linear::Linear;
 pub use model_stock::ModelStock;
+pub use regmean::{regmean_solve, RegMean};
 pub use slerp::Slerp;
 pub use stream::{
     fold_chunks, map_chunks, stream_chunks, Chunk, ChunkSink, Source, StreamInputs, VecSink,
@@ -94,6 +96,11 @@ pub struct TensorInputs<'a> {
     pub model_params: &'a [Params],
     /// Seed for this tensor (the config seed mixed with the tensor name), for random methods.
     pub seed: u64,
+    /// For methods that use input statistics ([`MergeMethod::uses_input_statistics`]), when
+    /// every model has them for this tensor (a 2-D weight `[out, in]`): per model, in config
+    /// order, the mean Gram matrix `[in, in]` of the layer's inputs over its calibration
+    /// tokens (f32). `None` for tensors without statistics and for every other method.
+    pub grams: Option<&'a [Tensor]>,
 }
 
 impl TensorInputs<'_> {
@@ -156,6 +163,12 @@ pub trait MergeMethod: Send + Sync {
     /// Most input models (besides the base) the method accepts; `None` = no limit.
     fn max_models(&self) -> Option<usize> {
         None
+    }
+    /// Whether the method reads each model's input statistics (a `stats = "DIR"` per model,
+    /// made by `llm-merging stats`); the engine then checks them at planning and passes the
+    /// Gram matrices of each weight in [`TensorInputs::grams`].
+    fn uses_input_statistics(&self) -> bool {
+        false
     }
     /// Tensor-sized f32 buffers the method allocates besides its inputs (for the executor's
     /// memory budget).

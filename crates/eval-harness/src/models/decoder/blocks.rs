@@ -1,6 +1,8 @@
 //! The decoder's layers: attention (RoPE, grouped-query, KV cache), the gated MLP and the
 //! pre-norm block around them, each read from its checkpoint prefix with `new(cfg, vb)`.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Tensor, D};
 use candle_nn::VarBuilder;
 
@@ -8,7 +10,7 @@ use super::cache::append_kv;
 use super::config::{Activation, DecoderConfig, Family};
 use crate::error::Result;
 use crate::models::attention::{fused_cpu, weigh_values, Mask};
-use crate::models::linear::Lin;
+use crate::models::linear::{InputObserver, Lin};
 use crate::models::vector_math;
 use crate::models::weights::Weight;
 
@@ -204,6 +206,21 @@ impl Block {
     /// The layer's linear layers.
     pub fn lins(&self) -> impl Iterator<Item = &Lin> {
         self.attn.lins().into_iter().chain(self.mlp.lins())
+    }
+
+    /// Installs `o` on every linear layer of the block (see [`InputObserver`]).
+    pub fn set_observer(&mut self, o: Option<Arc<dyn InputObserver>>) {
+        let (a, m) = (&mut self.attn, &mut self.mlp);
+        for lin in [
+            &mut a.q,
+            &mut a.k,
+            &mut a.v,
+            &mut a.o,
+            &mut m.gate_up,
+            &mut m.down,
+        ] {
+            lin.set_observer(o.clone());
+        }
     }
 
     pub fn set(&mut self, name: &str, t: &Tensor) -> Result<bool> {

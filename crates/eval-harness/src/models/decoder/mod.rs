@@ -14,6 +14,7 @@ mod cache;
 mod config;
 
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, IndexOp, Module, Tensor, D};
 use candle_nn::VarBuilder;
@@ -28,7 +29,7 @@ use blocks::Block;
 
 use super::attention::Mask;
 use super::batch_shape;
-use super::linear::Lin;
+use super::linear::{InputObserver, Lin};
 use super::vector_math::picked_log_probs;
 use super::weights::Weight;
 
@@ -101,6 +102,14 @@ impl Decoder {
     /// The configuration.
     pub fn config(&self) -> &DecoderConfig {
         &self.cfg
+    }
+
+    /// Installs `observer` on the linear layers of every block (not the head: its input is
+    /// the final hidden state, and it is not merged by input statistics), or removes it.
+    pub fn set_observer(&mut self, observer: Option<Arc<dyn InputObserver>>) {
+        for layer in &mut self.layers {
+            layer.set_observer(observer.clone());
+        }
     }
 
     /// A fresh cache for this model.
