@@ -121,3 +121,106 @@ fn passthrough_slices_that_change_the_layers_are_rejected() {
         "{err}"
     );
 }
+
+/// One tensor merged by `method` directly (its defaults, then `global` and `weight`s).
+fn merge_tensor(
+    method: &str,
+    base: Option<&[f32]>,
+    models: &[&[f32]],
+    global: &[(&'static str, f64)],
+    weights: &[f64],
+) -> candle_core::Result<Vec<f32>> {
+    use candle_core::{Device, Tensor};
+    use merge_core::methods::{Params, TensorInputs};
+    use merge_core::registry::{lookup, Method};
+    let Some(Method::Tensor(m)) = lookup(method) else {
+        panic!("{method} is not a tensor-level method")
+    };
+    let t = |x: &[f32]| Tensor::from_slice(x, x.len(), &Device::Cpu).unwrap();
+    let mut g = Params::defaults(m.parameters());
+    for &(k, v) in global {
+        g.set(k, v);
+    }
+    let per_model: Vec<Params> = (0..models.len())
+        .map(|i| {
+            let mut p = Params::defaults(m.model_parameters());
+            if let Some(w) = weights.get(i) {
+                p.set("weight", *w);
+            }
+            p
+        })
+        .collect();
+    let base = base.map(t);
+    let models: Vec<Tensor> = models.iter().map(|x| t(x)).collect();
+    m.merge(&TensorInputs {
+        name: "model.layers.0.mlp.up_proj.weight",
+        base: base.as_ref(),
+        models: &models,
+        params: &g,
+        model_params: &per_model,
+        seed: 0,
+    })?
+    .to_vec1::<f32>()
+}
+
+#[test]
+fn multislerp_of_cancelling_directions_is_an_error_for_three_and_linear_for_two() {
+    let (a, b) = ([1.0f32, 2.0], [-1.0f32, -2.0]);
+    // Two antipodal inputs of equal weight: mergekit's linear fallback, Σ wᵢxᵢ = 0.
+    let two = merge_tensor("multislerp", None, &[&a, &b], &[], &[1.0, 1.0]).unwrap();
+    assert_eq!(two, [0.0, 0.0]);
+    let err = merge_tensor(
+        "multislerp",
+        None,
+        &[&a, &b, &[0.0, 0.0]],
+        &[],
+        &[1.0, 1.0, 1.0],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("multislerp") && err.contains("model.layers.0.mlp.up_proj.weight"),
+        "{err}"
+    );
+}
+
+#[test]
+fn spherical_means_keep_the_norm_and_stay_between_the_inputs() {
+    // Orthogonal unit vectors: every spherical mean lies on the unit circle at 45°.
+    let (a, b) = ([1.0f32, 0.0], [0.0f32, 1.0]);
+    let h = std::f32::consts::FRAC_1_SQRT_2;
+    for (method, global) in [
+        ("karcher", vec![]),
+        ("multislerp", vec![]),
+        ("nuslerp", vec![]),
+    ] {
+        let out = merge_tensor(method, None, &[&a, &b], &global, &[1.0, 1.0]).unwrap();
+        assert!(
+            (out[0] - h).abs() < 1e-6 && (out[1] - h).abs() < 1e-6,
+            "{method}: {out:?}"
+        );
+    }
+    // nuslerp's weights sum to zero: t = 0.5, as in mergekit.
+    let out = merge_tensor("nuslerp", None, &[&a, &b], &[], &[1.0, -1.0]).unwrap();
+    assert!(
+        (out[0] - h).abs() < 1e-6 && (out[1] - h).abs() < 1e-6,
+        "{out:?}"
+    );
+    // Karcher of all-zero inputs is zero (no direction to average).
+    let zero = [0.0f32, 0.0];
+    let out = merge_tensor("karcher", None, &[&zero, &zero], &[], &[]).unwrap();
+    assert_eq!(out, [0.0, 0.0]);
+}
+
+#[test]
+fn ram_averages_only_the_experts_that_changed_an_element() {
+    let base = [0.0f32, 0.0, 0.0];
+    let a = [1.0f32, 2.0, 0.0];
+    let b = [3.0f32, 0.0, 0.0];
+    let out = merge_tensor("ram", Some(&base), &[&a, &b], &[], &[]).unwrap();
+    assert_eq!(out, [2.0, 2.0, 0.0]);
+    // RAM+: a has one shared and one unique change (ρ = 1), b none unique (ρ = 1/ε):
+    // λ = 1 + r·min(ρ, α) = 1.02 for both; only a's unique change is scaled.
+    let out = merge_tensor("ramplus_tl", Some(&base), &[&a, &b], &[], &[]).unwrap();
+    assert_eq!(out, [2.0, 2.0 * 1.02, 0.0]);
+}
