@@ -82,6 +82,11 @@ impl MergeMethod for ArceeFusion {
         Some(1)
     }
 
+    fn scratch_tensors(&self, _n_models: usize) -> usize {
+        // the importance scores, their sorted copy and the output
+        3
+    }
+
     fn merge(&self, x: &TensorInputs) -> Result<Tensor> {
         let base = x.base.expect("requires_base");
         let row = base.dims().last().copied().unwrap_or(1).max(1);

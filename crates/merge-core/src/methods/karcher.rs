@@ -125,6 +125,11 @@ impl MergeMethod for Karcher {
         2
     }
 
+    fn scratch_tensors(&self, n_models: usize) -> usize {
+        // a unit vector per input (a named base included), the mean, the tangent, the next mean
+        n_models + 4
+    }
+
     fn check_params(&self, params: &Params, _: &[Params]) -> std::result::Result<(), String> {
         let max_iter = params.number("max_iter");
         if max_iter < 0.0 || max_iter.fract() != 0.0 {

@@ -150,6 +150,11 @@ impl MergeMethod for Multislerp {
         2
     }
 
+    fn scratch_tensors(&self, n_models: usize) -> usize {
+        // the task vectors (with a base) and the output
+        n_models + 1
+    }
+
     fn merge(&self, x: &TensorInputs) -> Result<Tensor> {
         let n = x.models.len();
         let mut weights: Vec<f64> = (0..n).map(|i| x.model_param(i, "weight")).collect();

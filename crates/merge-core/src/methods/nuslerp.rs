@@ -146,6 +146,11 @@ impl MergeMethod for Nuslerp {
         Some(2)
     }
 
+    fn scratch_tensors(&self, _n_models: usize) -> usize {
+        // two task vectors (with a base) and the output
+        3
+    }
+
     fn merge(&self, x: &TensorInputs) -> Result<Tensor> {
         let (wa, wb) = (x.model_param(0, "weight"), x.model_param(1, "weight"));
         let total = wa + wb;

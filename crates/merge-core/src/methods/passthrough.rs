@@ -10,7 +10,9 @@
 //! whole (a dtype conversion, a re-upload, or a tensor scaled by a name filter).
 //!
 //! Parameters: per model `scale` (default 1.0; mergekit's default `None` means the same).
-//! Exactly one input; a named `base_model` counts as one (as in mergekit).
+//! Exactly one input; a named `base_model` counts as one (as in mergekit). When that one input
+//! is the base itself (named as `base_model` and listed under `models`), it is copied unscaled:
+//! the base takes no per-model parameters here.
 //!
 //! ```toml
 //! [merge]
