@@ -34,6 +34,15 @@ pub static REGISTRY: &[Method] = &[
     Method::Tensor(&methods::ModelStock),
     Method::Tensor(&methods::GeometricMedian),
     Method::Tensor(&methods::RegMean),
+    Method::Tensor(&methods::Sce),
+    Method::Tensor(&methods::Nuslerp),
+    Method::Tensor(&methods::Multislerp),
+    Method::Tensor(&methods::Karcher),
+    Method::Tensor(&methods::Nearswap),
+    Method::Tensor(&methods::ArceeFusion),
+    Method::Tensor(&methods::RAM),
+    Method::Tensor(&methods::RAMPLUS_TL),
+    Method::Tensor(&methods::Passthrough),
     Method::Adapter(&LoraAvg),
     Method::Adapter(&CAT),
     Method::Adapter(&SVD),
@@ -68,6 +77,17 @@ impl Method {
     /// models (adapter-level methods never do).
     pub fn requires_base(&self) -> bool {
         matches!(self, Method::Tensor(m) if m.requires_base())
+    }
+
+    /// Whether an entry naming the base model is the base, not one of the models (see
+    /// [`MergeMethod::separates_base`] and [`MergeMethod::base_is_input`]).
+    pub fn separates_base(&self) -> bool {
+        matches!(self, Method::Tensor(m) if m.separates_base() || m.base_is_input())
+    }
+
+    /// Whether a named base model counts as one of the inputs ([`MergeMethod::base_is_input`]).
+    pub fn base_is_input(&self) -> bool {
+        matches!(self, Method::Tensor(m) if m.base_is_input())
     }
 
     /// Fewest and most input models besides the base (`None`: no limit).

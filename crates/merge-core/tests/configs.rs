@@ -227,9 +227,9 @@ mod method_names {
         );
         assert!(err.contains("linear") && err.contains("lora_avg"), "{err}");
         let yaml =
-            config::mergekit::parse("merge_method: nuslerp\nmodels: [{model: a}]\n", "c.yml");
+            config::mergekit::parse("merge_method: franken\nmodels: [{model: a}]\n", "c.yml");
         let err = yaml.unwrap().validate("c.yml").unwrap_err().to_string();
-        assert!(err.contains("unknown merge method `nuslerp`"), "{err}");
+        assert!(err.contains("unknown merge method `franken`"), "{err}");
     }
 
     #[test]

@@ -21,9 +21,9 @@
 //!   - model: org/base+org/adapter # `base+lora`, when `base` is the base_model
 //! ```
 //!
-//! Everything else (`slices`, `modules`, `tokenizer`, `tokenizer_source` other than `base`,
-//! `chat_template`, string parameters, `base+lora` over another model...) is an error that
-//! names it.
+//! Everything else (`slices` and `modules`, which change the layers: see `passthrough`;
+//! `tokenizer`, `tokenizer_source` other than `base`, `chat_template`, string parameters,
+//! `base+lora` over another model...) is an error that names it.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -133,7 +133,10 @@ pub fn parse(text: &str, origin: &str) -> Result<MergeConfig> {
     {
         let hint = match k {
             "slices" | "modules" => {
-                " (layer slicing is not supported; merge whole models with `models:`)"
+                " (layer slices build the output from layer ranges, a frankenmerge that \
+                 changes the layer count or order: the ≤8B / one-architecture rule allows only \
+                 outputs of the inputs' shape; merge whole models with `models:`, e.g. \
+                 `passthrough` of one model)"
             }
             "tokenizer" | "chat_template" => " (the output takes the base model's tokenizer as is)",
             _ => "",

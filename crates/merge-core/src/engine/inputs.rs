@@ -163,7 +163,7 @@ impl Inputs {
         let mut model_entries = Vec::new();
         // Methods on task vectors see the base separately: an entry naming the base is the base
         // (mergekit's models lists usually include it).
-        let base_separate = registry::lookup(&cfg.method).is_some_and(|m| m.requires_base());
+        let base_separate = registry::lookup(&cfg.method).is_some_and(|m| m.separates_base());
         for (entry, r) in cfg.model_refs().into_iter().enumerate() {
             if base_separate && base_ref.as_ref() == Some(&r) {
                 continue;

@@ -144,16 +144,16 @@ fn check_model_count(method: Method, n: usize) -> Result<()> {
         Some(max) => format!("{min} to {max}"),
         None => format!("at least {min}"),
     };
+    let counted = if method.base_is_input() {
+        "input model(s), a named base model included"
+    } else if method.separates_base() {
+        "model(s) besides the base (an entry naming the base model is the base)"
+    } else {
+        "model(s) besides the base"
+    };
     Err(Error::method(
         method.name(),
-        format!(
-            "takes {expected} model(s) besides the base, got {n}{}",
-            if method.requires_base() {
-                " (an entry naming the base model is the base)"
-            } else {
-                ""
-            }
-        ),
+        format!("takes {expected} {counted}, got {n}"),
     ))
 }
 
@@ -188,7 +188,8 @@ pub fn plan(cfg: &MergeConfig, inputs: &Inputs) -> Result<MergePlan> {
         method.model_parameters(),
     )?;
     let n_models = inputs.models.len();
-    check_model_count(method, n_models)?;
+    let base_input = usize::from(method.base_is_input() && inputs.base.is_some());
+    check_model_count(method, n_models + base_input)?;
     let reference = &inputs.reference;
     let dtype = output_dtype(cfg, reference);
     let n_layers = num_layers(reference.config()).unwrap_or_else(|| layers_in(reference.names()));

@@ -56,10 +56,18 @@
 //! straight from the checkpoint files and writes each finished chunk, so no tensor-sized
 //! buffer is ever allocated. `linear.rs` shows the pattern (one kernel serves both paths).
 
+mod arcee_fusion;
 mod geometric_median;
+mod karcher;
 mod linear;
 mod model_stock;
 mod regmean;
+mod multislerp;
+mod nearswap;
+mod nuslerp;
+mod passthrough;
+mod ram;
+mod sce;
 mod slerp;
 pub mod sparsify;
 mod stream;
@@ -68,10 +76,18 @@ mod task_arithmetic;
 use candle_core::{Result, Tensor};
 
 pub use crate::params::{ParamSpec, Params};
+pub use arcee_fusion::ArceeFusion;
 pub use geometric_median::GeometricMedian;
+pub use karcher::Karcher;
 pub use linear::Linear;
 pub use model_stock::ModelStock;
 pub use regmean::{regmean_solve, RegMean};
+pub use multislerp::Multislerp;
+pub use nearswap::Nearswap;
+pub use nuslerp::Nuslerp;
+pub use passthrough::Passthrough;
+pub use ram::{Ram, RAM, RAMPLUS_TL};
+pub use sce::Sce;
 pub use slerp::Slerp;
 pub use stream::{
     fold_chunks, map_chunks, stream_chunks, Chunk, ChunkSink, Source, StreamInputs, VecSink,
@@ -154,6 +170,18 @@ pub trait MergeMethod: Send + Sync {
     /// a `[[merge.models]]` entry naming the base model is the base, not an input model (as
     /// in mergekit, where the base is never among the "non-base" inputs).
     fn requires_base(&self) -> bool {
+        false
+    }
+    /// Whether an entry naming the base model is the base rather than an input model when the
+    /// base is optional (mergekit's "optional" base policy: `nuslerp`, `multislerp`). Methods
+    /// that require a base always separate it.
+    fn separates_base(&self) -> bool {
+        self.requires_base()
+    }
+    /// Whether a named base model is one more input, after the models (mergekit's "ignored"
+    /// base policy, under which the base is merged like any model: `karcher`, `passthrough`).
+    /// The method then finds it in [`TensorInputs::base`] and counts it in its model bounds.
+    fn base_is_input(&self) -> bool {
         false
     }
     /// Fewest input models (besides the base) the method accepts.

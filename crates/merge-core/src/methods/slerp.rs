@@ -41,8 +41,13 @@ pub struct Slerp;
 
 /// The coefficients (of a, of b) for interpolating a and b at t.
 pub fn slerp_coefficients(a: &[f32], b: &[f32], t: f64) -> (f64, f64) {
-    let (aa, bb, ab) = a
-        .par_chunks(CHUNK)
+    let unit = |n: f64| if n > NORM_EPS { n } else { 1.0 };
+    spherical_coefficients(dots(a, b), t, unit, |d| d.abs() > DOT_THRESHOLD)
+}
+
+/// (Σa², Σb², Σab) in f64.
+pub fn dots(a: &[f32], b: &[f32]) -> (f64, f64, f64) {
+    a.par_chunks(CHUNK)
         .zip(b.par_chunks(CHUNK))
         .map(|(x, y)| {
             let mut s = (0f64, 0f64, 0f64);
@@ -54,17 +59,22 @@ pub fn slerp_coefficients(a: &[f32], b: &[f32], t: f64) -> (f64, f64) {
             }
             s
         })
-        .reduce(|| (0.0, 0.0, 0.0), |p, q| (p.0 + q.0, p.1 + q.1, p.2 + q.2));
-    let na = match aa.sqrt() {
-        n if n > NORM_EPS => n,
-        _ => 1.0,
-    };
-    let nb = match bb.sqrt() {
-        n if n > NORM_EPS => n,
-        _ => 1.0,
-    };
-    let dot = (ab / (na * nb)).clamp(-1.0, 1.0);
-    if dot.abs() > DOT_THRESHOLD {
+        .reduce(|| (0.0, 0.0, 0.0), |p, q| (p.0 + q.0, p.1 + q.1, p.2 + q.2))
+}
+
+/// The spherical interpolation coefficients (of a, of b) at t from a and b's [`dots`]:
+/// sin((1−t)θ)/sin θ and sin(tθ)/sin θ, with θ the angle between a and b. `unit_norm` maps a
+/// norm to the one a vector is divided by (how a near-zero vector is treated), and where
+/// `colinear(cos θ)` holds the result is the linear (1 − t, t) instead. `slerp` and `nuslerp`
+/// differ only in these two rules.
+pub fn spherical_coefficients(
+    (aa, bb, ab): (f64, f64, f64),
+    t: f64,
+    unit_norm: impl Fn(f64) -> f64,
+    colinear: impl Fn(f64) -> bool,
+) -> (f64, f64) {
+    let dot = (ab / (unit_norm(aa.sqrt()) * unit_norm(bb.sqrt()))).clamp(-1.0, 1.0);
+    if colinear(dot) {
         return (1.0 - t, t);
     }
     let theta = dot.acos();

@@ -332,8 +332,7 @@ impl Combine {
                 .zip(div.iter_mut())
             {
                 let v = v * w;
-                let up = *t >= 0.0;
-                let agree = (up & (v > 0.0)) | (!up & (v < 0.0));
+                let agree = agrees_with(v, *t);
                 // Branch-free: adding +0.0 where the sign disagrees changes nothing (neither
                 // sum is ever −0.0: it starts at +0.0 and only nonzero values are added).
                 let m = 0u32.wrapping_sub(u32::from(agree));
@@ -345,6 +344,14 @@ impl Combine {
             *o = self.finish(*b, *mx, if *dv == 0.0 { 1.0 } else { *dv });
         }
     }
+}
+
+/// TIES's sign election ("sum" consensus): whether `v` has the sign of the elected `total`
+/// (+ when `total` ≥ 0). Zero never agrees.
+#[inline]
+pub(crate) fn agrees_with(v: f32, total: f32) -> bool {
+    let up = total >= 0.0;
+    (up & (v > 0.0)) | (!up & (v < 0.0))
 }
 
 impl MergeMethod for TaskArithmeticFamily {
