@@ -13,7 +13,7 @@ rewritten here) and writes crates/merge-core/tests/fixtures/svd/:
                                    fixtures/merge) and the golden's path
   <case>/model.safetensors         the reference merge of that case
   extract_lora.json                each extraction case: base, model, rank, energy, the golden
-  extract_<case>/delta.safetensors per linear module `M.weight`: the rank-r reconstruction
+  extract_<case>/model.safetensors per linear module `M.weight`: the rank-r reconstruction
                                    B·A of M − B (float32), and `M.sigma`: every singular value
                                    of M − B (float64), so tests can check the truncation error
 
@@ -202,7 +202,7 @@ def main():
         golden, ranks = extract(model, rank, energy)
         dest = os.path.join(OUT, f"extract_{name}")
         os.makedirs(dest, exist_ok=True)
-        save_file(golden, os.path.join(dest, "delta.safetensors"))
+        save_file(golden, os.path.join(dest, "model.safetensors"))
         extracts.append({
             "name": name,
             "base": "models/base",
@@ -210,7 +210,7 @@ def main():
             "rank": rank,
             "energy": energy,
             "ranks": ranks,
-            "golden": f"extract_{name}/delta.safetensors",
+            "golden": f"extract_{name}/model.safetensors",
         })
     with open(os.path.join(OUT, "extract_lora.json"), "w") as f:
         json.dump(extracts, f, indent=2)

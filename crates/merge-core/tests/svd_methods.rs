@@ -1,10 +1,13 @@
 //! The SVD-based merges (`tsv`, `iso_c`, `iso_cts`) against the float64 torch transcription of
 //! the papers' formulas in scripts/goldens/svd_goldens.py, on the tiny Llama fixtures of
 //! tests/fixtures/merge (goldens in tests/fixtures/svd); and their properties and errors.
+//! `extract-lora` against the same script's torch SVD reference.
 
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
+use merge_core::adapter::extract::{extract_lora, ExtractOptions};
+use merge_core::adapter::Adapter;
 use merge_core::checkpoint::Checkpoint;
 use merge_core::engine::{self, MergeOptions};
 use merge_core::methods::dense_linalg::{thin_svd, view_rows};
@@ -173,4 +176,119 @@ fn bad_parameters_and_shapes_are_clear_errors() {
     let base = Tensor::zeros((2, 2), candle_core::DType::F32, &Device::Cpu).unwrap();
     let e = merge("iso_c", &base, &[nan], &[]).unwrap_err().to_string();
     assert!(e.contains("NaN"), "{e}");
+}
+
+/// `extract-lora`'s adapter against the torch SVD reference: the same ranks, B·A equal to the
+/// reference's rank-r reconstruction, the same singular values, and ‖Δ − B·A‖²_F equal to the
+/// sum of the dropped σ² (Eckart–Young); the written adapter reads back through our reader.
+#[test]
+fn extracted_lora_matches_the_reference_svd_and_its_truncation_error() {
+    let cases: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("svd/extract_lora.json")).unwrap(),
+    )
+    .unwrap();
+    let merge = fixtures().join("merge");
+    let tmp = tempfile::tempdir().unwrap();
+    for case in cases.as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let base = Checkpoint::open_dir(merge.join(case["base"].as_str().unwrap())).unwrap();
+        let model = Checkpoint::open_dir(merge.join(case["model"].as_str().unwrap())).unwrap();
+        let opts = ExtractOptions {
+            rank: case["rank"].as_u64().unwrap() as usize,
+            energy: case["energy"].as_f64(),
+            base_name: "models/base".into(),
+        };
+        let lora = extract_lora(&base, &model, &opts).unwrap();
+        let out = tmp.path().join(name);
+        lora.write(&out, false).unwrap();
+        let adapter = Adapter::open_dir(&out).unwrap();
+        let golden = Checkpoint::open_dir(
+            fixtures()
+                .join("svd")
+                .join(case["golden"].as_str().unwrap())
+                .parent()
+                .unwrap(),
+        )
+        .unwrap();
+        let ranks = case["ranks"].as_object().unwrap();
+        assert_eq!(lora.modules.len(), ranks.len(), "{name}: extracted layers");
+        let (mut worst, mut worst_sigma, mut worst_err) = (0f32, 0f32, 0f64);
+        for m in &lora.modules {
+            assert_eq!(m.rank as u64, ranks[&m.module].as_u64().unwrap(), "{name}: {}", m.module);
+            let weight = format!("{}.weight", m.module);
+            let ours = adapter.delta(&weight, &Device::Cpu).unwrap().unwrap();
+            let reference = golden.load_f32(&weight, &Device::Cpu).unwrap();
+            worst = worst.max(compare::max_abs_diff(&ours, &reference));
+            let sigma = golden
+                .load_f32(&format!("{}.sigma", m.module), &Device::Cpu)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let ds = compare::max_abs_diff_f32(&m.sigma, &sigma);
+            worst_sigma = worst_sigma.max(ds);
+            // The truncation error the singular values predict.
+            let delta = (model.load_f32(&weight, &Device::Cpu).unwrap()
+                - base.load_f32(&weight, &Device::Cpu).unwrap())
+            .unwrap();
+            let residual = (delta - &ours).unwrap();
+            let err_sq = f64::from(residual.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap());
+            let predicted = m.error_sq();
+            let rel = (err_sq - predicted).abs() / predicted.max(1e-12);
+            worst_err = worst_err.max(rel);
+            assert!(
+                rel < 1e-3,
+                "{name} {}: ‖Δ − BA‖² = {err_sq}, Σ dropped σ² = {predicted}",
+                m.module
+            );
+            if let Some(e) = opts.energy {
+                assert!(m.energy() >= e || m.rank == opts.rank, "{}", m.module);
+            }
+        }
+        println!(
+            "{name}: max |BA − reference| = {worst:e}, max |σ − reference σ| = {worst_sigma:e}, \
+             max relative gap ‖Δ − BA‖² vs Σ dropped σ² = {worst_err:e}"
+        );
+        assert!(worst <= 1e-4, "{name}: {worst}");
+        assert!(worst_sigma <= 1e-4, "{name}: {worst_sigma}");
+        // The config: scale 1, the ranks as extracted, the linear layers as targets.
+        let cfg = &adapter.raw_config;
+        assert_eq!(cfg["r"], cfg["lora_alpha"]);
+        assert_eq!(cfg["peft_type"], "LORA");
+        let targets: Vec<&str> = cfg["target_modules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap())
+            .collect();
+        assert_eq!(
+            targets,
+            ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+        );
+        assert!(adapter.modules().values().all(|m| adapter.scale(m) == 1.0));
+    }
+}
+
+#[test]
+fn extraction_rejects_bad_options_and_writes_nothing() {
+    let merge = fixtures().join("merge/models");
+    let base = Checkpoint::open_dir(merge.join("base")).unwrap();
+    let model = Checkpoint::open_dir(merge.join("expert_a")).unwrap();
+    let opts = |rank, energy| ExtractOptions {
+        rank,
+        energy,
+        base_name: "base".into(),
+    };
+    for (o, needle) in [
+        (opts(0, None), "--rank"),
+        (opts(4, Some(0.0)), "--energy"),
+        (opts(4, Some(1.5)), "--energy"),
+    ] {
+        let e = extract_lora(&base, &model, &o).err().expect("an error").to_string();
+        assert!(e.contains(needle), "{e}");
+    }
+    let e = extract_lora(&base, &base, &opts(4, None))
+        .err()
+        .expect("an error")
+        .to_string();
+    assert!(e.contains("nothing to extract"), "{e}");
 }
