@@ -218,8 +218,16 @@ def main():
         sys.exit(check_ours(args.check_ours, cases, extracts))
 
 
+def merge_toml(cfg):
+    """Our TOML for a case's config (flat parameters, models without parameters)."""
+    lines = ["[merge]", f'method = "{cfg["method"]}"', f'base_model = "{cfg["base_model"]}"', f'dtype = "{cfg["dtype"]}"']
+    lines += ["[merge.parameters]"] + [f"{k} = {v}" for k, v in cfg["parameters"].items()]
+    for m in cfg["models"]:
+        lines += ["[[merge.models]]", f'model = "{m["model"]}"']
+    return "\n".join(lines) + "\n"
+
+
 def check_ours(binary, cases, extracts):
-    import toml
     from peft import PeftModel
     from transformers import LlamaForCausalLM
 
@@ -232,7 +240,7 @@ def check_ours(binary, cases, extracts):
             cfg["models"] = [{"model": os.path.abspath(os.path.join(merge_root, m["model"]))} for m in cfg["models"]]
             cfg_path = os.path.join(tmp, f"{case['name']}.toml")
             with open(cfg_path, "w") as f:
-                f.write(toml.dumps({"merge": cfg}))
+                f.write(merge_toml(cfg))
             out = os.path.join(tmp, case["name"])
             subprocess.run([binary, "merge", cfg_path, "--out", out], check=True, stdout=subprocess.DEVNULL)
             ours = LlamaForCausalLM.from_pretrained(out).state_dict()

@@ -6,6 +6,7 @@ mod demo_family;
 mod device;
 mod entry;
 mod eval_cmd;
+mod extract_lora_cmd;
 mod fetch_data;
 mod inspect_cmd;
 mod merge_cmd;
@@ -66,6 +67,9 @@ enum Command {
     /// Write an entry's HTML report (scores against references, timings, heatmaps, examples),
     /// or compare several entries on the same rows.
     Report(report_cmd::ReportArgs),
+    /// A PEFT LoRA adapter approximating a fine-tune's difference from its base (truncated SVD
+    /// per linear layer; embeddings, lm_head and norms left out), as mergekit-extract-lora.
+    ExtractLora(extract_lora_cmd::ExtractLoraArgs),
 }
 
 fn main() -> ExitCode {
@@ -104,6 +108,7 @@ fn main() -> ExitCode {
         Some(Command::Search(args)) => search_cmd::run(args),
         Some(Command::Inspect(args)) => inspect_cmd::run(args),
         Some(Command::Report(args)) => report_cmd::run(args),
+        Some(Command::ExtractLora(args)) => extract_lora_cmd::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
