@@ -214,7 +214,12 @@ fn extracted_lora_matches_the_reference_svd_and_its_truncation_error() {
         assert_eq!(lora.modules.len(), ranks.len(), "{name}: extracted layers");
         let (mut worst, mut worst_sigma, mut worst_err) = (0f32, 0f32, 0f64);
         for m in &lora.modules {
-            assert_eq!(m.rank as u64, ranks[&m.module].as_u64().unwrap(), "{name}: {}", m.module);
+            assert_eq!(
+                m.rank as u64,
+                ranks[&m.module].as_u64().unwrap(),
+                "{name}: {}",
+                m.module
+            );
             let weight = format!("{}.weight", m.module);
             let ours = adapter.delta(&weight, &Device::Cpu).unwrap().unwrap();
             let reference = golden.load_f32(&weight, &Device::Cpu).unwrap();
@@ -231,7 +236,15 @@ fn extracted_lora_matches_the_reference_svd_and_its_truncation_error() {
                 - base.load_f32(&weight, &Device::Cpu).unwrap())
             .unwrap();
             let residual = (delta - &ours).unwrap();
-            let err_sq = f64::from(residual.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap());
+            let err_sq = f64::from(
+                residual
+                    .sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap(),
+            );
             let predicted = m.error_sq();
             let rel = (err_sq - predicted).abs() / predicted.max(1e-12);
             worst_err = worst_err.max(rel);
@@ -262,7 +275,15 @@ fn extracted_lora_matches_the_reference_svd_and_its_truncation_error() {
             .collect();
         assert_eq!(
             targets,
-            ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+            [
+                "down_proj",
+                "gate_proj",
+                "k_proj",
+                "o_proj",
+                "q_proj",
+                "up_proj",
+                "v_proj"
+            ]
         );
         assert!(adapter.modules().values().all(|m| adapter.scale(m) == 1.0));
     }
@@ -283,7 +304,10 @@ fn extraction_rejects_bad_options_and_writes_nothing() {
         (opts(4, Some(0.0)), "--energy"),
         (opts(4, Some(1.5)), "--energy"),
     ] {
-        let e = extract_lora(&base, &model, &o).err().expect("an error").to_string();
+        let e = extract_lora(&base, &model, &o)
+            .err()
+            .expect("an error")
+            .to_string();
         assert!(e.contains(needle), "{e}");
     }
     let e = extract_lora(&base, &base, &opts(4, None))
