@@ -6,6 +6,7 @@ mod demo_family;
 mod device;
 mod entry;
 mod eval_cmd;
+mod extract_lora_cmd;
 mod fetch_data;
 mod inspect_cmd;
 mod merge_cmd;
@@ -69,6 +70,9 @@ enum Command {
     Report(report_cmd::ReportArgs),
     /// Input statistics for `regmean`: Gram matrices of the linear layers' inputs on some rows.
     Stats(stats_cmd::StatsArgs),
+    /// A PEFT LoRA adapter approximating a fine-tune's difference from its base (truncated SVD
+    /// per linear layer; embeddings, lm_head and norms left out), as mergekit-extract-lora.
+    ExtractLora(extract_lora_cmd::ExtractLoraArgs),
 }
 
 fn main() -> ExitCode {
@@ -108,6 +112,7 @@ fn main() -> ExitCode {
         Some(Command::Inspect(args)) => inspect_cmd::run(args),
         Some(Command::Report(args)) => report_cmd::run(args),
         Some(Command::Stats(args)) => stats_cmd::run(args),
+        Some(Command::ExtractLora(args)) => extract_lora_cmd::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

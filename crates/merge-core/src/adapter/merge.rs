@@ -351,28 +351,38 @@ impl AdapterMerge for Stack {
             tensors.push((format!("{PREFIX}{module}.{ka}"), a));
             tensors.push((format!("{PREFIX}{module}.{kb}"), b));
         }
-        let r = ranks.values().copied().max().unwrap_or(1);
-        let mut config = first.raw_config.clone();
-        // Scale 1 everywhere: alpha = r, per module where the rank differs.
-        config["r"] = r.into();
-        config["lora_alpha"] = r.into();
-        config["use_rslora"] = false.into();
-        let pattern: serde_json::Map<String, serde_json::Value> = ranks
-            .iter()
-            .filter(|(_, &rk)| rk != r)
-            .map(|(m, &rk)| (m.to_string(), rk.into()))
-            .collect();
-        config["rank_pattern"] = pattern.clone().into();
-        config["alpha_pattern"] = pattern.into();
-        let mut targets: Vec<&str> = modules
-            .values()
-            .map(|(m, _)| m.rsplit('.').next().unwrap_or(m))
-            .collect();
-        targets.sort();
-        targets.dedup();
-        config["target_modules"] = targets.into();
+        let config = unit_scale_config(first.raw_config.clone(), &ranks);
         Ok(MergedAdapter { tensors, config })
     }
+}
+
+/// `config` (an `adapter_config.json`) made to describe factors of scale 1 with these ranks
+/// (by module name): r = the highest rank and lora_alpha = r, a `rank_pattern` and an equal
+/// `alpha_pattern` for modules of another rank, no rsLoRA, and `target_modules` = the
+/// modules' last name components. Used by `cat`, `svd` and LoRA extraction.
+pub(crate) fn unit_scale_config(
+    mut config: serde_json::Value,
+    ranks: &BTreeMap<&str, usize>,
+) -> serde_json::Value {
+    let r = ranks.values().copied().max().unwrap_or(1);
+    config["r"] = r.into();
+    config["lora_alpha"] = r.into();
+    config["use_rslora"] = false.into();
+    let pattern: serde_json::Map<String, serde_json::Value> = ranks
+        .iter()
+        .filter(|(_, &rk)| rk != r)
+        .map(|(m, &rk)| (m.to_string(), rk.into()))
+        .collect();
+    config["rank_pattern"] = pattern.clone().into();
+    config["alpha_pattern"] = pattern.into();
+    let mut targets: Vec<&str> = ranks
+        .keys()
+        .map(|m| m.rsplit('.').next().unwrap_or(m))
+        .collect();
+    targets.sort();
+    targets.dedup();
+    config["target_modules"] = targets.into();
+    config
 }
 
 #[cfg(test)]

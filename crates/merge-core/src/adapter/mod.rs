@@ -1,5 +1,6 @@
 //! PEFT LoRA adapters: config, key mapping to base weights, dense deltas, adapter output;
-//! the adapter-level merges ([`merge`]) and their linear algebra ([`linalg`]).
+//! the adapter-level merges ([`merge`]) and their linear algebra ([`linalg`]); LoRA extraction
+//! from a fine-tune ([`extract`]).
 //!
 //! A PEFT file stores, for each adapted module `M` of the base model,
 //! `base_model.model.M.lora_A.weight` (r × in) and `base_model.model.M.lora_B.weight`
@@ -9,6 +10,7 @@
 //! `lora_embedding_B` (dim × r) with ΔW = scale · (B · A)ᵀ. Keys without a LoRA part are
 //! `modules_to_save`: full replacements of the base tensor.
 
+pub mod extract;
 pub mod linalg;
 pub mod merge;
 

@@ -57,6 +57,7 @@
 //! buffer is ever allocated. `linear.rs` shows the pattern (one kernel serves both paths).
 
 mod arcee_fusion;
+pub mod dense_linalg;
 mod geometric_median;
 mod karcher;
 mod linear;
@@ -71,6 +72,7 @@ mod sce;
 mod slerp;
 pub mod sparsify;
 mod stream;
+mod svd_merges;
 mod task_arithmetic;
 
 use candle_core::{Result, Tensor};
@@ -93,6 +95,7 @@ pub use stream::{
     fold_chunks, map_chunks, stream_chunks, Chunk, ChunkSink, Source, StreamInputs, VecSink,
     STREAM_CHUNK,
 };
+pub use svd_merges::{SvdMerge, ISO_C, ISO_CTS, TSV};
 pub use task_arithmetic::{
     Consensus, Sparsification, TaskArithmeticFamily, BREADCRUMBS, BREADCRUMBS_TIES, DARE_LINEAR,
     DARE_TIES, DELLA, DELLA_LINEAR, TASK_ARITHMETIC, TIES,
