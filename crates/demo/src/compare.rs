@@ -31,11 +31,22 @@ pub fn eval_options() -> EvalOptions {
 }
 
 /// The merge parameters of the reference rows, as merge config TOML bodies (after
-/// `[merge]`'s `method` and `base_model`, which are filled in).
-pub const REFERENCE_MERGES: [(&str, &str); 3] = [
+/// `[merge]`'s `method` and `base_model`, which are filled in): the classic methods with the
+/// entry's settings, then the newer data-free ones at their defaults. Methods that need what
+/// the demo family lacks are left out: exactly one or two models (`slerp`, `nuslerp`,
+/// `nearswap`, `arcee_fusion`, `passthrough`), the base as one more input (`karcher`,
+/// `geometric_median` would average the base in), calibration statistics (`regmean`).
+pub const REFERENCE_MERGES: &[(&str, &str)] = &[
     ("ties", "[merge.parameters]\ndensity = 0.5\nweight = 1.0\n"),
     ("task_arithmetic", "[merge.parameters]\nweight = 1.0\n"),
     ("linear", "[merge.parameters]\nweight = 1.0\n"),
+    ("sce", ""),
+    ("multislerp", "[merge.parameters]\nweight = 1.0\n"),
+    ("ram", ""),
+    ("ramplus_tl", ""),
+    ("tsv", ""),
+    ("iso_c", ""),
+    ("iso_cts", ""),
 ];
 
 /// A merge config over the demo family in `dir` with local paths. `base_model` is named for
@@ -203,7 +214,7 @@ pub fn compare(dir: &Path) -> Result<Table> {
             )
         })?);
     }
-    for (method, params) in REFERENCE_MERGES {
+    for &(method, params) in REFERENCE_MERGES {
         let toml = merge_config_toml(dir, method, params);
         let name = format!("merge: {method}");
         let k = key(&["merge", &toml]);

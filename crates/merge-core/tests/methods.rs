@@ -52,13 +52,14 @@ fn run(
 ) -> Vec<f32> {
     self::method(method)
         .merge(&TensorInputs {
-            name: "model.layers.0.mlp.up_proj.weight",
-            base: Some(base),
-            models,
-            params: g,
-            model_params: p,
             seed,
-            grams: None,
+            ..TensorInputs::new(
+                "model.layers.0.mlp.up_proj.weight",
+                Some(base),
+                models,
+                g,
+                p,
+            )
         })
         .unwrap()
         .flatten_all()

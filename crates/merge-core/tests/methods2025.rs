@@ -152,14 +152,13 @@ fn merge_tensor(
         .collect();
     let base = base.map(t);
     let models: Vec<Tensor> = models.iter().map(|x| t(x)).collect();
-    m.merge(&TensorInputs {
-        name: "model.layers.0.mlp.up_proj.weight",
-        base: base.as_ref(),
-        models: &models,
-        params: &g,
-        model_params: &per_model,
-        seed: 0,
-    })?
+    m.merge(&TensorInputs::new(
+        "model.layers.0.mlp.up_proj.weight",
+        base.as_ref(),
+        &models,
+        &g,
+        &per_model,
+    ))?
     .to_vec1::<f32>()
 }
 

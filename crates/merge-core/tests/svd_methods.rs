@@ -96,14 +96,13 @@ fn merge(
         params.set(k, *v);
     }
     let model_params = vec![Params::defaults(m.model_parameters()); models.len()];
-    m.merge(&TensorInputs {
-        name: "model.layers.0.mlp.up_proj.weight",
-        base: Some(base),
+    m.merge(&TensorInputs::new(
+        "model.layers.0.mlp.up_proj.weight",
+        Some(base),
         models,
-        params: &params,
-        model_params: &model_params,
-        seed: 0,
-    })
+        &params,
+        &model_params,
+    ))
 }
 
 fn singular_values(t: &Tensor) -> Vec<f32> {

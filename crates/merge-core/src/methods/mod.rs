@@ -62,12 +62,12 @@ mod geometric_median;
 mod karcher;
 mod linear;
 mod model_stock;
-mod regmean;
 mod multislerp;
 mod nearswap;
 mod nuslerp;
 mod passthrough;
 mod ram;
+mod regmean;
 mod sce;
 mod slerp;
 pub mod sparsify;
@@ -83,12 +83,12 @@ pub use geometric_median::GeometricMedian;
 pub use karcher::Karcher;
 pub use linear::Linear;
 pub use model_stock::ModelStock;
-pub use regmean::{regmean_solve, RegMean};
 pub use multislerp::Multislerp;
 pub use nearswap::Nearswap;
 pub use nuslerp::Nuslerp;
 pub use passthrough::Passthrough;
 pub use ram::{Ram, RAM, RAMPLUS_TL};
+pub use regmean::{regmean_solve, RegMean};
 pub use sce::Sce;
 pub use slerp::Slerp;
 pub use stream::{
@@ -122,7 +122,43 @@ pub struct TensorInputs<'a> {
     pub grams: Option<&'a [Tensor]>,
 }
 
-impl TensorInputs<'_> {
+impl<'a> TensorInputs<'a> {
+    /// The inputs of tensor `name` with seed 0 and no input statistics: what a test of a
+    /// method (or a caller merging tensors it holds) passes to [`MergeMethod::merge`].
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use merge_core::methods::{Linear, MergeMethod, Params, TensorInputs};
+    ///
+    /// let a = Tensor::new(&[1f32, 2.0], &Device::Cpu)?;
+    /// let b = Tensor::new(&[3f32, 6.0], &Device::Cpu)?;
+    /// let params = Params::defaults(Linear.parameters());
+    /// let mut per_model = Params::defaults(Linear.model_parameters());
+    /// per_model.set("weight", 1.0);
+    /// let models = [a, b];
+    /// let per_model = [per_model.clone(), per_model];
+    /// let x = TensorInputs::new("w", None, &models, &params, &per_model);
+    /// assert_eq!(Linear.merge(&x)?.to_vec1::<f32>()?, [2.0, 4.0]);
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn new(
+        name: &'a str,
+        base: Option<&'a Tensor>,
+        models: &'a [Tensor],
+        params: &'a Params,
+        model_params: &'a [Params],
+    ) -> Self {
+        TensorInputs {
+            name,
+            base,
+            models,
+            params,
+            model_params,
+            seed: 0,
+            grams: None,
+        }
+    }
+
     /// A global number parameter (declared by the method, so always present).
     pub fn param(&self, name: &str) -> f64 {
         self.params.number(name)
