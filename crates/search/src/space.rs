@@ -305,14 +305,20 @@ impl Space {
                 )));
             }
             let (min, max) = m.model_count();
+            let n = counted_inputs(m, n, self.base.base_model.is_some());
             if n < min || max.is_some_and(|max| n > max) {
                 return Err(SpecError::Invalid(format!(
-                    "[search] methods: `{}` merges {min}{} models, and the entry has {n}",
+                    "[search] methods: `{}` merges {min}{} models, and the entry has {n}{}",
                     m.name(),
                     match max {
                         Some(max) if max == min => String::new(),
                         Some(max) => format!(" to {max}"),
                         None => " or more".into(),
+                    },
+                    if m.base_is_input() && self.base.base_model.is_some() {
+                        " (its base_model counts: this method merges it as one more input)"
+                    } else {
+                        ""
                     }
                 )));
             }
@@ -459,7 +465,8 @@ impl Space {
             .collect();
         let m = registry::lookup(method_name).expect("checked");
         let (min, max) = m.model_count();
-        if kept.len() < min.max(1) || max.is_some_and(|max| kept.len() > max) {
+        let n = counted_inputs(&m, kept.len(), cfg.base_model.is_some());
+        if kept.is_empty() || n < min || max.is_some_and(|max| n > max) {
             return None;
         }
         cfg.models = kept;
@@ -558,4 +565,10 @@ pub fn complexity(cfg: &MergeConfig) -> usize {
             .iter()
             .map(|m| 1 + m.parameters.values().map(count).sum::<usize>())
             .sum::<usize>()
+}
+
+/// The inputs a method's model bounds count for `n` experts: the named base too where the
+/// method merges it as one more input (`karcher`, `passthrough`), as merge-core's plan does.
+fn counted_inputs(m: &Method, n: usize, base_named: bool) -> usize {
+    n + usize::from(m.base_is_input() && base_named)
 }

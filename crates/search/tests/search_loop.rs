@@ -458,6 +458,16 @@ fn bad_input_is_one_clear_error_before_any_model() {
             .contains("no row of `gen` (30 rows) is held out"),
         "{e}"
     );
+    // A method that merges the base as one more input counts it, as merge-core does.
+    let e = err(&format!(
+        "methods = [\"passthrough\"]\n{}",
+        range("scale", "model = \"*\"")
+    ));
+    assert!(
+        e.to_string()
+            .contains("`passthrough` merges 1 models, and the entry has 4 (its base_model counts"),
+        "{e}"
+    );
     let e = err(&format!("methods = [\"tie\"]\n{}", range("density", "")));
     assert!(matches!(e, SpecError::UnknownMethod { .. }), "{e}");
     let e = err(&format!("select = [\"z\"]\n{}", range("density", "")));
