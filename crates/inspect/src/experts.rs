@@ -10,6 +10,7 @@ use std::sync::Arc;
 use merge_core::adapter::Adapter;
 use merge_core::checkpoint::Checkpoint;
 use merge_core::engine::{InputModel, Inputs};
+use merge_core::params::natural_key;
 use merge_core::MergeConfig;
 
 use crate::error::{Error, Result};
@@ -159,14 +160,4 @@ fn same_checkpoint(a: &Checkpoint, b: &Checkpoint) -> bool {
             .collect()
     };
     std::ptr::eq(a, b) || a.label == b.label || files(a) == files(b)
-}
-
-/// Tensor names compared with numbers as numbers (layer 2 before layer 10).
-fn natural_key(name: &str) -> Vec<(String, u64)> {
-    name.split('.')
-        .map(|p| match p.parse::<u64>() {
-            Ok(n) => (String::new(), n),
-            Err(_) => (p.to_string(), 0),
-        })
-        .collect()
 }

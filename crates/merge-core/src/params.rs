@@ -255,6 +255,16 @@ fn resolve_all(
     Ok(params)
 }
 
+/// A sort key for tensor names that compares numbers as numbers (layer 2 before layer 10).
+pub fn natural_key(name: &str) -> Vec<(String, u64)> {
+    name.split('.')
+        .map(|p| match p.parse::<u64>() {
+            Ok(n) => (String::new(), n),
+            Err(_) => (p.to_string(), 0),
+        })
+        .collect()
+}
+
 /// Number of layers from `config.json`, if it says.
 pub fn num_layers(config: Option<&serde_json::Value>) -> Option<usize> {
     let c = config?;

@@ -13,7 +13,7 @@ use crate::config::{MergeConfig, OutDType};
 use crate::error::{Error, Result};
 use crate::input_stats::InputStats;
 use crate::methods::{MergeMethod, Params};
-use crate::params::{layer_position, layers_in, num_layers, ConfigParams};
+use crate::params::{layer_position, layers_in, natural_key, num_layers, ConfigParams};
 use crate::registry::{self, Method};
 
 /// One output tensor with everything resolved.
@@ -121,16 +121,6 @@ fn has_grams(
         }
     }
     Ok(true)
-}
-
-/// Sort tensor names with numbers compared as numbers (layer 2 before layer 10).
-fn natural_key(name: &str) -> Vec<(String, u64)> {
-    name.split('.')
-        .map(|p| match p.parse::<u64>() {
-            Ok(n) => (String::new(), n),
-            Err(_) => (p.to_string(), 0),
-        })
-        .collect()
 }
 
 /// The error for a model count outside the method's bounds, if it is.
