@@ -34,6 +34,7 @@ pub static REGISTRY: &[Method] = &[
     Method::Tensor(&methods::ModelStock),
     Method::Tensor(&methods::GeometricMedian),
     Method::Tensor(&methods::RegMean),
+    Method::Tensor(&methods::RegMeanPlus),
     Method::Tensor(&methods::Sce),
     Method::Tensor(&methods::Nuslerp),
     Method::Tensor(&methods::Multislerp),
@@ -80,6 +81,12 @@ impl Method {
     /// models (adapter-level methods never do).
     pub fn requires_base(&self) -> bool {
         matches!(self, Method::Tensor(m) if m.requires_base())
+    }
+
+    /// Whether the method is merged layer by layer over calibration rows (see
+    /// [`MergeMethod::merges_layer_by_layer`]): `regmean_plus`.
+    pub fn merges_layer_by_layer(&self) -> bool {
+        matches!(self, Method::Tensor(m) if m.merges_layer_by_layer())
     }
 
     /// Whether an entry naming the base model is the base, not one of the models (see

@@ -1,5 +1,6 @@
 //! `llm-merging`: merge, evaluate, predict and package a competition entry.
 
+mod calibration;
 mod convert_cmd;
 mod demo_cmd;
 mod demo_family;
@@ -14,6 +15,7 @@ mod organizer;
 mod package;
 mod pipeline;
 mod prompting;
+mod regmean_plus;
 mod report_cmd;
 mod rules;
 mod run_cmd;

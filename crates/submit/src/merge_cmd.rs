@@ -77,11 +77,28 @@ pub fn run(args: MergeArgs) -> Result<()> {
         device: crate::device::resolve(&args.device)?,
         overwrite: args.force,
     };
-    if args.dry_run {
+    let report = if crate::regmean_plus::is_layerwise(&cfg)? {
+        // regmean_plus: statistics computed layer by layer, then the engine's merge.
+        let inputs = engine::Inputs::open(&cfg, &resolver)?;
+        if args.dry_run {
+            print!("{}", crate::regmean_plus::describe(&cfg, &inputs)?);
+            return Ok(());
+        }
+        if opts.out.exists() && !opts.overwrite {
+            anyhow::bail!("{} exists; pass --force to replace it", opts.out.display());
+        }
+        let work = match opts.out.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let stats = crate::regmean_plus::statistics(&cfg, &inputs, &work, &opts.device)?;
+        engine::merge_to_disk(&stats.cfg, &inputs, &opts)?
+    } else if args.dry_run {
         print!("{}", engine::describe(&cfg, &resolver, &opts)?);
         return Ok(());
-    }
-    let report = engine::run(&cfg, &resolver, &opts)?;
+    } else {
+        engine::run(&cfg, &resolver, &opts)?
+    };
     if report.adapter {
         // LoRA-to-LoRA merges write an adapter, not a model.
         println!(

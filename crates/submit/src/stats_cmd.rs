@@ -9,18 +9,18 @@
 //! `[in, in]` matrix per distinct input, on the compute device (Llama-2-7B: 21.95 GB, see the
 //! README's "RegMean: statistics").
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Tensor, D};
-use eval_harness::dataset::{self, Example};
-use eval_harness::models::linear::InputObserver;
+use candle_core::Tensor;
 use eval_harness::models::{CheckpointSource, Decoder};
-use eval_harness::{EvalOptions, LanguageModel};
+use eval_harness::LanguageModel;
 use merge_core::input_stats::{self, StatsMeta};
 use merge_core::source::{ModelRef, Resolver};
+
+use crate::calibration::{self, GramSums};
 
 /// `llm-merging stats`.
 #[derive(clap::Args, Debug, Clone)]
@@ -39,7 +39,7 @@ pub struct StatsArgs {
     #[arg(long)]
     pub rows: Option<usize>,
     /// Rows per forward pass (right-padded; padding tokens are not counted).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = calibration::DEFAULT_BATCH_SIZE)]
     pub batch_size: usize,
     /// Compute dtype: auto (bf16 on a GPU, f32 on the CPU), f32, bf16 or f16. The sums are f32.
     #[arg(long, default_value = "auto")]
@@ -52,76 +52,6 @@ pub struct StatsArgs {
     pub overwrite: bool,
 }
 
-/// Modules that read the same input as another module: k and v read q's. (Stacked gate/up
-/// is one layer and arrives as one call.)
-fn shares_input_with(module: &str) -> Option<String> {
-    ["k_proj", "v_proj"]
-        .iter()
-        .find_map(|m| module.strip_suffix(m))
-        .map(|prefix| format!("{prefix}q_proj"))
-}
-
-/// One distinct input: the modules reading it and the sum of XᵀX so far.
-type InputSum = (BTreeSet<String>, Option<Tensor>);
-
-/// Sums XᵀX per distinct linear-layer input over the tokens `valid` marks.
-#[derive(Default)]
-struct GramSums {
-    /// The batch in flight: per flattened position (row-major `[batch, t]`), a real token?
-    valid: Mutex<Vec<bool>>,
-    /// First module reading an input → (the modules reading it, the sum so far).
-    sums: Mutex<BTreeMap<String, InputSum>>,
-}
-
-impl InputObserver for GramSums {
-    fn observe(&self, modules: &[&str], x: &Tensor) -> eval_harness::Result<()> {
-        if let Some(first) = shares_input_with(modules[0]) {
-            let mut sums = self.sums.lock().expect("not poisoned");
-            let entry = sums.entry(first).or_default();
-            entry.0.extend(modules.iter().map(|m| m.to_string()));
-            return Ok(());
-        }
-        let d = x.dim(D::Minus1)?;
-        let x = x.reshape(((), d))?;
-        let rows: Vec<u32> = {
-            let valid = self.valid.lock().expect("not poisoned");
-            if valid.len() != x.dim(0)? {
-                return Err(eval_harness::Error::Msg(format!(
-                    "stats: {} inputs to {} for a batch of {} positions",
-                    x.dim(0)?,
-                    modules[0],
-                    valid.len()
-                )));
-            }
-            (0..valid.len() as u32)
-                .filter(|&i| valid[i as usize])
-                .collect()
-        };
-        let index = Tensor::new(rows.as_slice(), x.device())?;
-        let xs = x.index_select(&index, 0)?.to_dtype(DType::F32)?;
-        let gram = xs.t()?.matmul(&xs)?;
-        let mut sums = self.sums.lock().expect("not poisoned");
-        let entry = sums.entry(modules[0].to_string()).or_default();
-        entry.0.extend(modules.iter().map(|m| m.to_string()));
-        entry.1 = Some(match entry.1.take() {
-            Some(sum) => (sum + gram)?,
-            None => gram,
-        });
-        Ok(())
-    }
-}
-
-/// The calibration rows: the first `limit` of `data`.
-fn rows(data: &Path, limit: Option<usize>) -> Result<Vec<Example>> {
-    let ds = dataset::load(data).with_context(|| format!("reading {}", data.display()))?;
-    let mut rows = ds.examples;
-    rows.truncate(limit.unwrap_or(usize::MAX));
-    if rows.is_empty() {
-        bail!("{}: no calibration rows", data.display());
-    }
-    Ok(rows)
-}
-
 /// `llm-merging stats`.
 pub fn run(a: StatsArgs) -> Result<()> {
     if a.batch_size == 0 {
@@ -130,7 +60,7 @@ pub fn run(a: StatsArgs) -> Result<()> {
     if a.out.exists() && !a.overwrite {
         bail!("{} exists; pass --overwrite to replace it", a.out.display());
     }
-    let rows = rows(&a.data, a.rows)?;
+    let rows = calibration::rows(&a.data, a.rows)?;
     let files = Resolver::from_env()
         .resolve(&ModelRef::new(a.model.clone()))
         .with_context(|| format!("resolving {}", a.model))?;
@@ -151,49 +81,18 @@ pub fn run(a: StatsArgs) -> Result<()> {
     let sums = Arc::new(GramSums::default());
     model.set_observer(Some(sums.clone()));
 
-    let opts = EvalOptions::default();
-    let mut tokenized = Vec::with_capacity(rows.len());
-    for e in &rows {
-        let (_, ids) = eval_harness::evaluate::prompt_ids(&model, e, &opts)
-            .with_context(|| format!("{}: row `{}`", a.data.display(), e.id))?;
-        tokenized.push(ids);
-    }
+    let tokenized = calibration::tokenize(&model, &rows, &a.data)?;
     let pad = model.tokenizer().pad_id();
     let progress = indicatif::ProgressBar::new(rows.len() as u64);
-    let mut tokens = 0u64;
-    for batch in tokenized.chunks(a.batch_size) {
-        let width = batch.iter().map(Vec::len).max().unwrap_or(0);
-        let ids: Vec<Vec<u32>> = batch
-            .iter()
-            .map(|r| {
-                (0..width)
-                    .map(|j| r.get(j).copied().unwrap_or(pad))
-                    .collect()
-            })
-            .collect();
-        let valid: Vec<Vec<bool>> = batch
-            .iter()
-            .map(|r| (0..width).map(|j| j < r.len()).collect())
-            .collect();
-        tokens += batch.iter().map(|r| r.len() as u64).sum::<u64>();
-        *sums.valid.lock().expect("not poisoned") = valid.concat();
+    let tokens = tokenized.iter().map(|r| r.len() as u64).sum();
+    for (ids, valid) in calibration::batches(&tokenized, a.batch_size, pad) {
+        sums.set_valid(&valid);
         model.forward(&ids, &valid, &mut model.new_cache())?;
-        progress.inc(batch.len() as u64);
+        progress.inc(ids.len() as u64);
     }
     progress.finish_and_clear();
     model.set_observer(None);
-
-    let sums = std::mem::take(&mut *sums.sums.lock().expect("not poisoned"));
-    let mut grams = BTreeMap::new();
-    let mut tensors = HashMap::new();
-    for (first, (modules, sum)) in sums {
-        let key = format!("{first}.weight");
-        let sum = sum.with_context(|| format!("no input reached {first}"))?;
-        for m in modules {
-            grams.insert(format!("{m}.weight"), key.clone());
-        }
-        tensors.insert(key, sum.to_device(&candle_core::Device::Cpu)?);
-    }
+    let (grams, tensors) = sums.take()?;
     let meta = StatsMeta {
         format: input_stats::FORMAT.to_string(),
         model: a.model.clone(),
@@ -223,7 +122,7 @@ pub fn run(a: StatsArgs) -> Result<()> {
 
 /// Write the statistics directory atomically: into a temporary directory beside `out`, then
 /// renamed into place (replacing an old one only then).
-fn write(out: &Path, meta: &StatsMeta, tensors: &HashMap<String, Tensor>) -> Result<()> {
+pub(crate) fn write(out: &Path, meta: &StatsMeta, tensors: &HashMap<String, Tensor>) -> Result<()> {
     let parent = match out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),

@@ -13,7 +13,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device};
 
-pub use decoder::{Decoder, DecoderConfig, KvCache};
+pub use decoder::{BlockBatch, Decoder, DecoderConfig, KvCache};
 pub use t5::{EncoderOutput, T5Cache, T5Config, T5};
 pub use weights::CheckpointSource;
 

@@ -214,6 +214,8 @@ pub fn parse(text: &str, origin: &str) -> Result<MergeConfig> {
             revision,
             parameters: ours(m.parameters, &format!("{origin}: models[{i}].parameters"))?,
             stats: None,
+            calibration: None,
+            calibration_rows: None,
         });
     }
     let cfg = MergeConfig {

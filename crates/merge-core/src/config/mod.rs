@@ -15,6 +15,8 @@
 //! model = "org/expert"       # local dir, hub id, or a PEFT adapter
 //! revision = "sha"
 //! stats = "stats/expert"    # input statistics (llm-merging stats), for regmean
+//! calibration = "calib.csv" # calibration rows, for regmean_plus (merged layer by layer)
+//! calibration_rows = 64     # optional: only the first N rows
 //! [merge.models.parameters]  # per-model parameters (weight, density, gamma, epsilon, ...)
 //! weight = 0.5
 //! ```
@@ -87,6 +89,14 @@ pub struct ModelEntry {
     /// them (`regmean`): a path, not a per-tensor parameter, so it sits beside `model`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stats: Option<String>,
+    /// The model's calibration rows (a competition CSV), for methods that merge layer by layer
+    /// (`regmean_plus`): their statistics are computed during the merge, through the layers
+    /// merged so far. A path like `stats`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<String>,
+    /// Only the first N rows of `calibration`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration_rows: Option<usize>,
 }
 
 /// Output dtypes, under the names transformers writes in `config.json` (`torch_dtype`).

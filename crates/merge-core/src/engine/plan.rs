@@ -64,6 +64,16 @@ fn open_statistics(
     for (m, &entry) in inputs.models.iter().zip(&inputs.model_entries) {
         let label = m.label();
         let Some(dir) = &cfg.models[entry].stats else {
+            if registry::get(method, "method")?.merges_layer_by_layer() {
+                return Err(Error::method(
+                    method,
+                    format!(
+                        "model {label} has no statistics: `{method}` computes them layer by \
+                         layer from each model's `calibration` rows, through `llm-merging \
+                         merge` or `run` (the layer-wise driver); the engine alone cannot"
+                    ),
+                ));
+            }
             return Err(Error::method(
                 method,
                 format!(

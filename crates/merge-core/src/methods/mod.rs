@@ -68,6 +68,7 @@ mod nuslerp;
 mod passthrough;
 mod ram;
 mod regmean;
+mod regmean_plus;
 mod sce;
 mod slerp;
 pub mod sparsify;
@@ -89,6 +90,7 @@ pub use nuslerp::Nuslerp;
 pub use passthrough::Passthrough;
 pub use ram::{Ram, RAM, RAMPLUS_TL};
 pub use regmean::{regmean_solve, RegMean};
+pub use regmean_plus::RegMeanPlus;
 pub use sce::Sce;
 pub use slerp::Slerp;
 pub use stream::{
@@ -235,6 +237,13 @@ pub trait MergeMethod: Send + Sync {
     /// made by `llm-merging stats`); the engine then checks them at planning and passes the
     /// Gram matrices of each weight in [`TensorInputs::grams`].
     fn uses_input_statistics(&self) -> bool {
+        false
+    }
+    /// Whether the method's input statistics must be computed through the layers merged so
+    /// far (`regmean_plus`): each model names `calibration` rows instead of `stats`, and the
+    /// CLI's layer-wise driver (`llm-merging merge` / `run`) alternates forward passes and
+    /// merges layer by layer, then hands the engine the statistics it computed.
+    fn merges_layer_by_layer(&self) -> bool {
         false
     }
     /// Tensor-sized f32 buffers the method allocates besides its inputs (for the executor's

@@ -202,6 +202,14 @@ impl<'a> Run<'a> {
         for (_, f) in &self.input_files {
             identity::model_identity(f, key.hasher())?;
         }
+        let layerwise = crate::regmean_plus::is_layerwise(cfg)?;
+        if layerwise {
+            // regmean_plus reads calibration rows: their contents are inputs of the merge.
+            // (A missing one fails in the merge, with the driver's error.)
+            for f in crate::regmean_plus::calibration_files(cfg, &self.inputs)? {
+                key = if f.is_file() { key.file(&f)? } else { key };
+            }
+        }
         let key = key.finish();
         let state = self
             .stage("merge")
@@ -212,7 +220,19 @@ impl<'a> Run<'a> {
                 // measured (scripts/gpu-check.sh); `device` is the evaluation's.
                 opts.device = Device::Cpu;
                 // Adapter-level methods write an adapter (the kit's llama_avg / flant5_avg).
-                engine::merge_to_disk(cfg, &self.inputs, &opts)?;
+                if layerwise {
+                    // Statistics through the merged layers first (regmean_plus), on the
+                    // evaluation's device: forward passes, unlike merging, gain from a GPU.
+                    let stats = crate::regmean_plus::statistics(
+                        cfg,
+                        &self.inputs,
+                        &self.work,
+                        &self.device,
+                    )?;
+                    engine::merge_to_disk(&stats.cfg, &self.inputs, &opts)?;
+                } else {
+                    engine::merge_to_disk(cfg, &self.inputs, &opts)?;
+                }
                 let mut models = Vec::new();
                 for (role, f) in &self.input_files {
                     models.push(serde_json::json!({

@@ -12,6 +12,7 @@
 mod blocks;
 mod cache;
 mod config;
+mod layerwise;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -21,6 +22,7 @@ use candle_nn::VarBuilder;
 
 pub use cache::KvCache;
 pub use config::{Activation, DecoderConfig, Family, RopeScaling};
+pub use layerwise::BlockBatch;
 
 use crate::error::{Error, Result};
 use crate::hf::tokenizer::{Tokenizer, TokenizerKind};
@@ -173,19 +175,8 @@ impl Decoder {
         }
         let total = past + t;
 
-        let flat: Vec<u32> = ids.iter().flatten().copied().collect();
-        let ids_t = Tensor::from_vec(flat, (b, t), &self.device)?;
-        let mut x = candle_nn::Embedding::new(self.embed.tensor().clone(), self.cfg.hidden_size)
-            .forward(&ids_t)?;
-        if self.cfg.family == Family::Gemma {
-            // transformers multiplies by sqrt(hidden) cast to the activation dtype.
-            x = (x * (self.cfg.hidden_size as f64).sqrt())?;
-        }
-
-        let pos_t = Tensor::from_vec(pos, (b, t, 1), &self.device)?;
-        let freqs = pos_t.broadcast_mul(&self.inv_freq.reshape((1, 1, ()))?)?;
-        let cos = freqs.cos()?.to_dtype(self.dtype)?.contiguous()?;
-        let sin = freqs.sin()?.to_dtype(self.dtype)?.contiguous()?;
+        let mut x = self.embed_ids(ids, (b, t))?;
+        let (cos, sin) = self.rotary(pos, (b, t))?;
 
         // Buffers a clone can see are copied (this pass writes every layer), after which they
         // are this cache's own.
@@ -210,6 +201,29 @@ impl Decoder {
             self.norm.tensor(),
             self.cfg.rms_norm_eps as f32,
         )?))
+    }
+
+    /// The input embeddings of `ids` (`[b][t]`): `[b, t, hidden]`.
+    fn embed_ids(&self, ids: &[Vec<u32>], (b, t): (usize, usize)) -> Result<Tensor> {
+        let flat: Vec<u32> = ids.iter().flatten().copied().collect();
+        let ids_t = Tensor::from_vec(flat, (b, t), &self.device)?;
+        let x = candle_nn::Embedding::new(self.embed.tensor().clone(), self.cfg.hidden_size)
+            .forward(&ids_t)?;
+        Ok(if self.cfg.family == Family::Gemma {
+            // transformers multiplies by sqrt(hidden) cast to the activation dtype.
+            (x * (self.cfg.hidden_size as f64).sqrt())?
+        } else {
+            x
+        })
+    }
+
+    /// Rotary cos and sin `[b, t, head_dim / 2]` for positions `pos` (row-major `[b, t]`).
+    fn rotary(&self, pos: Vec<f32>, (b, t): (usize, usize)) -> Result<(Tensor, Tensor)> {
+        let pos_t = Tensor::from_vec(pos, (b, t, 1), &self.device)?;
+        let freqs = pos_t.broadcast_mul(&self.inv_freq.reshape((1, 1, ()))?)?;
+        let cos = freqs.cos()?.to_dtype(self.dtype)?.contiguous()?;
+        let sin = freqs.sin()?.to_dtype(self.dtype)?.contiguous()?;
+        Ok((cos, sin))
     }
 
     /// Projects hidden states (any leading shape, last dim = hidden) to f32 vocabulary logits.
