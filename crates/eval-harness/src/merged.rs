@@ -7,9 +7,10 @@
 //! Every merged tensor reaches [`LanguageModel::set_weight`] with the values reading the written
 //! checkpoint would give it, so scores and predictions equal merge-then-evaluate bit for bit.
 //! The weights the model keeps in another form (linear layers: f32, transposed) are put in that
-//! form by the merge threads as each tensor is finished
-//! ([`crate::models::linear::to_layer_form`]), so the one thread that writes the model only
-//! swaps them in.
+//! form by the merge threads: a streamed merge scatters each finished chunk straight into it
+//! ([`merge_core::engine::SinkForm::TransposedF32`]), a tensor merged whole is converted as it
+//! is finished ([`crate::models::linear::to_layer_form`]); so the one thread that writes the
+//! model only swaps them in.
 //!
 //! ```no_run
 //! use candle_core::{DType, Device};
@@ -35,7 +36,7 @@ use std::sync::mpsc;
 
 use candle_core::{DType, Device, Tensor};
 use merge_core::checkpoint::Checkpoint;
-use merge_core::engine::{merge_in_memory, InMemoryReport, MergeSession, TensorSink};
+use merge_core::engine::{merge_in_memory, InMemoryReport, MergeSession, SinkForm, TensorSink};
 use merge_core::source::Resolver;
 use merge_core::MergeConfig;
 
@@ -157,7 +158,18 @@ struct Queue {
 }
 
 impl TensorSink for Queue {
+    fn form(&self, name: &str) -> SinkForm {
+        // Streamed weights are assembled in the layer form by the merge itself.
+        if self.layer_form.contains(name) {
+            SinkForm::TransposedF32
+        } else {
+            SinkForm::Stored
+        }
+    }
+
     fn put(&self, name: &str, tensor: Tensor) -> merge_core::Result<()> {
+        // Tensors merged whole (and adapter folds) arrive as stored: converted here. Those
+        // already in the layer form (streamed) are not contiguous, and pass unchanged.
         let tensor = if self.layer_form.contains(name) {
             to_layer_form(&tensor)
                 .map_err(|e| merge_core::Error::Sink {

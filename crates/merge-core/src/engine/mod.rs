@@ -37,6 +37,7 @@ mod execute;
 pub mod inputs;
 pub mod output;
 pub mod plan;
+mod transposed;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -46,7 +47,7 @@ use rayon::prelude::*;
 pub use candle_core::Device;
 pub use execute::keep_freed_memory;
 pub use inputs::{InputModel, Inputs, MergeSession};
-pub use output::TensorSink;
+pub use output::{SinkForm, TensorSink};
 pub use plan::{plan, MergePlan, PlannedTensor};
 
 use crate::adapter::{write_adapter, Adapter, AdapterMerge, MergedAdapter};

@@ -4,13 +4,14 @@
 //! the same code ([`crate::checkpoint::with_encoded`]), so a tensor handed to a sink is bit for
 //! bit what reading the written checkpoint back gives.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
 use super::inputs::{InputModel, Inputs};
 use super::plan::MergePlan;
+use super::transposed::TransposedF32;
 use crate::checkpoint::{encodable, tensor_bytes, with_encoded, CheckpointWriter, OutputTensor};
 use crate::config::MergeConfig;
 use crate::error::{Error, Result};
@@ -25,6 +26,24 @@ use crate::tensor::{with_f32_slices, CHUNK};
 pub trait TensorSink: Sync {
     /// Take tensor `name`.
     fn put(&self, name: &str, tensor: Tensor) -> Result<()>;
+
+    /// The form `put` wants tensor `name` in. [`SinkForm::Stored`] unless overridden.
+    fn form(&self, _name: &str) -> SinkForm {
+        SinkForm::Stored
+    }
+}
+
+/// The form a [`TensorSink`] takes a tensor in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SinkForm {
+    /// As the checkpoint stores it (the planned dtype).
+    Stored,
+    /// For a 2-D tensor that a merge streams, stored as bf16, f16 or f32: the values loading
+    /// the stored tensor and widening it to f32 gives, as the transposed view (`.t()`) of a
+    /// contiguous `[cols, rows]` f32 tensor; the shape is the stored one. This is how a model
+    /// keeps linear weights for `x·Wᵀ`, and assembling the chunks straight into it saves the
+    /// model a conversion and a copy of the tensor. Other tensors arrive as stored.
+    TransposedF32,
 }
 
 /// The output of a merge: the checkpoint writer ([`super::merge_to_disk`]) or a
@@ -123,11 +142,20 @@ fn model_card(cfg: &MergeConfig, plan: &MergePlan, inputs: &Inputs) -> String {
     s
 }
 
-/// Per tensor in flight: (byte offset, bytes) of its converted chunks.
-type Parts = std::collections::HashMap<String, Vec<(usize, Vec<u8>)>>;
+/// A streamed tensor in flight.
+enum Assembly {
+    /// (byte offset, bytes) of its encoded chunks.
+    Stored(Vec<(usize, Vec<u8>)>),
+    /// Its chunks scattered into the sink's [`SinkForm::TransposedF32`].
+    Transposed(Arc<TransposedF32>),
+}
+
+/// Per tensor in flight, its assembly.
+type Parts = std::collections::HashMap<String, Assembly>;
 
 /// Merged tensors handed to a [`TensorSink`]. A streamed tensor's chunks are converted as
-/// they arrive and kept until the last one, then joined into one tensor.
+/// they arrive and kept until the last one, then joined into one tensor (or, where the sink
+/// asks for [`SinkForm::TransposedF32`], scattered into it as they arrive).
 pub(crate) struct MemoryOutput<'s> {
     pub sink: &'s dyn TensorSink,
     parts: Mutex<Parts>,
@@ -173,17 +201,63 @@ impl Output for MemoryOutput<'_> {
     }
 
     fn write_range(&self, t: &OutputTensor, first: usize, data: &[f32]) -> Result<()> {
+        if self.sink.form(&t.name) == SinkForm::TransposedF32
+            && TransposedF32::applies(&t.shape, t.dtype)
+        {
+            let assembly = {
+                let mut parts = self.parts.lock().expect("not poisoned");
+                let entry = parts.entry(t.name.clone()).or_insert_with(|| {
+                    Assembly::Transposed(Arc::new(TransposedF32::new(
+                        t.shape[0], t.shape[1], t.dtype,
+                    )))
+                });
+                match entry {
+                    Assembly::Transposed(a) => Arc::clone(a),
+                    Assembly::Stored(_) => unreachable!("one form per tensor"),
+                }
+            };
+            assembly.write(first, data);
+            return Ok(());
+        }
         let bytes = with_encoded(t.dtype, data, <[u8]>::to_vec);
         let mut parts = self.parts.lock().expect("not poisoned");
         let at = first * t.dtype.size_in_bytes();
-        parts.entry(t.name.clone()).or_default().push((at, bytes));
+        match parts
+            .entry(t.name.clone())
+            .or_insert_with(|| Assembly::Stored(Vec::new()))
+        {
+            Assembly::Stored(p) => p.push((at, bytes)),
+            Assembly::Transposed(_) => unreachable!("one form per tensor"),
+        }
         Ok(())
     }
 
     fn finish(&self, t: &OutputTensor) -> Result<()> {
-        let mut parts = (self.parts.lock().expect("not poisoned"))
-            .remove(&t.name)
-            .unwrap_or_default();
+        let assembly = (self.parts.lock().expect("not poisoned")).remove(&t.name);
+        let incomplete = |covered: String| {
+            Error::write(
+                "(in memory)",
+                format!("tensor `{}`: the streamed chunks cover {covered}", t.name),
+            )
+        };
+        let mut parts = match assembly {
+            Some(Assembly::Transposed(a)) => {
+                let a = Arc::try_unwrap(a)
+                    .map_err(|_| incomplete("a range still being written".into()))?;
+                let numel = t.shape.iter().product::<usize>();
+                if a.written() != numel {
+                    return Err(incomplete(format!("{} of {numel} elements", a.written())));
+                }
+                let (columns, rows, cols) = a.into_columns();
+                let err = |e| Error::tensor(&t.name, e);
+                let tensor = Tensor::from_vec(columns, (cols, rows), &Device::Cpu)
+                    .and_then(|c| c.t())
+                    .map_err(err)?;
+                return self.sink.put(&t.name, tensor);
+            }
+            Some(Assembly::Stored(parts)) => parts,
+            None => Vec::new(),
+        };
         parts.sort_unstable_by_key(|p| p.0);
         let mut bytes = Vec::with_capacity(t.bytes() as usize);
         for (at, part) in parts {
@@ -193,15 +267,11 @@ impl Output for MemoryOutput<'_> {
             bytes.extend_from_slice(&part);
         }
         if bytes.len() as u64 != t.bytes() {
-            return Err(Error::write(
-                "(in memory)",
-                format!(
-                    "tensor `{}`: the streamed chunks cover {} of {} bytes",
-                    t.name,
-                    bytes.len(),
-                    t.bytes()
-                ),
-            ));
+            return Err(incomplete(format!(
+                "{} of {} bytes",
+                bytes.len(),
+                t.bytes()
+            )));
         }
         let tensor = Tensor::from_raw_buffer(&bytes, t.dtype, &t.shape, &Device::Cpu)
             .map_err(|e| Error::tensor(&t.name, e))?;
