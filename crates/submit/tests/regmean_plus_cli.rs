@@ -291,24 +291,25 @@ test_file = "${DATA_DIR}/test.csv"
     std::fs::copy(fixtures().join("regmean/calib.csv"), &calib).unwrap();
     let run = || {
         let mut c = bin(home);
-        c.current_dir(&ws)
-            .env_remove("LLM_MERGING_DATA")
-            .args(["run", "--entry", "submissions/rmp"]);
+        c.current_dir(&ws).env_remove("LLM_MERGING_DATA").args([
+            "run",
+            "--entry",
+            "submissions/rmp",
+        ]);
         c.output().unwrap()
     };
     let merged = ws.join("dist/rmp/work/merged");
-    let golden = Checkpoint::open_dir(fixtures().join("regmean_plus/goldens/regmean_plus_two"))
-        .unwrap();
+    let golden =
+        Checkpoint::open_dir(fixtures().join("regmean_plus/goldens/regmean_plus_two")).unwrap();
 
     // First run: merge (the layer-wise driver), eval, predict, package.
     let log = ok(&run());
     assert!(stage_line(&log, "merge").ends_with("ran"), "{log}");
     assert!(stage_line(&log, "eval").ends_with("ran"), "{log}");
     assert!(ws.join("dist/rmp/submission.csv").is_file(), "{log}");
-    let scores: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(ws.join("dist/rmp/scores.json")).unwrap(),
-    )
-    .unwrap();
+    let scores: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ws.join("dist/rmp/scores.json")).unwrap())
+            .unwrap();
     assert!(scores["mc"]["accuracy"].is_number(), "{scores}");
     let d = compare::checkpoints(&Checkpoint::open_dir(&merged).unwrap(), &golden);
     println!("run's regmean_plus merge against the reference: max |diff| = {d:e}");
@@ -338,4 +339,45 @@ test_file = "${DATA_DIR}/test.csv"
     assert!(stage_line(&log, "eval").ends_with("ran"), "{log}");
     let second = std::fs::read(merged.join("model.safetensors")).unwrap();
     assert_ne!(first, second, "another calibration row, the same merge");
+}
+
+#[test]
+fn a_merge_removes_the_statistics_a_killed_merge_left() {
+    // The driver's statistics (every model's Grams: gigabytes for a 7B model) live in a
+    // temporary directory beside the output, named with the merge's pid; a merge killed by a
+    // signal cannot remove it, so the next merge there removes those of processes now gone.
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path();
+    let (a, b) = (
+        fixture_model(home, "expert_a"),
+        fixture_model(home, "expert_b"),
+    );
+    let calib = fixtures().join("regmean/calib.csv");
+    let cfg = config(
+        home,
+        "good.toml",
+        &[(&a, Some(&calib)), (&b, Some(&calib))],
+        "",
+    );
+    let mut child = Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    let abandoned = home.join(format!(".regmean-plus-{dead}-killed"));
+    let live = home.join(format!(".regmean-plus-{}-running", std::process::id()));
+    for d in [&abandoned, &live] {
+        std::fs::create_dir_all(d.join("model-1")).unwrap();
+        std::fs::write(d.join("model-1/meta.json"), "{}").unwrap();
+    }
+    let out = home.join("out");
+    ok(&merge(home, &cfg, &out, &[]));
+    assert!(out.join("model.safetensors").is_file());
+    assert!(!abandoned.exists(), "a dead merge's statistics were kept");
+    assert!(live.exists(), "a live merge's statistics were removed");
+    let ours: Vec<_> = std::fs::read_dir(home)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".regmean-plus") && !n.ends_with("-running"))
+        .collect();
+    assert!(ours.is_empty(), "{ours:?}");
 }
