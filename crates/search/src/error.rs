@@ -15,6 +15,14 @@ pub enum SpecError {
         /// Every registered method.
         known: String,
     },
+    /// A method merged layer by layer (`regmean_plus`), as the entry's method or among
+    /// `methods`: a trial is merged in memory in one pass, and this method's statistics come
+    /// from forward passes through the merged lower layers, so only `merge` / `run` can merge it.
+    #[error("[search] method `{method}` cannot be searched: its statistics depend on the merged lower layers (forward passes alternate with merging, layer by layer), and a search merges each trial in memory in one pass; merge it with `llm-merging merge` or `run`, or search `regmean` (statistics from `llm-merging stats`)")]
+    LayerwiseMethod {
+        /// The method named (as the entry's `[merge] method` or in `[search] methods`).
+        method: String,
+    },
     /// A `[[search.space]]` parameter that none of the searched methods declares (globally, or
     /// per model when the range names a model).
     #[error("[[search.space]] `{parameter}`{}: not a {}parameter of {} (it takes: {takes})",

@@ -86,6 +86,13 @@ fn lookup_methods(spec: &SearchSpec, base: &MergeConfig) -> Result<Vec<Method>, 
     } else {
         spec.methods.clone()
     };
+    // The entry's own recipe is merged in memory too (scored beside the trials, and in the
+    // held-out check), whatever `methods` lists: a layer-wise method there is refused as well.
+    for n in names.iter().chain([&base.method]) {
+        if registry::lookup(n).is_some_and(|m| m.merges_layer_by_layer()) {
+            return Err(SpecError::LayerwiseMethod { method: n.clone() });
+        }
+    }
     let mut out: Vec<Method> = Vec::new();
     for n in &names {
         let m = registry::lookup(n).ok_or_else(|| SpecError::UnknownMethod {

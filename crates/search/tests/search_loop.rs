@@ -470,6 +470,15 @@ fn bad_input_is_one_clear_error_before_any_model() {
     );
     let e = err(&format!("methods = [\"tie\"]\n{}", range("density", "")));
     assert!(matches!(e, SpecError::UnknownMethod { .. }), "{e}");
+    // A method merged layer by layer cannot be a trial (merged in memory in one pass).
+    let e = err(&format!(
+        "methods = [\"ties\", \"regmean_plus\"]\n{}",
+        range("density", "")
+    ));
+    assert!(
+        matches!(&e, SpecError::LayerwiseMethod { method } if method == "regmean_plus"),
+        "{e}"
+    );
     let e = err(&format!("select = [\"z\"]\n{}", range("density", "")));
     assert!(
         e.to_string().starts_with("[search] select: model `z`"),

@@ -11,6 +11,7 @@ use eval_harness::merged::MergedModel;
 use eval_harness::report::{self, DatasetOutcome};
 use eval_harness::{EvalOptions, LanguageModel, Scoring};
 use merge_core::engine::Inputs;
+use merge_core::registry;
 use merge_core::source::Resolver;
 use merge_core::MergeConfig;
 
@@ -104,6 +105,28 @@ fn options(a: &ModelArgs, prompting: Option<&Prompting>) -> EvalOptions {
         prompt: prompting.map(|p| p.prompter.clone()),
         stderr_resamples: None,
     }
+}
+
+/// Refuses `--merge CONFIG` when its method merges layer by layer (`regmean_plus`): `--merge`
+/// merges in memory in one pass, which cannot compute statistics through the merged lower
+/// layers. Before any data file, prompt or model is read.
+fn refuse_layerwise_merge(a: &ModelArgs) -> Result<()> {
+    let Some(config) = &a.merge else {
+        return Ok(());
+    };
+    let cfg = MergeConfig::from_file(config)?;
+    if registry::lookup(&cfg.method).is_some_and(|m| m.merges_layer_by_layer()) {
+        bail!(
+            "{}: method `{}` cannot be merged by --merge: its statistics depend on the merged \
+             lower layers (forward passes alternate with merging, layer by layer), and --merge \
+             merges in memory in one pass; run `llm-merging merge {} --out DIR`, then \
+             --model DIR (or `llm-merging run` on an entry)",
+            config.display(),
+            cfg.method,
+            config.display()
+        );
+    }
+    Ok(())
 }
 
 /// The models `--merge CONFIG` names, resolved from the config's directory first.
@@ -239,6 +262,7 @@ fn default_validation() -> Vec<PathBuf> {
 
 /// Runs `llm-merging eval`.
 pub fn run_eval(args: EvalArgs) -> Result<()> {
+    refuse_layerwise_merge(&args.model)?;
     let paths = if args.data.is_empty() {
         let paths = default_validation();
         if let Some(missing) = paths.iter().find(|p| !p.is_file()) {
@@ -280,6 +304,7 @@ pub fn run_eval(args: EvalArgs) -> Result<()> {
 
 /// Runs `llm-merging predict`.
 pub fn run_predict(args: PredictArgs) -> Result<()> {
+    refuse_layerwise_merge(&args.model)?;
     let ds = dataset::load(&args.data)?;
     // Demonstrations default to the validation files, as `eval` without --data reads them.
     let validation = default_validation();

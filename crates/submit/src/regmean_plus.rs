@@ -14,7 +14,8 @@
 //!    Hᵢ ← block l (Hᵢ) for every model.
 //!
 //! The Grams so computed are each model's statistics in `llm-merging stats`' format, written
-//! under a temporary directory; the engine then merges the whole model from them (the block
+//! under a temporary directory (removed when done; one a killed merge left, by the next merge
+//! there); the engine then merges the whole model from them (the block
 //! weights it writes are the ones the forward pass used: the same solve on the same
 //! matrices). Memory: the hidden states of every model's rows (tokens × hidden × 4 bytes,
 //! with padding), one model's copy of the decoder, and every model's Grams until the end
@@ -36,6 +37,9 @@ use merge_core::params::{layer_index, layer_position, num_layers, ConfigParams};
 use merge_core::registry::{self, Method};
 
 use crate::calibration::{self, GramSums, DEFAULT_BATCH_SIZE};
+
+/// The name of the statistics' temporary directory, before this process's id.
+const STATS_PREFIX: &str = ".regmean-plus-";
 
 /// A layer-wise merge, checked: the method, each model's calibration file and rows.
 struct Plan<'a> {
@@ -271,10 +275,14 @@ pub fn statistics(
     }
     progress.finish_and_clear();
 
-    // 3. The statistics, in `llm-merging stats`' format, for the engine.
+    // 3. The statistics, in `llm-merging stats`' format, for the engine. Dropping the
+    // directory removes it (on success, and on any error); a process killed by a signal
+    // (Ctrl-C included) cannot, and every model's Grams may be gigabytes: the pid in the name
+    // lets the next merge into `work` remove them (`run` also sweeps its work directory).
     std::fs::create_dir_all(work).with_context(|| format!("creating {}", work.display()))?;
+    merge_core::checkpoint::writer::remove_abandoned(work, STATS_PREFIX);
     let tmp = tempfile::Builder::new()
-        .prefix(".regmean-plus-")
+        .prefix(&format!("{STATS_PREFIX}{}-", std::process::id()))
         .tempdir_in(work)
         .with_context(|| format!("creating a directory in {}", work.display()))?;
     let mut out = cfg.clone();

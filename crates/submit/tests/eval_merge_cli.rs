@@ -1,6 +1,7 @@
 //! `llm-merging eval --merge CONFIG`: a merge evaluated in memory gives the same outputs as
 //! `merge` then `eval --model`, byte for byte (timings aside), for a full-model and an
-//! adapter-level method; bad merges fail with one error line and write nothing.
+//! adapter-level method; bad merges fail with one error line and write nothing; a layer-wise
+//! method (`regmean_plus`) is refused before anything is read.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -159,4 +160,50 @@ fn eval_merge_equals_merge_then_eval() {
         .output()
         .unwrap();
     assert!(!o.status.success() && !out.exists());
+}
+
+#[test]
+fn eval_and_predict_merge_refuse_regmean_plus_before_reading_anything() {
+    // regmean_plus merges layer by layer (forward passes through the merged lower layers):
+    // --merge, one in-memory pass, cannot. The models and data named do not exist, so an error
+    // naming the method (not a missing file) shows the check comes before any of them is read.
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path();
+    let cfg = home.join("rmp.toml");
+    std::fs::write(
+        &cfg,
+        "[merge]\nmethod = \"regmean_plus\"\n\
+         [[merge.models]]\nmodel = \"./no-such-a\"\ncalibration = \"calib.csv\"\n\
+         [[merge.models]]\nmodel = \"./no-such-b\"\ncalibration = \"calib.csv\"\n",
+    )
+    .unwrap();
+    let (data, out) = (home.join("no-such.csv"), home.join("out"));
+    let needles = [
+        "rmp.toml",
+        "`regmean_plus` cannot be merged by --merge",
+        "merged lower layers",
+        "llm-merging merge",
+    ];
+    let o = bin(home)
+        .arg("eval")
+        .arg("--merge")
+        .arg(&cfg)
+        .args(eval_args(&data, &out))
+        .output()
+        .unwrap();
+    one_error_line(&o, &needles);
+    assert!(!out.exists());
+    let csv = home.join("submission.csv");
+    let o = bin(home)
+        .arg("predict")
+        .arg("--merge")
+        .arg(&cfg)
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&csv)
+        .output()
+        .unwrap();
+    one_error_line(&o, &needles);
+    assert!(!csv.exists());
 }

@@ -2,13 +2,15 @@
 //! tiny fixture experts equals the float64 reference that follows FusionBench's algorithm
 //! (`scripts/goldens/regmean_plus_goldens.py`), differs from RegMean on the same data (so a
 //! driver that forgot to propagate through the merged layers would fail), and bad input gives
-//! one error line and no output.
+//! one error line and no output. `run` over an entry whose `[merge]` is `regmean_plus` merges
+//! the same model, reuses the merge stage while nothing changed, and merges again when a
+//! calibration file's content changes.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use merge_core::checkpoint::Checkpoint;
-use testkit::cli::{offline, ok, one_error_line};
+use testkit::cli::{entry, offline, ok, one_error_line, workspace};
 use testkit::compare;
 use testkit::synthetic::tiny_llama_config;
 
@@ -221,4 +223,161 @@ fn bad_input_is_one_error_and_writes_nothing() {
     let text = ok(&merge(home, &cfg, &out, &["--dry-run"]));
     assert!(text.contains("9 calibration rows"), "{text}");
     assert!(!out.exists());
+}
+
+/// The line `run` prints for `stage` (its name, seconds, then `ran` or `reused`).
+fn stage_line<'a>(log: &'a str, stage: &str) -> &'a str {
+    log.lines()
+        .find(|l| l.starts_with(stage))
+        .unwrap_or_else(|| panic!("no {stage} line in\n{log}"))
+}
+
+#[test]
+fn run_merges_regmean_plus_and_keys_the_merge_on_the_calibration_rows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path();
+    let ws = home.join("ws");
+    workspace(&ws);
+    for expert in ["expert_a", "expert_b"] {
+        fixture_model(&ws.join("models"), expert);
+    }
+    // Rows in the fixture tokenizer's words (w0..w63), with targets for the validation eval.
+    std::fs::create_dir_all(ws.join("data/validation")).unwrap();
+    std::fs::write(
+        ws.join("data/validation/mc.csv"),
+        "id,input,target,answer_choices,eval_type\n\
+         v1,w10 w28 w18,1,\"['w3', 'w4']\",multiple_choice\n\
+         v2,w14 w21 w24 w13,0,\"['w5', 'w6', 'w7']\",multiple_choice\n",
+    )
+    .unwrap();
+    std::fs::write(
+        ws.join("data/validation/gen.csv"),
+        "id,input,target,answer_choices,eval_type\ng1,w50 w32 w11 w21,w15 w55,,generation\n",
+    )
+    .unwrap();
+    std::fs::write(
+        ws.join("data/test.csv"),
+        "id,input,answer_choices,eval_type\n\
+         t1,w31 w46 w26,\"['w8', 'w9']\",multiple_choice\n\
+         t2,w17 w20 w51,,generation\n",
+    )
+    .unwrap();
+    // The golden case regmean_plus_two: experts a and b, regmean's calibration rows for both
+    // (a copy next to the entry, named relative to it), the default alpha.
+    let dir = entry(
+        &ws,
+        "rmp",
+        r#"[merge]
+method = "regmean_plus"
+dtype = "float32"
+[[merge.models]]
+model = "../../models/expert_a"
+calibration = "calib.csv"
+[[merge.models]]
+model = "../../models/expert_b"
+calibration = "calib.csv"
+
+[eval]
+datasets = ["${DATA_DIR}/validation/mc.csv", "${DATA_DIR}/validation/gen.csv"]
+max_gen_len = 4
+batch_size = 2
+device = "cpu"
+
+[predict]
+test_file = "${DATA_DIR}/test.csv"
+"#,
+    );
+    let calib = dir.join("calib.csv");
+    std::fs::copy(fixtures().join("regmean/calib.csv"), &calib).unwrap();
+    let run = || {
+        let mut c = bin(home);
+        c.current_dir(&ws).env_remove("LLM_MERGING_DATA").args([
+            "run",
+            "--entry",
+            "submissions/rmp",
+        ]);
+        c.output().unwrap()
+    };
+    let merged = ws.join("dist/rmp/work/merged");
+    let golden =
+        Checkpoint::open_dir(fixtures().join("regmean_plus/goldens/regmean_plus_two")).unwrap();
+
+    // First run: merge (the layer-wise driver), eval, predict, package.
+    let log = ok(&run());
+    assert!(stage_line(&log, "merge").ends_with("ran"), "{log}");
+    assert!(stage_line(&log, "eval").ends_with("ran"), "{log}");
+    assert!(ws.join("dist/rmp/submission.csv").is_file(), "{log}");
+    let scores: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ws.join("dist/rmp/scores.json")).unwrap())
+            .unwrap();
+    assert!(scores["mc"]["accuracy"].is_number(), "{scores}");
+    let d = compare::checkpoints(&Checkpoint::open_dir(&merged).unwrap(), &golden);
+    println!("run's regmean_plus merge against the reference: max |diff| = {d:e}");
+    assert!(d <= 1e-4, "{d:e}");
+    let first = std::fs::read(merged.join("model.safetensors")).unwrap();
+    // The driver's statistics directory is gone once the merge is written.
+    let leftovers: Vec<_> = std::fs::read_dir(ws.join("dist/rmp/work"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("regmean-plus"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    // Nothing changed: the merge stage (and the ones after it) are reused.
+    let log = ok(&run());
+    for stage in ["merge", "eval", "predict"] {
+        assert!(stage_line(&log, stage).ends_with("reused"), "{log}");
+    }
+
+    // Another calibration row set in the same file (same path, size and name): the merge
+    // stage runs again, and merges another model.
+    let rows = std::fs::read_to_string(&calib).unwrap();
+    std::fs::write(&calib, rows.replacen("w10 w28 w18", "w11 w29 w19", 1)).unwrap();
+    let log = ok(&run());
+    assert!(stage_line(&log, "merge").ends_with("ran"), "{log}");
+    assert!(stage_line(&log, "eval").ends_with("ran"), "{log}");
+    let second = std::fs::read(merged.join("model.safetensors")).unwrap();
+    assert_ne!(first, second, "another calibration row, the same merge");
+}
+
+#[test]
+fn a_merge_removes_the_statistics_a_killed_merge_left() {
+    // The driver's statistics (every model's Grams: gigabytes for a 7B model) live in a
+    // temporary directory beside the output, named with the merge's pid; a merge killed by a
+    // signal cannot remove it, so the next merge there removes those of processes now gone.
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path();
+    let (a, b) = (
+        fixture_model(home, "expert_a"),
+        fixture_model(home, "expert_b"),
+    );
+    let calib = fixtures().join("regmean/calib.csv");
+    let cfg = config(
+        home,
+        "good.toml",
+        &[(&a, Some(&calib)), (&b, Some(&calib))],
+        "",
+    );
+    let mut child = Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    let abandoned = home.join(format!(".regmean-plus-{dead}-killed"));
+    let live = home.join(format!(".regmean-plus-{}-running", std::process::id()));
+    for d in [&abandoned, &live] {
+        std::fs::create_dir_all(d.join("model-1")).unwrap();
+        std::fs::write(d.join("model-1/meta.json"), "{}").unwrap();
+    }
+    let out = home.join("out");
+    ok(&merge(home, &cfg, &out, &[]));
+    assert!(out.join("model.safetensors").is_file());
+    assert!(!abandoned.exists(), "a dead merge's statistics were kept");
+    assert!(live.exists(), "a live merge's statistics were removed");
+    let ours: Vec<_> = std::fs::read_dir(home)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".regmean-plus") && !n.ends_with("-running"))
+        .collect();
+    assert!(ours.is_empty(), "{ours:?}");
 }

@@ -232,7 +232,7 @@ fn a_killed_search_resumes_without_losing_or_repeating_a_trial() {
 #[test]
 fn bad_search_input_is_one_error_line_before_any_model_loads() {
     let tmp = tempfile::tempdir().unwrap();
-    let cases: [(&str, &str, &str); 6] = [
+    let cases: [(&str, &str, &str); 8] = [
         (
             "parameter = \"density\"\nrange = [0.1, 1.0]",
             "parameter = \"epsilonx\"\nrange = [0.1, 1.0]",
@@ -258,6 +258,18 @@ fn bad_search_input_is_one_error_line_before_any_model_loads() {
             "methods = [",
             "methods = [\"tie\", ",
             "[search] methods: unknown merge method `tie`",
+        ),
+        // A layer-wise method, among `methods` or as the entry's own: a trial is merged in
+        // memory in one pass, which cannot compute its statistics.
+        (
+            "methods = [",
+            "methods = [\"regmean_plus\", ",
+            "[search] method `regmean_plus` cannot be searched: its statistics depend on the merged lower layers",
+        ),
+        (
+            "method = \"ties\"",
+            "method = \"regmean_plus\"",
+            "merge it with `llm-merging merge` or `run`",
         ),
     ];
     for (i, (from, to, message)) in cases.iter().enumerate() {

@@ -62,8 +62,10 @@ pub struct CheckpointWriter {
 
 /// Removes temporary directories `prefix<pid>-…` in `parent` whose process is gone: a merge
 /// killed by a signal cannot clean up after itself, so the next merge to the same target does.
-/// Directories of live processes (or whose owner cannot be told) are left alone.
-fn remove_abandoned(parent: &Path, prefix: &str) {
+/// Directories of live processes (or whose owner cannot be told) are left alone. Public for
+/// the other temporaries a merge writes beside its output (the layer-wise driver's
+/// statistics), named the same way: `prefix`, this process's id, `-`.
+pub fn remove_abandoned(parent: &Path, prefix: &str) {
     if !cfg!(target_os = "linux") {
         return;
     }
