@@ -139,6 +139,16 @@ fn tensor_methods_put_what_the_disk_merge_writes() {
         );
         same_as_disk(dir, &session, &toml);
     }
+    // The session keeps each expert's magnitude histogram from the merges above: other
+    // densities cut elsewhere, and a subset in another order must find each expert's own.
+    for (a, b) in [(0.2, 0.9), (0.95, 0.05)] {
+        let toml = format!(
+            "[merge]\nmethod = \"ties\"\nbase_model = \"base\"\ndtype = \"bfloat16\"\n\
+             [[merge.models]]\nmodel = \"b\"\nparameters = {{ weight = 0.5, density = {b} }}\n\
+             [[merge.models]]\nmodel = \"a\"\nparameters = {{ weight = 0.7, density = {a} }}\n"
+        );
+        same_as_disk(dir, &session, &toml);
+    }
     // A whole-tensor method over the same session, with the adapter as the other model.
     for dtype in ["float32", "bfloat16"] {
         let toml = format!(

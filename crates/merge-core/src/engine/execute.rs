@@ -11,14 +11,16 @@ use super::output::Output;
 use super::plan::{MergePlan, PlannedTensor};
 use crate::checkpoint::{MappedTensor, OutputTensor};
 use crate::error::{Error, Result};
-use crate::methods::{ChunkSink, Source, StreamInputs, TensorInputs};
+use crate::methods::{ChunkSink, MemoFor, Source, StreamInputs, StreamMemo, TensorInputs};
 use crate::tensor::with_f32_slices;
 
-/// How to execute: the memory budget, the device for whole-tensor methods, a progress bar.
-pub(crate) struct Exec {
+/// How to execute: the memory budget, the device for whole-tensor methods, a progress bar,
+/// and the session's memo where the same models are merged again (in memory).
+pub(crate) struct Exec<'m> {
     pub max_memory: Option<u64>,
     pub device: Device,
     pub progress: bool,
+    pub memo: Option<&'m StreamMemo>,
 }
 
 /// A byte budget for tensors in flight, shared by worker threads.
@@ -155,7 +157,7 @@ pub(crate) fn execute(
             budget.release(held);
             r
         } else {
-            match merge_streaming(plan, p, inputs, out, &budget)? {
+            match merge_streaming(plan, p, inputs, out, &budget, exec.memo)? {
                 Streamed::Written => Ok(()),
                 Streamed::Declined(loaded) => {
                     // f32 copies of every input plus what the method allocates.
@@ -214,6 +216,7 @@ fn merge_streaming(
     inputs: &Inputs,
     out: &dyn Output,
     budget: &MemoryBudget,
+    memo: Option<&StreamMemo>,
 ) -> Result<Streamed> {
     let name = p.out.name.as_str();
     let numel = p.out.shape.iter().product::<usize>() as u64;
@@ -257,6 +260,7 @@ fn merge_streaming(
             } else {
                 None
             };
+            let ids: Vec<_> = inputs.models.iter().map(InputModel::identity).collect();
             let x = StreamInputs {
                 name,
                 shape: &p.out.shape,
@@ -265,6 +269,8 @@ fn merge_streaming(
                 params: &p.params,
                 model_params: &p.model_params,
                 seed: tensor_seed(plan.seed, name),
+                memo: memo
+                    .map(|m| MemoFor::new(m, inputs.base.as_ref().map(InputModel::identity), &ids)),
             };
             Ok(plan.method.merge_streaming(&x, &sink))
         })

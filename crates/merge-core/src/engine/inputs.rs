@@ -36,6 +36,16 @@ impl std::fmt::Debug for InputModel {
 }
 
 impl InputModel {
+    /// What identifies this model among a session's (the opened checkpoint, and adapter).
+    pub fn identity(&self) -> crate::methods::InputId {
+        match self {
+            InputModel::Full(c) => (Arc::as_ptr(c) as usize, 0),
+            InputModel::Adapted { base, adapter } => {
+                (Arc::as_ptr(base) as usize, Arc::as_ptr(adapter) as usize)
+            }
+        }
+    }
+
     /// An adapter over `base`, checked to fit it.
     pub fn adapted(base: Arc<Checkpoint>, adapter: Arc<Adapter>) -> Result<Self> {
         adapter.check_against(&base)?;
@@ -260,6 +270,8 @@ pub struct MergeSession {
     pub device: Device,
     /// Show a progress bar per merge.
     pub progress: bool,
+    /// Values the methods computed from the inputs alone, for the next merge.
+    pub(crate) memo: crate::methods::StreamMemo,
 }
 
 impl MergeSession {
@@ -275,6 +287,7 @@ impl MergeSession {
             max_memory: None,
             device: Device::Cpu,
             progress: false,
+            memo: Default::default(),
         })
     }
 

@@ -178,6 +178,7 @@ pub fn merge_to_disk(
                 max_memory: opts.max_memory,
                 device: opts.device.clone(),
                 progress: true,
+                memo: None,
             };
             execute(&plan, inputs, &writer, &exec)?;
             Ok(MergeReport {
@@ -214,6 +215,7 @@ pub fn merge_in_memory(
         max_memory: session.max_memory,
         device: session.device.clone(),
         progress: session.progress,
+        memo: Some(&session.memo),
     };
     let reference = inputs.reference.files().clone();
     let (tensors, bytes, folded_onto) = match method {

@@ -61,6 +61,7 @@ pub mod dense_linalg;
 mod geometric_median;
 mod karcher;
 mod linear;
+mod memo;
 mod model_stock;
 mod multislerp;
 mod nearswap;
@@ -83,6 +84,7 @@ pub use arcee_fusion::ArceeFusion;
 pub use geometric_median::GeometricMedian;
 pub use karcher::Karcher;
 pub use linear::Linear;
+pub use memo::{InputId, MemoFor, StreamMemo};
 pub use model_stock::ModelStock;
 pub use multislerp::Multislerp;
 pub use nearswap::Nearswap;
@@ -191,6 +193,7 @@ impl<'a> TensorInputs<'a> {
             params: self.params,
             model_params: self.model_params,
             seed: self.seed,
+            memo: None,
         }
     }
 }

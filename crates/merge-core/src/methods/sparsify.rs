@@ -19,6 +19,9 @@
 //! value of every element (and so of the sum) equal to the input; mergekit instead matches L1
 //! norms, which for large tensors is the same factor up to sampling noise.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use rand::RngCore;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -310,8 +313,13 @@ fn add_high_histogram(h: &mut [u32], m: &[f32], b: &[f32]) {
     }
 }
 
+/// What [`select_ranks`] keeps between merges of a session: per expert, the histogram of the
+/// high 16 bits of its magnitude keys.
+const HIGH_HISTOGRAM: &str = "sparsify: high-half histogram of |θᵢ − θ₀|";
+
 /// The magnitude ranks `select` (expert index, ascending rank) of the task vectors of `x`: two
-/// parallel radix passes over the streamed inputs — a histogram of the high 16 bits of every
+/// parallel radix passes over the streamed inputs (the first skipped where the session kept
+/// its histogram from an earlier merge) — a histogram of the high 16 bits of every
 /// key, then the low 16 bits of the keys in the bin that holds the rank, kept per chunk so the
 /// equal keys before each chunk are counted without a third pass.
 pub(super) fn select_ranks(
@@ -319,38 +327,52 @@ pub(super) fn select_ranks(
     select: &[(usize, usize)],
 ) -> candle_core::Result<Vec<Rank>> {
     const BINS: usize = 1 << 16;
-    let e = select.len();
-    // Per thread: two u32 lanes per expert (tensors have fewer than 2³² elements, checked by
-    // the caller), summed at the end.
-    let high = fold_chunks(
-        x,
-        || vec![0u32; 2 * BINS * e],
-        |mut h, c| {
-            let b = c.base.as_deref().expect("requires_base");
-            for (s, &(i, _)) in select.iter().enumerate() {
-                add_high_histogram(&mut h[2 * BINS * s..2 * BINS * (s + 1)], c.models[i], b);
-            }
-            h
-        },
-        |mut a, b| {
-            a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-            a
-        },
-    )?;
-    let mut totals = vec![0u64; BINS * e];
-    for s in 0..e {
-        let lanes = &high[2 * BINS * s..2 * BINS * (s + 1)];
-        let t = &mut totals[BINS * s..BINS * (s + 1)];
-        for (bin, t) in t.iter_mut().enumerate() {
-            *t = u64::from(lanes[bin]) + u64::from(lanes[BINS + bin]);
+    // The histogram of an expert's high halves depends on the base and the expert alone: a
+    // session that merges them again (a search's next trial) reuses it.
+    let mut experts: Vec<usize> = select.iter().map(|&(i, _)| i).collect();
+    experts.sort_unstable();
+    experts.dedup();
+    let mut totals: HashMap<usize, Arc<Vec<u32>>> = experts
+        .iter()
+        .filter_map(|&i| Some((i, x.recall::<Vec<u32>>(HIGH_HISTOGRAM, i)?)))
+        .collect();
+    let missing: Vec<usize> = experts
+        .into_iter()
+        .filter(|i| !totals.contains_key(i))
+        .collect();
+    if !missing.is_empty() {
+        let m = missing.len();
+        // Per thread: two u32 lanes per expert (tensors have fewer than 2³² elements, checked
+        // by the caller), summed at the end.
+        let high = fold_chunks(
+            x,
+            || vec![0u32; 2 * BINS * m],
+            |mut h, c| {
+                let b = c.base.as_deref().expect("requires_base");
+                for (s, &i) in missing.iter().enumerate() {
+                    add_high_histogram(&mut h[2 * BINS * s..2 * BINS * (s + 1)], c.models[i], b);
+                }
+                h
+            },
+            |mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                a
+            },
+        )?;
+        for (s, &i) in missing.iter().enumerate() {
+            let lanes = &high[2 * BINS * s..2 * BINS * (s + 1)];
+            let t: Vec<u32> = (0..BINS)
+                .map(|bin| lanes[bin] + lanes[BINS + bin])
+                .collect();
+            let t = Arc::new(t);
+            x.keep(HIGH_HISTOGRAM, i, Arc::clone(&t));
+            totals.insert(i, t);
         }
     }
-    drop(high);
     let bins: Vec<(u32, usize)> = select
         .iter()
-        .enumerate()
-        .map(|(s, &(_, rank))| {
-            let (bin, below) = locate(&totals[BINS * s..BINS * (s + 1)], rank);
+        .map(|&(i, rank)| {
+            let (bin, below) = locate(&totals[&i], rank);
             (bin as u32, below)
         })
         .collect();

@@ -8,12 +8,14 @@
 //! output chunk from the matching input chunks (see `linear.rs`). Methods that need whole
 //! tensors keep [`super::MergeMethod::merge`] only.
 
+use std::any::Any;
 use std::cell::Cell;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use candle_core::Result;
 use rayon::prelude::*;
 
+use super::memo::MemoFor;
 use super::Params;
 use crate::checkpoint::MappedTensor;
 
@@ -91,9 +93,28 @@ pub struct StreamInputs<'a> {
     pub model_params: &'a [Params],
     /// Seed for this tensor (the config seed mixed with the tensor name).
     pub seed: u64,
+    /// The session's store of values computed from these inputs alone, when the merge runs in
+    /// a session that merges the same models again (a search); see [`Self::recall`].
+    pub memo: Option<MemoFor<'a>>,
 }
 
 impl StreamInputs<'_> {
+    /// The value of kind `what` that an earlier merge of this session computed for this
+    /// tensor from the base and model `model` alone ([`Self::keep`]), if any. Only for values
+    /// that depend on nothing else (not on parameters).
+    pub fn recall<T: Any + Send + Sync>(&self, what: &'static str, model: usize) -> Option<Arc<T>> {
+        let m = self.memo?;
+        m.memo.get(&m.key(what, self.name, model))
+    }
+
+    /// Keep `value` (computed from the base and model `model` alone) for later merges of this
+    /// session; a no-op outside one.
+    pub fn keep<T: Any + Send + Sync>(&self, what: &'static str, model: usize, value: Arc<T>) {
+        if let Some(m) = self.memo {
+            m.memo.insert(m.key(what, self.name, model), value);
+        }
+    }
+
     /// Number of elements of the tensor.
     pub fn len(&self) -> usize {
         self.shape.iter().product()
