@@ -8,6 +8,7 @@ use candle_core::Tensor;
 
 use crate::error::Result;
 use crate::hf::Tokenizer;
+use crate::models::layer_target::LayerTarget;
 
 /// The two kinds of model the kit evaluates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,6 +80,18 @@ pub trait LanguageModel: Send + Sync {
     /// copying them there. A caller replacing many weights (an in-memory merge) prepares these
     /// on its own threads. None by default.
     fn layer_form_weights(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// In-place targets for (some of) the weights [`LanguageModel::layer_form_weights`]
+    /// names, by checkpoint name: a merge writes their values straight into the model's own
+    /// buffers ([`LayerTarget`]). None by default.
+    ///
+    /// # Safety
+    /// The targets write through raw pointers into the model. While any of them is alive the
+    /// caller must not run the model, must not replace (`set_weight`) the weights they are
+    /// for, and must not drop it; concurrent writes must go to distinct elements.
+    unsafe fn layer_targets(&mut self) -> Vec<(String, LayerTarget)> {
         Vec::new()
     }
 }

@@ -6,11 +6,14 @@
 //!
 //! Every merged tensor reaches [`LanguageModel::set_weight`] with the values reading the written
 //! checkpoint would give it, so scores and predictions equal merge-then-evaluate bit for bit.
-//! The weights the model keeps in another form (linear layers: f32, transposed) are put in that
-//! form by the merge threads: a streamed merge scatters each finished chunk straight into it
-//! ([`merge_core::engine::SinkForm::TransposedF32`]), a tensor merged whole is converted as it
-//! is finished ([`crate::models::linear::to_layer_form`]); so the one thread that writes the
-//! model only swaps them in.
+//! The weights the model keeps in another form (linear layers: f32, transposed) are written by
+//! the merge threads. Where the model offers in-place targets ([`LanguageModel::layer_targets`]:
+//! f32 on the CPU) a streamed merge scatters each finished chunk, rounded, straight into the
+//! layer's own `Wᵀ` and panel copy ([`merge_core::engine::ColumnTarget`]), so a trial allocates
+//! and copies nothing per weight and the next forward repacks nothing; elsewhere chunks are
+//! assembled into the layer form ([`merge_core::engine::SinkForm::TransposedF32`]) or a tensor
+//! merged whole is converted as it is finished ([`crate::models::linear::to_layer_form`]), and
+//! the one thread that writes the model only swaps them in.
 //!
 //! ```no_run
 //! use candle_core::{DType, Device};
@@ -31,17 +34,20 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-use std::collections::{BTreeSet, HashSet};
-use std::sync::mpsc;
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::{mpsc, Arc};
 
 use candle_core::{DType, Device, Tensor};
 use merge_core::checkpoint::Checkpoint;
-use merge_core::engine::{merge_in_memory, InMemoryReport, MergeSession, SinkForm, TensorSink};
+use merge_core::engine::{
+    merge_in_memory, ColumnTarget, InMemoryReport, MergeSession, SinkForm, TensorSink,
+};
 use merge_core::source::Resolver;
 use merge_core::MergeConfig;
 
 use crate::error::{Error, Result};
 use crate::lm::LanguageModel;
+use crate::models::layer_target::LayerTarget;
 use crate::models::linear::to_layer_form;
 
 /// A model evaluated from merges done in memory (see the module docs).
@@ -99,9 +105,22 @@ impl MergedModel {
     /// the model's weights, in place.
     pub fn merge(&mut self, cfg: &MergeConfig) -> Result<InMemoryReport> {
         let threads = self.pool.current_num_threads();
-        let (tx, rx) = mpsc::sync_channel::<(String, Tensor)>(threads * QUEUED_PER_THREAD);
+        let (tx, rx) = mpsc::sync_channel::<Handed>(threads * QUEUED_PER_THREAD);
         let layer_form = self.model.layer_form_weights().into_iter().collect();
-        let sink = Queue { tx, layer_form };
+        // SAFETY: the targets live in `sink`, which the merging thread owns and drops before
+        // the scope below ends; until then this thread replaces (`set_weight`) only tensors
+        // handed over the channel, which never have a target (`Queue::put` writes those
+        // through it), and does not run the model.
+        let targets = unsafe { self.model.layer_targets() };
+        let targets = targets
+            .into_iter()
+            .map(|(name, t)| (name, Arc::new(InPlace(t)) as Arc<dyn ColumnTarget>))
+            .collect();
+        let sink = Queue {
+            tx,
+            layer_form,
+            targets,
+        };
         let (session, pool, model) = (&self.session, &self.pool, &mut self.model);
         let mut put = BTreeSet::new();
         let mut failed = None;
@@ -110,12 +129,18 @@ impl MergedModel {
                 let sink = sink;
                 pool.install(|| merge_in_memory(session, cfg, &sink))
             });
-            for (name, tensor) in rx.iter() {
-                if let Err(e) = model.set_weight(&name, &tensor) {
-                    // Dropping the receiver fails the merge's next put, which stops it.
-                    failed = Some(e);
-                    break;
-                }
+            for handed in rx.iter() {
+                let name = match handed {
+                    Handed::Tensor(name, tensor) => {
+                        if let Err(e) = model.set_weight(&name, &tensor) {
+                            // Dropping the receiver fails the merge's next put, which stops it.
+                            failed = Some(e);
+                            break;
+                        }
+                        name
+                    }
+                    Handed::Written(name) => name,
+                };
                 put.insert(name);
             }
             drop(rx);
@@ -150,14 +175,52 @@ impl MergedModel {
     }
 }
 
-/// The merge's side of the hand-over: each merged tensor queued for the writer, in the layer
-/// form where the model takes that (converted here, on the merge's threads).
+/// What the merge hands the writer: a tensor to set, or the name of one it wrote in place.
+enum Handed {
+    Tensor(String, Tensor),
+    Written(String),
+}
+
+/// The merge's side of the hand-over: the weights the model has in-place targets for are
+/// written through them on the merge's threads; every other merged tensor is queued for the
+/// writer, in the layer form where the model takes that (converted here too).
 struct Queue {
-    tx: mpsc::SyncSender<(String, Tensor)>,
+    tx: mpsc::SyncSender<Handed>,
     layer_form: HashSet<String>,
+    targets: HashMap<String, Arc<dyn ColumnTarget>>,
+}
+
+impl Queue {
+    fn send(&self, name: &str, handed: Handed) -> merge_core::Result<()> {
+        self.tx.send(handed).map_err(|_| merge_core::Error::Sink {
+            tensor: name.to_string(),
+            source: "the model stopped taking weights".into(),
+        })
+    }
+}
+
+/// A model's [`LayerTarget`] as the merge engine's column target.
+struct InPlace(LayerTarget);
+
+impl ColumnTarget for InPlace {
+    fn put_column(&self, c: usize, r0: usize, values: &[f32]) {
+        self.0.put_column(c, r0, values)
+    }
+
+    fn put_row(&self, r: usize, c0: usize, values: &[f32]) {
+        self.0.put_row(r, c0, values)
+    }
 }
 
 impl TensorSink for Queue {
+    fn columns(&self, name: &str) -> Option<Arc<dyn ColumnTarget>> {
+        self.targets.get(name).cloned()
+    }
+
+    fn written(&self, name: &str) -> merge_core::Result<()> {
+        self.send(name, Handed::Written(name.to_string()))
+    }
+
     fn form(&self, name: &str) -> SinkForm {
         // Streamed weights are assembled in the layer form by the merge itself.
         if self.layer_form.contains(name) {
@@ -168,23 +231,29 @@ impl TensorSink for Queue {
     }
 
     fn put(&self, name: &str, tensor: Tensor) -> merge_core::Result<()> {
+        let err = |e: crate::error::Error| merge_core::Error::Sink {
+            tensor: name.to_string(),
+            source: e.to_string().into(),
+        };
+        if let Some(target) = self.targets.get(name) {
+            // Merged whole (or folded) but with a place in the model: written through it, row
+            // by row, as a stream would have.
+            let rows: Vec<Vec<f32>> = tensor
+                .to_dtype(DType::F32)
+                .and_then(|t| t.to_vec2())
+                .map_err(|e| err(e.into()))?;
+            for (r, row) in rows.iter().enumerate() {
+                target.put_row(r, 0, row);
+            }
+            return self.send(name, Handed::Written(name.to_string()));
+        }
         // Tensors merged whole (and adapter folds) arrive as stored: converted here. Those
         // already in the layer form (streamed) are not contiguous, and pass unchanged.
         let tensor = if self.layer_form.contains(name) {
-            to_layer_form(&tensor)
-                .map_err(|e| merge_core::Error::Sink {
-                    tensor: name.to_string(),
-                    source: e.to_string().into(),
-                })?
-                .unwrap_or(tensor)
+            to_layer_form(&tensor).map_err(err)?.unwrap_or(tensor)
         } else {
             tensor
         };
-        self.tx
-            .send((name.to_string(), tensor))
-            .map_err(|_| merge_core::Error::Sink {
-                tensor: name.to_string(),
-                source: "the model stopped taking weights".into(),
-            })
+        self.send(name, Handed::Tensor(name.to_string(), tensor))
     }
 }

@@ -15,6 +15,7 @@ use candle_core::{CpuStorage, DType, Device, Storage, Tensor, WithDType};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
+use super::layer_target::LayerTarget;
 use super::weights::{fetch, full_name, prepare};
 use crate::error::Result;
 
@@ -116,6 +117,45 @@ impl Lin {
             .iter()
             .map(|(p, _)| format!("{p}.weight"))
             .collect()
+    }
+
+    /// In-place targets for this layer's weights (not biases), by checkpoint name, where it
+    /// keeps them in f32 on the CPU (none otherwise): a merge writes each weight's values
+    /// through its target straight into `Wᵀ` and, when made, the panel copy (see
+    /// [`LayerTarget`]).
+    ///
+    /// # Safety
+    /// The targets write through raw pointers into this layer's buffers. While any of them is
+    /// alive the caller must not run the layer, replace any of its weights or biases, or drop
+    /// it; and concurrent writes must go to distinct elements.
+    pub unsafe fn layer_targets(&mut self) -> Vec<(String, LayerTarget)> {
+        if self.dtype != DType::F32 || !self.device.is_cpu() || self.inp == 0 || self.out == 0 {
+            return Vec::new();
+        }
+        let Some(wt) = storage_ptr(&self.wt) else {
+            return Vec::new();
+        };
+        let panels = match self.panels.get_mut() {
+            Some(Some(p)) => Some(p.as_mut_ptr()),
+            _ => None,
+        };
+        let mut offset = 0;
+        let mut targets = Vec::with_capacity(self.parts.len());
+        for (name, rows) in &self.parts {
+            targets.push((
+                format!("{name}.weight"),
+                LayerTarget {
+                    wt,
+                    panels,
+                    out: self.out,
+                    inp: self.inp,
+                    offset,
+                    rows: *rows,
+                },
+            ));
+            offset += rows;
+        }
+        targets
     }
 
     /// Installs (or with `None` removes) an observer of this layer's inputs.
@@ -274,6 +314,30 @@ fn transpose_to_f32<T: WithDType>(src: &[T], rows: usize, cols: usize) -> Vec<f3
     dst
 }
 
+/// A pointer to the elements of `t` (a contiguous f32 CPU tensor of `inp·out` elements, else
+/// `None`), taken under its storage's write lock so that writing through it later — while
+/// nothing else uses the tensor — is a write the storage allows.
+fn storage_ptr(t: &Tensor) -> Option<*mut f32> {
+    struct Ptr(std::cell::Cell<Option<*mut f32>>);
+    impl candle_core::InplaceOp1 for Ptr {
+        fn name(&self) -> &'static str {
+            "storage-pointer"
+        }
+        fn cpu_fwd(&self, s: &mut CpuStorage, l: &candle_core::Layout) -> candle_core::Result<()> {
+            if let (CpuStorage::F32(v), Some((start, end))) = (s, l.contiguous_offsets()) {
+                self.0.set(Some(v[start..end].as_mut_ptr()));
+            }
+            Ok(())
+        }
+    }
+    let p = Ptr(std::cell::Cell::new(None));
+    if t.dtype() != DType::F32 || !t.device().is_cpu() || !t.is_contiguous() {
+        return None;
+    }
+    t.inplace_op1(&p).ok()?;
+    p.0.get()
+}
+
 /// `f` on the elements of `t` where it is a contiguous f32 tensor on the CPU (borrowed, not
 /// copied); `None` otherwise.
 fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<Option<R>> {
@@ -291,7 +355,7 @@ fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<Option<R>>
 pub const SMALL_ROWS: usize = 32;
 
 /// Columns per panel: two AVX registers.
-const PANEL: usize = 16;
+pub(super) const PANEL: usize = 16;
 /// Most rows of `x` per register tile (6 rows × 16 columns = 12 accumulators).
 const ROW_TILE: usize = 6;
 

@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 use super::inputs::{InputModel, Inputs};
 use super::plan::MergePlan;
-use super::transposed::TransposedF32;
+use super::transposed::{ColumnTarget, TransposedF32};
 use crate::checkpoint::{encodable, tensor_bytes, with_encoded, CheckpointWriter, OutputTensor};
 use crate::config::MergeConfig;
 use crate::error::{Error, Result};
@@ -30,6 +30,20 @@ pub trait TensorSink: Sync {
     /// The form `put` wants tensor `name` in. [`SinkForm::Stored`] unless overridden.
     fn form(&self, _name: &str) -> SinkForm {
         SinkForm::Stored
+    }
+
+    /// Where a streamed 2-D tensor `name` (stored as bf16, f16 or f32) is to be written in
+    /// place, column by column, instead of handed to `put`: the merge threads write its
+    /// rounded values straight into the target and then call [`TensorSink::written`]. `None`
+    /// (the default): `put` as usual. Tensors merged whole still go to `put`.
+    fn columns(&self, _name: &str) -> Option<Arc<dyn ColumnTarget>> {
+        None
+    }
+
+    /// Every element of tensor `name` has been written into its [`TensorSink::columns`]
+    /// target.
+    fn written(&self, _name: &str) -> Result<()> {
+        Ok(())
     }
 }
 
@@ -168,6 +182,22 @@ impl<'s> MemoryOutput<'s> {
             parts: Mutex::default(),
         }
     }
+
+    /// The column assembly of streamed tensor `t`, when the sink takes it in place
+    /// ([`TensorSink::columns`]) or transposed ([`SinkForm::TransposedF32`]); `None`: as stored.
+    fn transposed(&self, t: &OutputTensor) -> Option<TransposedF32> {
+        if !TransposedF32::applies(&t.shape, t.dtype) {
+            return None;
+        }
+        let (rows, cols) = (t.shape[0], t.shape[1]);
+        match self.sink.columns(&t.name) {
+            Some(target) => Some(TransposedF32::into_target(target, rows, cols, t.dtype)),
+            None if self.sink.form(&t.name) == SinkForm::TransposedF32 => {
+                Some(TransposedF32::new(rows, cols, t.dtype))
+            }
+            None => None,
+        }
+    }
 }
 
 /// `tensor` (on any device) as it is stored as `t`: the bytes the writer would write, as a
@@ -201,22 +231,20 @@ impl Output for MemoryOutput<'_> {
     }
 
     fn write_range(&self, t: &OutputTensor, first: usize, data: &[f32]) -> Result<()> {
-        if self.sink.form(&t.name) == SinkForm::TransposedF32
-            && TransposedF32::applies(&t.shape, t.dtype)
-        {
-            let assembly = {
-                let mut parts = self.parts.lock().expect("not poisoned");
-                let entry = parts.entry(t.name.clone()).or_insert_with(|| {
-                    Assembly::Transposed(Arc::new(TransposedF32::new(
-                        t.shape[0], t.shape[1], t.dtype,
-                    )))
-                });
-                match entry {
-                    Assembly::Transposed(a) => Arc::clone(a),
-                    Assembly::Stored(_) => unreachable!("one form per tensor"),
-                }
-            };
-            assembly.write(first, data);
+        let assembly = {
+            let mut parts = self.parts.lock().expect("not poisoned");
+            match parts.get(&t.name) {
+                Some(Assembly::Transposed(a)) => Some(Arc::clone(a)),
+                Some(Assembly::Stored(_)) => None,
+                None => self.transposed(t).map(|a| {
+                    let a = Arc::new(a);
+                    parts.insert(t.name.clone(), Assembly::Transposed(Arc::clone(&a)));
+                    a
+                }),
+            }
+        };
+        if let Some(a) = assembly {
+            a.write(first, data);
             return Ok(());
         }
         let bytes = with_encoded(t.dtype, data, <[u8]>::to_vec);
@@ -248,7 +276,9 @@ impl Output for MemoryOutput<'_> {
                 if a.written() != numel {
                     return Err(incomplete(format!("{} of {numel} elements", a.written())));
                 }
-                let (columns, rows, cols) = a.into_columns();
+                let Some((columns, rows, cols)) = a.into_columns() else {
+                    return self.sink.written(&t.name);
+                };
                 let err = |e| Error::tensor(&t.name, e);
                 let tensor = Tensor::from_vec(columns, (cols, rows), &Device::Cpu)
                     .and_then(|c| c.t())

@@ -1,10 +1,12 @@
 //! A streamed tensor assembled straight into the form a model keeps its linear weights in:
 //! f32, transposed (see [`super::SinkForm::TransposedF32`]). Each chunk is rounded to the
 //! planned dtype (as the writer would store it) and widened back, then written, a tile at a
-//! time, into its columns of the `[cols, rows]` buffer, so no encoded copy, join or separate
-//! transposition of the whole tensor is needed afterwards.
+//! time, into its columns of the `[cols, rows]` buffer — or of a sink's [`ColumnTarget`], the
+//! evaluated model's own weight buffers — so no encoded copy, join or separate transposition
+//! of the whole tensor is needed afterwards.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use candle_core::DType;
 
@@ -15,32 +17,109 @@ use crate::checkpoint::f32_to_bf16;
 const TILE_ROWS: usize = 32;
 const TILE_COLS: usize = 16;
 
-/// One tensor in flight: a `[cols, rows]` f32 buffer, written from many threads (each to its
-/// own elements), and how many elements have arrived.
-pub(crate) struct TransposedF32 {
+/// A destination that keeps a `[rows, cols]` weight column by column — transposed, the layout
+/// a model multiplies `x·Wᵀ` with — and takes a streamed merge's values there directly, from
+/// the merge threads ([`super::TensorSink::columns`]). Values arrive as loading the stored
+/// tensor gives them, widened to f32; concurrent calls never cover the same element, and
+/// together they cover every element once.
+pub trait ColumnTarget: Send + Sync {
+    /// Rows `r0 .. r0 + values.len()` of column `c`.
+    fn put_column(&self, c: usize, r0: usize, values: &[f32]);
+
+    /// Columns `c0 .. c0 + values.len()` of row `r` (the ragged ends of a streamed chunk).
+    fn put_row(&self, r: usize, c0: usize, values: &[f32]) {
+        for (j, v) in values.iter().enumerate() {
+            self.put_column(c0 + j, r, std::slice::from_ref(v));
+        }
+    }
+}
+
+/// A `[cols, rows]` f32 buffer of the assembly's own ([`SinkForm::TransposedF32`]): the
+/// columns of the tensor one after another.
+///
+/// [`SinkForm::TransposedF32`]: super::SinkForm::TransposedF32
+struct OwnColumns {
     data: Vec<f32>,
     /// `data`'s buffer, for writes through `&self` (the Vec is never resized).
     ptr: *mut f32,
+    rows: usize,
+    cols: usize,
+}
+
+// SAFETY: `ptr` points into `data`, owned by the struct; writers only ever touch the elements
+// of their own disjoint ranges (the `ColumnTarget` contract), and the buffer is only taken out
+// by value.
+unsafe impl Send for OwnColumns {}
+// SAFETY: as above: concurrent writes go to disjoint elements.
+unsafe impl Sync for OwnColumns {}
+
+impl ColumnTarget for OwnColumns {
+    fn put_column(&self, c: usize, r0: usize, values: &[f32]) {
+        assert!(c < self.cols && r0 + values.len() <= self.rows);
+        // SAFETY: in bounds (asserted); no other call writes these elements.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                values.as_ptr(),
+                self.ptr.add(c * self.rows + r0),
+                values.len(),
+            )
+        };
+    }
+
+    fn put_row(&self, r: usize, c0: usize, values: &[f32]) {
+        assert!(r < self.rows && c0 + values.len() <= self.cols);
+        for (j, &v) in values.iter().enumerate() {
+            // SAFETY: in bounds (asserted); no other call writes this element.
+            unsafe { *self.ptr.add((c0 + j) * self.rows + r) = v };
+        }
+    }
+}
+
+/// Where an assembly's values go.
+enum Target {
+    Own(OwnColumns),
+    External(Arc<dyn ColumnTarget>),
+}
+
+/// One tensor in flight: its values, rounded, written column by column into its own buffer or
+/// a sink's [`ColumnTarget`] from many threads (each to its own elements), and how many
+/// elements have arrived.
+pub(crate) struct TransposedF32 {
+    target: Target,
     rows: usize,
     cols: usize,
     dtype: DType,
     written: AtomicUsize,
 }
 
-// SAFETY: `ptr` points into `data`, owned by the struct; writers only ever touch the elements
-// of their own disjoint source ranges (see `write`), and `into_columns` takes `self` by value.
-unsafe impl Send for TransposedF32 {}
-// SAFETY: as above: concurrent `write`s go to disjoint elements.
-unsafe impl Sync for TransposedF32 {}
-
 impl TransposedF32 {
-    /// An empty assembly of a `[rows, cols]` tensor stored as `dtype` (bf16, f16 or f32).
+    /// An empty assembly of a `[rows, cols]` tensor stored as `dtype` (bf16, f16 or f32), in a
+    /// buffer of its own.
     pub(crate) fn new(rows: usize, cols: usize, dtype: DType) -> Self {
         let mut data = vec![0f32; rows * cols];
         let ptr = data.as_mut_ptr();
-        TransposedF32 {
+        let own = OwnColumns {
             data,
             ptr,
+            rows,
+            cols,
+        };
+        Self::with_target(Target::Own(own), rows, cols, dtype)
+    }
+
+    /// An assembly of a `[rows, cols]` tensor stored as `dtype` written into `target`.
+    pub(crate) fn into_target(
+        target: Arc<dyn ColumnTarget>,
+        rows: usize,
+        cols: usize,
+        dtype: DType,
+    ) -> Self {
+        Self::with_target(Target::External(target), rows, cols, dtype)
+    }
+
+    fn with_target(target: Target, rows: usize, cols: usize, dtype: DType) -> Self {
+        TransposedF32 {
+            target,
             rows,
             cols,
             dtype,
@@ -56,34 +135,39 @@ impl TransposedF32 {
     /// Elements `first ..` (row-major over `[rows, cols]`) of the tensor. Concurrent calls
     /// must cover disjoint ranges (the engine's contract for an output's `write_range`).
     pub(crate) fn write(&self, first: usize, data: &[f32]) {
-        // Each value as reading it back from the written checkpoint gives (the dtype chosen
-        // once here, so the loops below inline the rounding).
-        match self.dtype {
-            DType::BF16 => self.write_rounded(first, data, |v| {
-                f32::from_bits(u32::from(f32_to_bf16(v)) << 16)
-            }),
-            DType::F16 => self.write_rounded(first, data, |v| half::f16::from_f32(v).to_f32()),
-            _ => self.write_rounded(first, data, |v| v),
+        match &self.target {
+            Target::Own(t) => self.write_to(t, first, data),
+            Target::External(t) => self.write_to(&**t, first, data),
         }
     }
 
-    /// Element `(r, c)` of the tensor (`[rows, cols]`).
-    ///
-    /// # Safety
-    /// No other thread writes or reads that element meanwhile.
-    #[inline]
-    unsafe fn put(&self, r: usize, c: usize, v: f32) {
-        debug_assert!(r < self.rows && c < self.cols);
-        // SAFETY: in bounds (r < rows, c < cols); exclusive by the caller's contract.
-        unsafe { *self.ptr.add(c * self.rows + r) = v };
+    /// [`Self::write`] into `target` (the dtype chosen once here, so the loops below inline
+    /// the rounding: each value as reading it back from the written checkpoint gives).
+    fn write_to<T: ColumnTarget + ?Sized>(&self, target: &T, first: usize, data: &[f32]) {
+        match self.dtype {
+            DType::BF16 => self.write_rounded(target, first, data, |v| {
+                f32::from_bits(u32::from(f32_to_bf16(v)) << 16)
+            }),
+            DType::F16 => {
+                self.write_rounded(target, first, data, |v| half::f16::from_f32(v).to_f32())
+            }
+            _ => self.write_rounded(target, first, data, |v| v),
+        }
     }
 
     /// [`Self::write`] with `stored` rounding each value.
     #[inline(always)]
-    fn write_rounded(&self, first: usize, data: &[f32], stored: impl Fn(f32) -> f32) {
+    fn write_rounded<T: ColumnTarget + ?Sized>(
+        &self,
+        target: &T,
+        first: usize,
+        data: &[f32],
+        stored: impl Fn(f32) -> f32,
+    ) {
         let (rows, cols) = (self.rows, self.cols);
         let end = (first + data.len()).min(rows * cols);
         let mut at = first;
+        let mut part = [0f32; TILE_COLS * TILE_ROWS];
         while at < end {
             let (r, c0) = (at / cols, at % cols);
             let src = &data[at - first..];
@@ -100,21 +184,18 @@ impl TransposedF32 {
                         }
                     }
                     for (j, col) in tile.iter().enumerate().take(nc) {
-                        let dst = (cb + j) * rows + r;
-                        // SAFETY: elements (r .. r + nr, cb + j) are inside the tensor and in
-                        // this call's range, which no other call covers.
-                        unsafe {
-                            std::ptr::copy_nonoverlapping(col.as_ptr(), self.ptr.add(dst), nr)
-                        };
+                        target.put_column(cb + j, r, &col[..nr]);
                     }
                 }
                 at += nr * cols;
             } else {
-                // Part of one row.
+                // Part of one row, a piece at a time.
                 let c1 = cols.min(c0 + (end - at));
-                for (c, &v) in (c0..c1).zip(src) {
-                    // SAFETY: (r, c) is in this call's range, which no other call covers.
-                    unsafe { self.put(r, c, stored(v)) };
+                for (p, piece) in src[..c1 - c0].chunks(part.len()).enumerate() {
+                    for (o, &v) in part.iter_mut().zip(piece) {
+                        *o = stored(v);
+                    }
+                    target.put_row(r, c0 + p * part.len(), &part[..piece.len()]);
                 }
                 at += c1 - c0;
             }
@@ -128,9 +209,12 @@ impl TransposedF32 {
     }
 
     /// The `[cols, rows]` f32 buffer, with its row and column counts (`rows`, `cols` of the
-    /// tensor it holds transposed).
-    pub(crate) fn into_columns(self) -> (Vec<f32>, usize, usize) {
-        (self.data, self.rows, self.cols)
+    /// tensor it holds transposed); `None` for an assembly written into a sink's target.
+    pub(crate) fn into_columns(self) -> Option<(Vec<f32>, usize, usize)> {
+        match self.target {
+            Target::Own(t) => Some((t.data, t.rows, t.cols)),
+            Target::External(_) => None,
+        }
     }
 }
 
@@ -158,7 +242,7 @@ mod tests {
                 }
             });
             assert_eq!(t.written(), n);
-            let (columns, r, c) = t.into_columns();
+            let (columns, r, c) = t.into_columns().expect("its own buffer");
             assert_eq!((r, c), (rows, cols));
             for i in 0..rows {
                 for j in 0..cols {

@@ -492,9 +492,14 @@ mod tests {
                     _ => (rng.next_u32() as f32 / u32::MAX as f32 - 0.5) * 0.02,
                 })
                 .collect();
-            let b: Vec<f32> = (0..n).map(|i| if i % 5 == 0 { 0.0 } else { 0.001 }).collect();
-            let bins: std::collections::BTreeSet<u32> =
-                m.iter().zip(&b).map(|(x, y)| mag_key(x - y) >> 16).collect();
+            let b: Vec<f32> = (0..n)
+                .map(|i| if i % 5 == 0 { 0.0 } else { 0.001 })
+                .collect();
+            let bins: std::collections::BTreeSet<u32> = m
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| mag_key(x - y) >> 16)
+                .collect();
             for &bin in bins.iter().chain([0x7fff].iter()) {
                 let want: Vec<u16> = m
                     .iter()

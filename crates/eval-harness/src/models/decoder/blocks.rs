@@ -208,17 +208,22 @@ impl Block {
         self.attn.lins().into_iter().chain(self.mlp.lins())
     }
 
-    /// Installs `o` on every linear layer of the block (see [`InputObserver`]).
-    pub fn set_observer(&mut self, o: Option<Arc<dyn InputObserver>>) {
+    /// The layer's linear layers, to change.
+    pub fn lins_mut(&mut self) -> [&mut Lin; 6] {
         let (a, m) = (&mut self.attn, &mut self.mlp);
-        for lin in [
+        [
             &mut a.q,
             &mut a.k,
             &mut a.v,
             &mut a.o,
             &mut m.gate_up,
             &mut m.down,
-        ] {
+        ]
+    }
+
+    /// Installs `o` on every linear layer of the block (see [`InputObserver`]).
+    pub fn set_observer(&mut self, o: Option<Arc<dyn InputObserver>>) {
+        for lin in self.lins_mut() {
             lin.set_observer(o.clone());
         }
     }

@@ -31,6 +31,7 @@ use blocks::Block;
 
 use super::attention::Mask;
 use super::batch_shape;
+use super::layer_target::LayerTarget;
 use super::linear::{InputObserver, Lin};
 use super::vector_math::picked_log_probs;
 use super::weights::Weight;
@@ -343,6 +344,17 @@ impl LanguageModel for Decoder {
         let head = head.into_iter().filter(|n| n != self.embed.name());
         let layers = self.layers.iter().flat_map(|l| l.lins());
         layers.flat_map(Lin::layer_form_names).chain(head).collect()
+    }
+
+    unsafe fn layer_targets(&mut self) -> Vec<(String, LayerTarget)> {
+        let embed = self.embed.name().to_string();
+        let layers = self.layers.iter_mut().flat_map(Block::lins_mut);
+        // SAFETY: the caller keeps the contract for the whole model, so for each layer.
+        let all = layers
+            .chain([&mut self.lm_head])
+            .flat_map(|l| unsafe { l.layer_targets() });
+        // A tied head's weight is also the embedding, which is kept as stored.
+        all.filter(|(n, _)| *n != embed).collect()
     }
 
     fn set_weight(&mut self, name: &str, tensor: &Tensor) -> Result<bool> {
