@@ -13,6 +13,7 @@ pub mod error;
 pub mod evaluate;
 pub mod greedy;
 pub mod hf;
+pub mod layer_target;
 pub mod lm;
 pub mod merged;
 pub mod metrics;

@@ -8,7 +8,7 @@ use candle_core::Tensor;
 
 use crate::error::Result;
 use crate::hf::Tokenizer;
-use crate::models::layer_target::LayerTarget;
+use crate::layer_target::LayerTarget;
 
 /// The two kinds of model the kit evaluates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

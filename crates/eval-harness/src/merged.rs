@@ -46,8 +46,8 @@ use merge_core::source::Resolver;
 use merge_core::MergeConfig;
 
 use crate::error::{Error, Result};
+use crate::layer_target::LayerTarget;
 use crate::lm::LanguageModel;
-use crate::models::layer_target::LayerTarget;
 use crate::models::linear::to_layer_form;
 
 /// A model evaluated from merges done in memory (see the module docs).

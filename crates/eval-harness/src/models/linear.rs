@@ -15,9 +15,9 @@ use candle_core::{CpuStorage, DType, Device, Storage, Tensor, WithDType};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
-use super::layer_target::LayerTarget;
 use super::weights::{fetch, full_name, prepare};
 use crate::error::Result;
+use crate::layer_target::LayerTarget;
 
 /// Sees every input of the linear layers it is installed on (`llm-merging stats` sums Gram
 /// matrices with one). None is installed by default: evaluation pays one `Option` check per
@@ -147,6 +147,7 @@ impl Lin {
                 LayerTarget {
                     wt,
                     panels,
+                    panel: PANEL,
                     out: self.out,
                     inp: self.inp,
                     offset,
@@ -355,7 +356,7 @@ fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<Option<R>>
 pub const SMALL_ROWS: usize = 32;
 
 /// Columns per panel: two AVX registers.
-pub(super) const PANEL: usize = 16;
+const PANEL: usize = 16;
 /// Most rows of `x` per register tile (6 rows × 16 columns = 12 accumulators).
 const ROW_TILE: usize = 6;
 
@@ -492,5 +493,66 @@ unsafe fn tile<const R: usize>(
     for (i, a) in acc.iter().enumerate() {
         _mm256_storeu_ps(y.as_mut_ptr().add(i * PANEL), a[0]);
         _mm256_storeu_ps(y.as_mut_ptr().add(i * PANEL + 8), a[1]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Three stacked parts whose rows straddle panel boundaries (33 output columns: the last
+    /// panel partial), each written once, partly by column runs crossing panels and partly by
+    /// row pieces: `Wᵀ` holds every value at its place and the panel copy equals packing it.
+    #[test]
+    fn column_runs_and_row_pieces_fill_wt_and_its_panels() {
+        let (inp, parts) = (7usize, [5usize, 19, 9]);
+        let out: usize = parts.iter().sum();
+        let mut wt = vec![f32::NAN; inp * out];
+        let mut panels = vec![0f32; out.div_ceil(PANEL) * inp * PANEL];
+        let value = |part: usize, r: usize, c: usize| (part * 1000 + r * 10 + c) as f32 + 0.5;
+        let mut offset = 0;
+        for (part, &rows) in parts.iter().enumerate() {
+            let t = LayerTarget {
+                wt: wt.as_mut_ptr(),
+                panels: Some(panels.as_mut_ptr()),
+                panel: PANEL,
+                out,
+                inp,
+                offset,
+                rows,
+            };
+            assert_eq!(t.shape(), (rows, inp));
+            // Rows 0 and 1 by row pieces (columns 0..3 and 3..inp), the rest by column runs of
+            // up to 6 rows.
+            for r in 0..2.min(rows) {
+                let row: Vec<f32> = (0..inp).map(|c| value(part, r, c)).collect();
+                t.put_row(r, 0, &row[..3]);
+                t.put_row(r, 3, &row[3..]);
+            }
+            for c in 0..inp {
+                let mut r0 = 2;
+                while r0 < rows {
+                    let n = 6.min(rows - r0);
+                    let run: Vec<f32> = (r0..r0 + n).map(|r| value(part, r, c)).collect();
+                    t.put_column(c, r0, &run);
+                    r0 += n;
+                }
+            }
+            offset += rows;
+        }
+        let mut offset = 0;
+        for (part, &rows) in parts.iter().enumerate() {
+            for r in 0..rows {
+                for c in 0..inp {
+                    assert_eq!(
+                        wt[c * out + offset + r],
+                        value(part, r, c),
+                        "part {part} ({r}, {c})"
+                    );
+                }
+            }
+            offset += rows;
+        }
+        assert_eq!(panels, pack_panels(&wt, inp, out));
     }
 }

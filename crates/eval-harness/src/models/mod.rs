@@ -4,7 +4,6 @@
 mod attention;
 mod attention_cpu;
 pub mod decoder;
-pub mod layer_target;
 pub mod linear;
 pub mod t5;
 pub(crate) mod vector_math;

@@ -31,10 +31,10 @@ use blocks::Block;
 
 use super::attention::Mask;
 use super::batch_shape;
-use super::layer_target::LayerTarget;
 use super::linear::{InputObserver, Lin};
 use super::vector_math::picked_log_probs;
 use super::weights::Weight;
+use crate::layer_target::LayerTarget;
 
 /// New tokens per generation for decoder-only models when none is set (the kit's baselines).
 pub const DEFAULT_MAX_GEN_LEN: usize = 64;

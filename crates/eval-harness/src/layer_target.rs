@@ -1,0 +1,98 @@
+//! A merge writing a linear layer's weight in place: [`LayerTarget`] takes the weight's values
+//! column by column (as a streamed merge produces them, transposed in tiles) and stores them
+//! straight into the layer's own buffers — `Wᵀ` and, when the layer has made it, its panel
+//! copy — so a search trial allocates, faults in and copies nothing per weight, and the
+//! first small forward after a merge does not repack the panels. The model's linear layers
+//! make them ([`crate::LanguageModel::layer_targets`]).
+
+/// One weight's place in a [`crate::models::linear::Lin`] (see the module docs). Made by
+/// [`crate::models::linear::Lin::layer_targets`], whose safety contract it lives under: it
+/// writes through raw pointers into the layer's buffers.
+pub struct LayerTarget {
+    /// `Wᵀ`: `[inp, out]`, row-major.
+    pub(crate) wt: *mut f32,
+    /// The panel copy ([`crate::models::linear::pack_panels`]'s layout: `panel`-column panels),
+    /// when made.
+    pub(crate) panels: Option<*mut f32>,
+    pub(crate) panel: usize,
+    /// The layer's output columns (all stacked parts) and input features.
+    pub(crate) out: usize,
+    pub(crate) inp: usize,
+    /// This weight's first output column among the stacked parts, and its rows (HF `[rows,
+    /// inp]`).
+    pub(crate) offset: usize,
+    pub(crate) rows: usize,
+}
+
+// SAFETY: the pointers stay valid and unaliased for the target's life by the contract of
+// `Lin::layer_targets`; concurrent calls write disjoint elements (the callers' contract).
+unsafe impl Send for LayerTarget {}
+// SAFETY: as above.
+unsafe impl Sync for LayerTarget {}
+
+impl LayerTarget {
+    /// The weight's shape as the checkpoint stores it (`[rows, cols]`).
+    pub fn shape(&self) -> (usize, usize) {
+        (self.rows, self.inp)
+    }
+
+    /// Rows `r0 .. r0 + values.len()` of column `c` of the weight (HF layout `[rows, cols]`).
+    /// Calls writing concurrently must cover distinct elements.
+    pub fn put_column(&self, c: usize, r0: usize, values: &[f32]) {
+        assert!(
+            c < self.inp && r0 + values.len() <= self.rows,
+            "column {c}, rows {r0}..{} of a [{}, {}] weight",
+            r0 + values.len(),
+            self.rows,
+            self.inp
+        );
+        // SAFETY: in bounds of `Wᵀ` (asserted above: `c·out + offset + rows ≤ inp·out`);
+        // nothing else touches these elements meanwhile (contract).
+        unsafe {
+            let dst = self.wt.add(c * self.out + self.offset + r0);
+            std::ptr::copy_nonoverlapping(values.as_ptr(), dst, values.len());
+        }
+        if let Some(panels) = self.panels {
+            // Output column `offset + r` sits in panel `col / panel`, lane `col % panel`: a run
+            // of rows is contiguous up to the next panel.
+            let (mut r, mut rest) = (r0, values);
+            while !rest.is_empty() {
+                let col = self.offset + r;
+                let lane = col % self.panel;
+                let n = (self.panel - lane).min(rest.len());
+                // SAFETY: panel `col / panel` < ⌈out / panel⌉ and `c < inp` (asserted above),
+                // within the packed buffer; distinct elements by the contract.
+                unsafe {
+                    let dst = panels.add((col / self.panel * self.inp + c) * self.panel + lane);
+                    std::ptr::copy_nonoverlapping(rest.as_ptr(), dst, n);
+                }
+                r += n;
+                rest = &rest[n..];
+            }
+        }
+    }
+
+    /// Columns `c0 .. c0 + values.len()` of row `r` of the weight. Calls writing concurrently
+    /// must cover distinct elements.
+    pub fn put_row(&self, r: usize, c0: usize, values: &[f32]) {
+        assert!(
+            r < self.rows && c0 + values.len() <= self.inp,
+            "row {r}, columns {c0}..{} of a [{}, {}] weight",
+            c0 + values.len(),
+            self.rows,
+            self.inp
+        );
+        let col = self.offset + r;
+        for (j, &v) in values.iter().enumerate() {
+            // SAFETY: `(c0 + j)·out + col < inp·out` (asserted above); distinct elements.
+            unsafe { *self.wt.add((c0 + j) * self.out + col) = v };
+        }
+        if let Some(panels) = self.panels {
+            let first = (col / self.panel * self.inp + c0) * self.panel + col % self.panel;
+            for (j, &v) in values.iter().enumerate() {
+                // SAFETY: within panel `col / panel` at input `c0 + j < inp`; distinct.
+                unsafe { *panels.add(first + j * self.panel) = v };
+            }
+        }
+    }
+}
