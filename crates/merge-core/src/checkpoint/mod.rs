@@ -81,6 +81,8 @@ pub struct Checkpoint {
     /// tensor name → (shard index, info)
     entries: BTreeMap<String, (usize, TensorInfo)>,
     tied: bool,
+    /// Range reads come from the mapped pages, not `pread` ([`Checkpoint::read_mapped`]).
+    mapped_reads: bool,
 }
 
 impl std::fmt::Debug for Checkpoint {
@@ -197,7 +199,18 @@ impl Checkpoint {
             shards,
             entries,
             tied,
+            mapped_reads: false,
         })
+    }
+
+    /// Range reads ([`Checkpoint::mapped`]) from the file's mapped pages instead of `pread`.
+    /// For a process that reads the same tensors over and over (a search session's merges):
+    /// after the first read the pages stay mapped, so a read is a conversion, not a copy out
+    /// of the page cache by the kernel. The mapped pages count in the resident set (they are
+    /// the page cache's, reclaimable); a one-off merge keeps `pread`, which maps nothing.
+    pub fn read_mapped(mut self) -> Self {
+        self.mapped_reads = true;
+        self
     }
 
     /// The parsed `config.json`, if the model has one.
@@ -271,7 +284,9 @@ impl Checkpoint {
         if !MappedTensor::readable(info.dtype) {
             return None;
         }
-        self.shards[*shard].mapped(stored)
+        let mut m = self.shards[*shard].mapped(stored)?;
+        m.from_map = self.mapped_reads;
+        Some(m)
     }
 
     /// Read `name` as f32 on `device` (merges always compute in f32).

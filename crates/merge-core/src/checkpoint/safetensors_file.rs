@@ -94,6 +94,8 @@ impl super::Shard for SafetensorsFile {
             start,
             end,
             dtype: info.dtype,
+            map: &self.mmap,
+            from_map: false,
         })
     }
 

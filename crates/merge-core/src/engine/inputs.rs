@@ -118,6 +118,7 @@ fn open_with(
     cache: &mut HashMap<ModelRef, Opened>,
     r: &ModelRef,
     base: bool,
+    session: bool,
 ) -> Result<Opened> {
     if let Some(o) = cache.get(r) {
         return Ok(o.clone());
@@ -134,6 +135,10 @@ fn open_with(
             ))
         }
         (true, false) => Opened::Adapter(Arc::new(Adapter::open(&files)?)),
+        // A session reads its inputs again at every merge: from their mapped pages.
+        (false, _) if session => {
+            Opened::Checkpoint(Arc::new(Checkpoint::open(&files)?.read_mapped()))
+        }
         (false, _) => Opened::Checkpoint(Arc::new(Checkpoint::open(&files)?)),
     };
     cache.insert(r.clone(), opened.clone());
@@ -145,8 +150,9 @@ impl Inputs {
     /// files), adapters with their bases.
     pub fn open(cfg: &MergeConfig, resolver: &Resolver) -> Result<Self> {
         let mut cache = HashMap::new();
-        let mut inputs =
-            Self::assemble(cfg, &mut |r, base| open_with(resolver, &mut cache, r, base))?;
+        let mut inputs = Self::assemble(cfg, &mut |r, base| {
+            open_with(resolver, &mut cache, r, base, false)
+        })?;
         inputs.base_dir = resolver.base_dir().map(PathBuf::from);
         Ok(inputs)
     }
@@ -279,7 +285,7 @@ impl MergeSession {
     pub fn open(cfg: &MergeConfig, resolver: &Resolver) -> Result<Self> {
         let mut opened = HashMap::new();
         Inputs::assemble(cfg, &mut |r, base| {
-            open_with(resolver, &mut opened, r, base)
+            open_with(resolver, &mut opened, r, base, true)
         })?;
         Ok(MergeSession {
             opened,
@@ -288,6 +294,20 @@ impl MergeSession {
             device: Device::Cpu,
             progress: false,
             memo: Default::default(),
+        })
+    }
+
+    /// The dtype a merge of `cfg` stores its tensors as — what each value of an in-memory merge
+    /// is rounded to — where it is known before merging: a tensor-level merge's output dtype
+    /// (the config's, else the reference model's); for an adapter-level merge only the
+    /// config's (`None` without one).
+    pub fn stored_dtype(&self, cfg: &MergeConfig) -> Result<Option<candle_core::DType>> {
+        Ok(match registry::get(&cfg.method, "method")? {
+            registry::Method::Tensor(_) => {
+                let inputs = self.inputs(cfg)?;
+                Some(super::plan::output_dtype(cfg, &inputs.reference).candle())
+            }
+            registry::Method::Adapter(_) => cfg.dtype.map(|d| d.candle()),
         })
     }
 
