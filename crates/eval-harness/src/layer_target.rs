@@ -1,19 +1,21 @@
 //! A merge writing a linear layer's weight in place: [`LayerTarget`] takes the weight's values
 //! column by column (as a streamed merge produces them, transposed in tiles) and stores them
-//! straight into the layer's own buffers — `Wᵀ` and, when the layer has made it, its panel
-//! copy — so a search trial allocates, faults in and copies nothing per weight, and the
-//! first small forward after a merge does not repack the panels. The model's linear layers
-//! make them ([`crate::LanguageModel::layer_targets`]).
+//! straight into the layer's own buffers — its panel copy where the layer has made it (in the
+//! panels' form, f32 or bf16), else `Wᵀ` — so a search trial allocates, faults in and copies
+//! nothing per weight, and the first small forward after a merge does not repack the panels.
+//! The model's linear layers make them ([`crate::LanguageModel::layer_targets`]).
+
+use crate::models::panels::PanelsPtr;
 
 /// One weight's place in a [`crate::models::linear::Lin`] (see the module docs). Made by
 /// [`crate::models::linear::Lin::layer_targets`], whose safety contract it lives under: it
 /// writes through raw pointers into the layer's buffers.
 pub struct LayerTarget {
-    /// `Wᵀ`: `[inp, out]`, row-major.
-    pub(crate) wt: *mut f32,
-    /// The panel copy ([`crate::models::linear::pack_panels`]'s layout: `panel`-column panels),
-    /// when made.
-    pub(crate) panels: Option<*mut f32>,
+    /// `Wᵀ`: `[inp, out]`, row-major; written when the layer has no panels.
+    pub(crate) wt: Option<*mut f32>,
+    /// The panel copy ([`crate::models::panels::Panels`]' layout: `panel`-column panels),
+    /// when made. A bf16 copy takes only bf16 values (the layer's contract).
+    pub(crate) panels: Option<PanelsPtr>,
     pub(crate) panel: usize,
     /// The layer's output columns (all stacked parts) and input features.
     pub(crate) out: usize,
@@ -46,11 +48,13 @@ impl LayerTarget {
             self.rows,
             self.inp
         );
-        // SAFETY: in bounds of `Wᵀ` (asserted above: `c·out + offset + rows ≤ inp·out`);
-        // nothing else touches these elements meanwhile (contract).
-        unsafe {
-            let dst = self.wt.add(c * self.out + self.offset + r0);
-            std::ptr::copy_nonoverlapping(values.as_ptr(), dst, values.len());
+        if let Some(wt) = self.wt {
+            // SAFETY: in bounds of `Wᵀ` (asserted above: `c·out + offset + rows ≤ inp·out`);
+            // nothing else touches these elements meanwhile (contract).
+            unsafe {
+                let dst = wt.add(c * self.out + self.offset + r0);
+                std::ptr::copy_nonoverlapping(values.as_ptr(), dst, values.len());
+            }
         }
         if let Some(panels) = self.panels {
             // Output column `offset + r` sits in panel `col / panel`, lane `col % panel`: a run
@@ -60,12 +64,10 @@ impl LayerTarget {
                 let col = self.offset + r;
                 let lane = col % self.panel;
                 let n = (self.panel - lane).min(rest.len());
+                let at = (col / self.panel * self.inp + c) * self.panel + lane;
                 // SAFETY: panel `col / panel` < ⌈out / panel⌉ and `c < inp` (asserted above),
                 // within the packed buffer; distinct elements by the contract.
-                unsafe {
-                    let dst = panels.add((col / self.panel * self.inp + c) * self.panel + lane);
-                    std::ptr::copy_nonoverlapping(rest.as_ptr(), dst, n);
-                }
+                unsafe { put_run(panels, at, &rest[..n]) };
                 r += n;
                 rest = &rest[n..];
             }
@@ -83,16 +85,43 @@ impl LayerTarget {
             self.inp
         );
         let col = self.offset + r;
-        for (j, &v) in values.iter().enumerate() {
-            // SAFETY: `(c0 + j)·out + col < inp·out` (asserted above); distinct elements.
-            unsafe { *self.wt.add((c0 + j) * self.out + col) = v };
+        if let Some(wt) = self.wt {
+            for (j, &v) in values.iter().enumerate() {
+                // SAFETY: `(c0 + j)·out + col < inp·out` (asserted above); distinct elements.
+                unsafe { *wt.add((c0 + j) * self.out + col) = v };
+            }
         }
         if let Some(panels) = self.panels {
             let first = (col / self.panel * self.inp + c0) * self.panel + col % self.panel;
-            for (j, &v) in values.iter().enumerate() {
+            for (j, v) in values.iter().enumerate() {
                 // SAFETY: within panel `col / panel` at input `c0 + j < inp`; distinct.
-                unsafe { *panels.add(first + j * self.panel) = v };
+                unsafe { put_run(panels, first + j * self.panel, std::slice::from_ref(v)) };
             }
+        }
+    }
+}
+
+/// `values` into the panels at element `at` onwards.
+///
+/// # Safety
+/// `at + values.len()` is within the panels, and nothing else writes those elements meanwhile.
+unsafe fn put_run(panels: PanelsPtr, at: usize, values: &[f32]) {
+    match panels {
+        PanelsPtr::F32(p) => {
+            std::ptr::copy_nonoverlapping(values.as_ptr(), p.add(at), values.len());
+        }
+        PanelsPtr::Bf16(p) => {
+            let mut low = 0;
+            for (j, v) in values.iter().enumerate() {
+                let bits = v.to_bits();
+                low |= bits & 0xffff;
+                *p.add(at + j) = (bits >> 16) as u16;
+            }
+            assert!(
+                low == 0,
+                "a value that is not bf16 written into a layer's bf16 panels (the in-place merge \
+                 said it stores bf16)"
+            );
         }
     }
 }

@@ -85,13 +85,17 @@ pub trait LanguageModel: Send + Sync {
 
     /// In-place targets for (some of) the weights [`LanguageModel::layer_form_weights`]
     /// names, by checkpoint name: a merge writes their values straight into the model's own
-    /// buffers ([`LayerTarget`]). None by default.
+    /// buffers ([`LayerTarget`]). `bf16_values`: every value the merge will write is a bf16
+    /// value (it stores bf16), which lets layers keep a bf16 copy. None by default.
     ///
     /// # Safety
     /// The targets write through raw pointers into the model. While any of them is alive the
-    /// caller must not run the model, must not replace (`set_weight`) the weights they are
-    /// for, and must not drop it; concurrent writes must go to distinct elements.
-    unsafe fn layer_targets(&mut self) -> Vec<(String, LayerTarget)> {
+    /// caller must not run the model, must not replace (`set_weight`) any weight of a layer
+    /// it has a target for, and must not drop it; concurrent writes must go to distinct
+    /// elements; and every weight a target is returned for must be written whole through it
+    /// before the model runs again.
+    unsafe fn layer_targets(&mut self, bf16_values: bool) -> Vec<(String, LayerTarget)> {
+        let _ = bf16_values;
         Vec::new()
     }
 }

@@ -111,7 +111,8 @@ impl MergedModel {
         // the scope below ends; until then this thread replaces (`set_weight`) only tensors
         // handed over the channel, which never have a target (`Queue::put` writes those
         // through it), and does not run the model.
-        let targets = unsafe { self.model.layer_targets() };
+        let bf16 = self.session.stored_dtype(cfg)? == Some(DType::BF16);
+        let targets = unsafe { self.model.layer_targets(bf16) };
         let targets = targets
             .into_iter()
             .map(|(name, t)| (name, Arc::new(InPlace(t)) as Arc<dyn ColumnTarget>))

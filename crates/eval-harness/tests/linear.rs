@@ -63,7 +63,7 @@ fn matches_the_untransposed_product_and_replaces_parts_in_place() {
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn a_rows_product_does_not_depend_on_its_batch() {
-    use eval_harness::models::linear::{pack_panels, panel_matmul, SMALL_ROWS};
+    use eval_harness::models::panels::{Panels, SMALL_ROWS};
 
     // 93 columns: five full panels and a partial one.
     let (k, n) = (300, 93);
@@ -74,14 +74,14 @@ fn a_rows_product_does_not_depend_on_its_batch() {
     };
     let wt: Vec<f32> = (0..k * n).map(|_| rnd()).collect();
     let x: Vec<f32> = (0..SMALL_ROWS * k).map(|_| rnd()).collect();
-    let packed = pack_panels(&wt, k, n);
-    let Some(all) = panel_matmul(&x, &packed, SMALL_ROWS, k, n) else {
+    let packed = Panels::pack(&wt, k, n);
+    let Some(all) = packed.matmul(&x, SMALL_ROWS, k, n) else {
         // Without AVX2/FMA the kernel declines and candle's matmul is used instead.
         assert!(!std::arch::is_x86_feature_detected!("fma"));
         return;
     };
     for m in 1..=SMALL_ROWS {
-        let part = panel_matmul(&x[..m * k], &packed, m, k, n).unwrap();
+        let part = packed.matmul(&x[..m * k], m, k, n).unwrap();
         for (i, (a, b)) in part.iter().zip(&all).enumerate() {
             assert_eq!(a.to_bits(), b.to_bits(), "batch of {m}: element {i}");
         }

@@ -138,9 +138,13 @@ t = [0.2, 0.8]
 [[merge.models]]
 model = "DIR/expert1"
 "#;
+    let ties_again = TIES_BF16.replace("density = 0.5", "density = 0.3");
     // Streamed (ties, dare_ties) and whole-tensor (slerp) methods, f32 and half outputs, over
-    // one session.
-    check_session(&f, &[TIES_BF16, dare, slerp, TIES_BF16]);
+    // one session. The layers' panel copies, made by the first evaluation, are bf16 (the values
+    // are) and take the second bf16 merge alone; the f32 merge drops them; the f16 and last bf16
+    // merges write f32 panels alone. Each time the long rows (over 32 tokens) read `Wᵀ`
+    // restored from the panels.
+    check_session(&f, &[TIES_BF16, &ties_again, dare, slerp, TIES_BF16]);
     // The adapter-level method folds onto the base.
     check_session(&f, &[LORA_AVG]);
 }

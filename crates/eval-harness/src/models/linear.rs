@@ -3,18 +3,22 @@
 //! `[out, in]` layout (about 15% on prompt-sized inputs on the development machine).
 //!
 //! Inputs of a few rows (decoding batches, choice tokens) on the CPU in f32 go through
-//! [`panel_matmul`] over a second copy of the weights packed in 16-column panels, made the
-//! first time such an input comes: candle's gemm repacks the weights on every call and runs far
-//! below the memory bandwidth for so few rows (a quarter of the panel kernel's speed at 16 rows
-//! on the development machine). The copy doubles the weights' memory, which only CPU f32
-//! evaluation pays.
+//! [`Panels::matmul`] over a second copy of the weights packed in 16-column panels, made the
+//! first time such an input comes (see [`super::panels`]). The copy costs up to the weights'
+//! memory again (half that for bf16 values), which only CPU f32 evaluation pays.
+//!
+//! A merge writing a layer in place ([`Lin::layer_targets`]) writes only the panels where they
+//! are made — the form the small inputs of a search trial read — and `Wᵀ` is restored from them
+//! when an input of more rows first needs it.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::{CpuStorage, DType, Device, Storage, Tensor, WithDType};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
+use super::panels::{Panels, PANEL, SMALL_ROWS};
 use super::weights::{fetch, full_name, prepare};
 use crate::error::Result;
 use crate::layer_target::LayerTarget;
@@ -39,9 +43,13 @@ pub struct Lin {
     out: usize,
     dtype: DType,
     device: Device,
-    /// `W^T` in [`PANEL`]-column panels for [`panel_matmul`]; `None` inside where the weights
-    /// are not f32 on the CPU. Made on first use, dropped when a weight is replaced.
-    panels: OnceLock<Option<Vec<f32>>>,
+    /// `W^T` in [`PANEL`]-column panels for [`Panels::matmul`]; `None` inside where the
+    /// weights are not f32 on the CPU. Made on first use, dropped when a weight is replaced.
+    panels: OnceLock<Option<Panels>>,
+    /// `wt` is behind the panels: an in-place merge wrote only those; restored from them
+    /// (under `restoring`) before `wt` is next read.
+    wt_stale: AtomicBool,
+    restoring: Mutex<()>,
     observer: Option<Arc<dyn InputObserver>>,
 }
 
@@ -102,6 +110,8 @@ impl Lin {
             dtype,
             device: device.clone(),
             panels: OnceLock::new(),
+            wt_stale: AtomicBool::new(false),
+            restoring: Mutex::new(()),
             observer: None,
         })
     }
@@ -121,23 +131,39 @@ impl Lin {
 
     /// In-place targets for this layer's weights (not biases), by checkpoint name, where it
     /// keeps them in f32 on the CPU (none otherwise): a merge writes each weight's values
-    /// through its target straight into `Wᵀ` and, when made, the panel copy (see
-    /// [`LayerTarget`]).
+    /// through its target straight into the layer (see [`LayerTarget`]) — into the panel copy
+    /// alone where it is made (`Wᵀ` is restored from it when next needed), else into `Wᵀ`.
+    /// `bf16_values`: every value the merge writes is a bf16 value (it stores bf16); panels
+    /// kept in bf16 take only those, so without it they are dropped here (and made again, in
+    /// f32, when next needed).
     ///
     /// # Safety
     /// The targets write through raw pointers into this layer's buffers. While any of them is
     /// alive the caller must not run the layer, replace any of its weights or biases, or drop
     /// it; and concurrent writes must go to distinct elements.
-    pub unsafe fn layer_targets(&mut self) -> Vec<(String, LayerTarget)> {
+    pub unsafe fn layer_targets(&mut self, bf16_values: bool) -> Vec<(String, LayerTarget)> {
         if self.dtype != DType::F32 || !self.device.is_cpu() || self.inp == 0 || self.out == 0 {
             return Vec::new();
         }
-        let Some(wt) = storage_ptr(&self.wt) else {
-            return Vec::new();
-        };
+        if matches!(self.panels.get(), Some(Some(p)) if p.is_bf16() && !bf16_values) {
+            self.restore_wt();
+            self.panels = OnceLock::new();
+        }
         let panels = match self.panels.get_mut() {
-            Some(Some(p)) => Some(p.as_mut_ptr()),
+            Some(Some(p)) => Some(p.ptr()),
             _ => None,
+        };
+        let wt = match panels {
+            Some(_) => {
+                // Every weight of the layer is written (a merge writes each tensor once), so
+                // the panels end up whole and `wt` behind them.
+                self.wt_stale.store(true, Ordering::Release);
+                None
+            }
+            None => match storage_ptr(&self.wt) {
+                Some(wt) => Some(wt),
+                None => return Vec::new(),
+            },
         };
         let mut offset = 0;
         let mut targets = Vec::with_capacity(self.parts.len());
@@ -157,6 +183,26 @@ impl Lin {
             offset += rows;
         }
         targets
+    }
+
+    /// Brings `wt` up to date with the panels when an in-place merge wrote only those.
+    fn restore_wt(&self) {
+        if !self.wt_stale.load(Ordering::Acquire) {
+            return;
+        }
+        let _one = self.restoring.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.wt_stale.load(Ordering::Acquire) {
+            return;
+        }
+        let (Some(Some(panels)), Some(wt)) = (self.panels.get(), storage_ptr(&self.wt)) else {
+            unreachable!("`wt` falls behind only panels of an f32 CPU layer");
+        };
+        // SAFETY: `wt` is this layer's own contiguous `inp·out` buffer; no target is alive
+        // (the contract of `layer_targets`) and no other reader runs while it is stale (they
+        // all come through here, serialised by `restoring`).
+        let wt = unsafe { std::slice::from_raw_parts_mut(wt, self.inp * self.out) };
+        panels.unpack(wt, self.inp, self.out);
+        self.wt_stale.store(false, Ordering::Release);
     }
 
     /// Installs (or with `None` removes) an observer of this layer's inputs.
@@ -180,6 +226,8 @@ impl Lin {
     /// Writes part `i`'s weight (HF `[rows, in]`, transposed here) or bias into the layer, in
     /// place among stacked parts, and drops the panel copy.
     fn set_part(&mut self, i: usize, t: &Tensor, is_bias: bool) -> Result<()> {
+        // The other parts' weights may be only in the panels, which are dropped below.
+        self.restore_wt();
         let (name, rows) = &self.parts[i];
         let offset: usize = self.parts[..i].iter().map(|(_, r)| r).sum();
         let whole = self.parts.len() == 1;
@@ -227,7 +275,10 @@ impl Lin {
         let x2 = x.reshape((rows, self.inp))?;
         let y = match self.small(&x2, rows)? {
             Some(y) => y,
-            None => x2.matmul(&self.wt)?,
+            None => {
+                self.restore_wt();
+                x2.matmul(&self.wt)?
+            }
         };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
@@ -238,7 +289,7 @@ impl Lin {
         Ok(y.reshape(out_dims)?)
     }
 
-    /// [`panel_matmul`] where it applies: f32 on the CPU, at most [`SMALL_ROWS`] rows.
+    /// [`Panels::matmul`] where it applies: f32 on the CPU, at most [`SMALL_ROWS`] rows.
     fn small(&self, x: &Tensor, rows: usize) -> Result<Option<Tensor>> {
         if rows == 0 || rows > SMALL_ROWS || x.dtype() != DType::F32 || !x.device().is_cpu() {
             return Ok(None);
@@ -247,17 +298,19 @@ impl Lin {
             return Ok(None);
         };
         let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        Ok(panel_matmul(&xs, panels, rows, self.inp, self.out)
+        Ok(panels
+            .matmul(&xs, rows, self.inp, self.out)
             .map(|y| Tensor::from_vec(y, (rows, self.out), &Device::Cpu))
             .transpose()?)
     }
 
-    /// The panel copy of `W^T`, or `None` where it is not f32 on the CPU.
-    fn pack(&self) -> Result<Option<Vec<f32>>> {
+    /// The panel copy of `W^T`, or `None` where it is not f32 on the CPU. (`wt` is current:
+    /// it falls behind only panels that exist.)
+    fn pack(&self) -> Result<Option<Panels>> {
         if self.inp == 0 || self.out == 0 {
             return Ok(None);
         }
-        with_cpu_f32(&self.wt, |wt| pack_panels(wt, self.inp, self.out))
+        with_cpu_f32(&self.wt, |wt| Panels::pack(wt, self.inp, self.out))
     }
 }
 
@@ -352,175 +405,24 @@ fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<Option<R>>
     Ok(Some(f(&cpu.as_slice::<f32>()?[start..end])))
 }
 
-/// Rows up to which [`panel_matmul`] is used instead of candle's gemm.
-pub const SMALL_ROWS: usize = 32;
-
-/// Columns per panel: two AVX registers.
-const PANEL: usize = 16;
-/// Most rows of `x` per register tile (6 rows × 16 columns = 12 accumulators).
-const ROW_TILE: usize = 6;
-
-/// `W^T` (`[k, n]`, row-major) rearranged as `[n/16][k][16]` (the last panel zero-filled past
-/// `n`): each panel is one contiguous stream for [`panel_matmul`].
-pub fn pack_panels(wt: &[f32], k: usize, n: usize) -> Vec<f32> {
-    assert_eq!(wt.len(), k * n);
-    if k == 0 {
-        return Vec::new();
-    }
-    let mut packed = vec![0f32; n.div_ceil(PANEL) * k * PANEL];
-    packed
-        .par_chunks_mut(k * PANEL)
-        .enumerate()
-        .for_each(|(p, panel)| {
-            let (c0, c1) = (p * PANEL, ((p + 1) * PANEL).min(n));
-            for (kk, dst) in panel.chunks_exact_mut(PANEL).enumerate() {
-                dst[..c1 - c0].copy_from_slice(&wt[kk * n + c0..kk * n + c1]);
-            }
-        });
-    packed
-}
-
-/// `y = x·W^T` for a few rows of `x` (`[m, k]`, row-major) against `W^T` packed by
-/// [`pack_panels`], on AVX2+FMA x86-64: `None` where those instructions are missing. Each panel
-/// streams from memory once and then feeds every row tile from cache; the accumulators stay in
-/// registers over all of `k`. Every output element is summed over the input features in order
-/// with fused multiply-adds, whatever `m` is, so a row's result does not depend on the batch
-/// it is in.
-pub fn panel_matmul(x: &[f32], packed: &[f32], m: usize, k: usize, n: usize) -> Option<Vec<f32>> {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            assert_eq!(x.len(), m * k);
-            assert_eq!(packed.len(), n.div_ceil(PANEL) * k * PANEL);
-            if m == 0 || n == 0 {
-                return Some(Vec::new());
-            }
-            // `x` transposed (`[k, m]`) so the values broadcast at one step are adjacent.
-            let mut xt = vec![0f32; k * m];
-            for (r, row) in x.chunks_exact(k.max(1)).enumerate() {
-                for (kk, &v) in row.iter().enumerate() {
-                    xt[kk * m + r] = v;
-                }
-            }
-            // Output panel by panel (`[n/16][m][16]`), each written by one task.
-            let mut yp = vec![0f32; n.div_ceil(PANEL) * m * PANEL];
-            let per_task = n
-                .div_ceil(PANEL)
-                .div_ceil(rayon::current_num_threads().max(1));
-            yp.par_chunks_mut(per_task.max(1) * m * PANEL)
-                .enumerate()
-                .for_each(|(t, out)| {
-                    for (i, y) in out.chunks_exact_mut(m * PANEL).enumerate() {
-                        let p = t * per_task + i;
-                        let w = &packed[p * k * PANEL..(p + 1) * k * PANEL];
-                        // SAFETY: AVX2 and FMA were detected above; `w` is one whole panel
-                        // (`k·16`), `y` one panel's output (`m·16`) and `xt` is `k·m` long.
-                        unsafe { panel_rows(&xt, w, y, m, k) };
-                    }
-                });
-            let mut y = vec![0f32; m * n];
-            for (p, panel) in yp.chunks_exact(m * PANEL).enumerate() {
-                let (c0, c1) = (p * PANEL, ((p + 1) * PANEL).min(n));
-                for (r, row) in panel.chunks_exact(PANEL).enumerate() {
-                    y[r * n + c0..r * n + c1].copy_from_slice(&row[..c1 - c0]);
-                }
-            }
-            return Some(y);
-        }
-    }
-    let _ = (x, packed, m, k, n);
-    None
-}
-
-/// One panel's output (`[m][16]`) for all rows, in near-equal tiles of up to [`ROW_TILE`] rows
-/// (16 rows: 6 + 5 + 5).
-///
-/// # Safety
-/// The CPU must support AVX2 and FMA; `xt.len() >= k·m`, `w.len() == k·16`, `y.len() == m·16`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn panel_rows(xt: &[f32], w: &[f32], y: &mut [f32], m: usize, k: usize) {
-    let tiles = m.div_ceil(ROW_TILE);
-    let mut r0 = 0;
-    for t in 0..tiles {
-        let rows = m / tiles + usize::from(t < m % tiles);
-        let out = &mut y[r0 * PANEL..(r0 + rows) * PANEL];
-        // SAFETY: this function's contract, with `out` exactly `rows` output rows at `r0`.
-        match rows {
-            6 => tile::<6>(xt, w, out, m, k, r0),
-            5 => tile::<5>(xt, w, out, m, k, r0),
-            4 => tile::<4>(xt, w, out, m, k, r0),
-            3 => tile::<3>(xt, w, out, m, k, r0),
-            2 => tile::<2>(xt, w, out, m, k, r0),
-            _ => tile::<1>(xt, w, out, m, k, r0),
-        }
-        r0 += rows;
-    }
-}
-
-/// `y[0..R][0..16] = x[r0..r0+R, ..] · panel`, the sums in registers over all `k`.
-///
-/// # Safety
-/// The CPU must support AVX2 and FMA; `w.len() == k·16`, `y.len() == R·16` and `xt` (`[k, m]`)
-/// holds columns `r0..r0+R` (the loads read `xt[kk·m + r0 + i]` and `w` through raw pointers).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-unsafe fn tile<const R: usize>(
-    xt: &[f32],
-    w: &[f32],
-    y: &mut [f32],
-    m: usize,
-    k: usize,
-    r0: usize,
-) {
-    use std::arch::x86_64::*;
-    debug_assert!(w.len() == k * PANEL && y.len() == R * PANEL && xt.len() >= k * m);
-    let mut acc = [[_mm256_setzero_ps(); 2]; R];
-    let mut xp = xt.as_ptr().add(r0);
-    let mut wp = w.as_ptr();
-    for _ in 0..k {
-        let (w0, w1) = (_mm256_loadu_ps(wp), _mm256_loadu_ps(wp.add(8)));
-        for (i, a) in acc.iter_mut().enumerate() {
-            let xb = _mm256_broadcast_ss(&*xp.add(i));
-            a[0] = _mm256_fmadd_ps(xb, w0, a[0]);
-            a[1] = _mm256_fmadd_ps(xb, w1, a[1]);
-        }
-        xp = xp.add(m);
-        wp = wp.add(PANEL);
-    }
-    for (i, a) in acc.iter().enumerate() {
-        _mm256_storeu_ps(y.as_mut_ptr().add(i * PANEL), a[0]);
-        _mm256_storeu_ps(y.as_mut_ptr().add(i * PANEL + 8), a[1]);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Three stacked parts whose rows straddle panel boundaries (33 output columns: the last
-    /// panel partial), each written once, partly by column runs crossing panels and partly by
-    /// row pieces: `Wᵀ` holds every value at its place and the panel copy equals packing it.
-    #[test]
-    fn column_runs_and_row_pieces_fill_wt_and_its_panels() {
-        let (inp, parts) = (7usize, [5usize, 19, 9]);
-        let out: usize = parts.iter().sum();
-        let mut wt = vec![f32::NAN; inp * out];
-        let mut panels = vec![0f32; out.div_ceil(PANEL) * inp * PANEL];
-        let value = |part: usize, r: usize, c: usize| (part * 1000 + r * 10 + c) as f32 + 0.5;
+    use crate::models::panels::PanelsPtr;
+
+    /// Three stacked parts ([`PARTS`]) whose rows straddle panel boundaries (33 output columns:
+    /// the last panel partial), each written once through `target(offset, rows)`, partly by
+    /// column runs crossing panels and partly by row pieces; `value(part, r, c)` is the
+    /// weight's value.
+    fn fill(
+        target: impl Fn(usize, usize) -> LayerTarget,
+        value: impl Fn(usize, usize, usize) -> f32,
+    ) {
+        let inp = INP;
         let mut offset = 0;
-        for (part, &rows) in parts.iter().enumerate() {
-            let t = LayerTarget {
-                wt: wt.as_mut_ptr(),
-                panels: Some(panels.as_mut_ptr()),
-                panel: PANEL,
-                out,
-                inp,
-                offset,
-                rows,
-            };
+        for (part, &rows) in PARTS.iter().enumerate() {
+            let t = target(offset, rows);
             assert_eq!(t.shape(), (rows, inp));
             // Rows 0 and 1 by row pieces (columns 0..3 and 3..inp), the rest by column runs of
             // up to 6 rows.
@@ -540,19 +442,83 @@ mod tests {
             }
             offset += rows;
         }
+    }
+
+    const INP: usize = 7;
+    const PARTS: [usize; 3] = [5, 19, 9];
+
+    /// `Wᵀ` as [`fill`] should leave it.
+    fn expected_wt(value: impl Fn(usize, usize, usize) -> f32) -> Vec<f32> {
+        let out: usize = PARTS.iter().sum();
+        let mut wt = vec![0f32; INP * out];
         let mut offset = 0;
-        for (part, &rows) in parts.iter().enumerate() {
+        for (part, &rows) in PARTS.iter().enumerate() {
             for r in 0..rows {
-                for c in 0..inp {
-                    assert_eq!(
-                        wt[c * out + offset + r],
-                        value(part, r, c),
-                        "part {part} ({r}, {c})"
-                    );
+                for c in 0..INP {
+                    wt[c * out + offset + r] = value(part, r, c);
                 }
             }
             offset += rows;
         }
-        assert_eq!(panels, pack_panels(&wt, inp, out));
+        wt
+    }
+
+    /// Written into `Wᵀ` and f32 panels: `Wᵀ` holds every value at its place and the panel
+    /// copy equals packing it.
+    #[test]
+    fn column_runs_and_row_pieces_fill_wt_and_its_panels() {
+        let out: usize = PARTS.iter().sum();
+        let value = |part: usize, r: usize, c: usize| (part * 1000 + r * 10 + c) as f32 + 0.5;
+        let mut wt = vec![f32::NAN; INP * out];
+        let mut panels = vec![0f32; out.div_ceil(PANEL) * INP * PANEL];
+        let (w, p) = (wt.as_mut_ptr(), panels.as_mut_ptr());
+        let target = |offset, rows| LayerTarget {
+            wt: Some(w),
+            panels: Some(PanelsPtr::F32(p)),
+            panel: PANEL,
+            out,
+            inp: INP,
+            offset,
+            rows,
+        };
+        fill(target, value);
+        let want = expected_wt(value);
+        assert_eq!(wt, want);
+        let Panels::F32(packed) = Panels::pack(&want, INP, out) else {
+            panic!("the values are not bf16: f32 panels");
+        };
+        assert_eq!(panels, packed);
+    }
+
+    /// bf16 values written into bf16 panels alone: they equal packing `Wᵀ` (which packs them
+    /// as bf16), and unpack to it.
+    #[test]
+    fn bf16_values_fill_bf16_panels() {
+        let out: usize = PARTS.iter().sum();
+        // Distinct bf16 values: consecutive bf16 bit patterns from 1.0.
+        let value = |part: usize, r: usize, c: usize| {
+            f32::from_bits(0x3f80_0000 + ((((part * 32 + r) * 8 + c) as u32) << 16))
+        };
+        let want = expected_wt(value);
+        let mut panels = Panels::pack(&vec![0f32; INP * out], INP, out);
+        let p = panels.ptr();
+        let target = |offset, rows| LayerTarget {
+            wt: None,
+            panels: Some(p),
+            panel: PANEL,
+            out,
+            inp: INP,
+            offset,
+            rows,
+        };
+        fill(target, value);
+        let (Panels::Bf16(got), Panels::Bf16(packed)) = (&panels, Panels::pack(&want, INP, out))
+        else {
+            panic!("bf16 values: bf16 panels");
+        };
+        assert_eq!(got, &packed);
+        let mut back = vec![f32::NAN; INP * out];
+        panels.unpack(&mut back, INP, out);
+        assert_eq!(back, want);
     }
 }

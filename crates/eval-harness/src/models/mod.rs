@@ -5,6 +5,7 @@ mod attention;
 mod attention_cpu;
 pub mod decoder;
 pub mod linear;
+pub mod panels;
 pub mod t5;
 pub(crate) mod vector_math;
 pub mod weights;

@@ -346,15 +346,20 @@ impl LanguageModel for Decoder {
         layers.flat_map(Lin::layer_form_names).chain(head).collect()
     }
 
-    unsafe fn layer_targets(&mut self) -> Vec<(String, LayerTarget)> {
-        let embed = self.embed.name().to_string();
+    unsafe fn layer_targets(&mut self, bf16_values: bool) -> Vec<(String, LayerTarget)> {
+        // A tied head's weight is also the embedding, which is kept as stored: no target.
+        let tied = self
+            .lm_head
+            .layer_form_names()
+            .iter()
+            .any(|n| n == self.embed.name());
+        let head = (!tied).then_some(&mut self.lm_head);
         let layers = self.layers.iter_mut().flat_map(Block::lins_mut);
         // SAFETY: the caller keeps the contract for the whole model, so for each layer.
-        let all = layers
-            .chain([&mut self.lm_head])
-            .flat_map(|l| unsafe { l.layer_targets() });
-        // A tied head's weight is also the embedding, which is kept as stored.
-        all.filter(|(n, _)| *n != embed).collect()
+        layers
+            .chain(head)
+            .flat_map(|l| unsafe { l.layer_targets(bf16_values) })
+            .collect()
     }
 
     fn set_weight(&mut self, name: &str, tensor: &Tensor) -> Result<bool> {
