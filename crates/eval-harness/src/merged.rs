@@ -101,6 +101,12 @@ impl MergedModel {
         Ok(m)
     }
 
+    /// Whether later merges read their inputs from the mapped pages ([`MergeSession::read_mapped`]):
+    /// for a caller that merges many times, as a search does.
+    pub fn read_mapped(&self, on: bool) {
+        self.session.read_mapped(on);
+    }
+
     /// Merges `cfg` (the models this one was opened with; any method and parameters) into
     /// the model's weights, in place.
     pub fn merge(&mut self, cfg: &MergeConfig) -> Result<InMemoryReport> {

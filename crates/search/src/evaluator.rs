@@ -58,6 +58,8 @@ impl InMemory {
         opts: EvalOptions,
     ) -> Result<InMemory> {
         let model = MergedModel::open(recipe, resolver, dtype, device)?;
+        // Every trial reads the same inputs again.
+        model.read_mapped(true);
         Ok(InMemory {
             model,
             datasets,

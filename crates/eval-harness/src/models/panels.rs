@@ -19,6 +19,8 @@ pub const SMALL_ROWS: usize = 32;
 pub const PANEL: usize = 16;
 /// Most rows of `x` per register tile (6 rows × 16 columns = 12 accumulators).
 const ROW_TILE: usize = 6;
+/// Most rows for which the kernel runs two panels at once ([`pair`]).
+const PAIRED_ROWS: usize = 3;
 /// Panel elements ahead of the current step that the kernel prefetches.
 const PREFETCH: usize = PANEL * 64;
 
@@ -197,12 +199,25 @@ fn matmul_with<T: PanelElem>(
             yp.par_chunks_mut(per_task.max(1) * m * PANEL)
                 .enumerate()
                 .for_each(|(t, out)| {
-                    for (i, y) in out.chunks_exact_mut(m * PANEL).enumerate() {
-                        let p = t * per_task + i;
-                        let w = &packed[p * k * PANEL..(p + 1) * k * PANEL];
-                        // SAFETY: AVX2 and FMA were detected above; `w` is one whole panel
-                        // (`k·16`), `y` one panel's output (`m·16`) and `xt` is `k·m` long.
-                        unsafe { panel_rows(&xt, w, y, m, k) };
+                    // Up to PAIRED_ROWS rows, two panels at a time: one panel's few
+                    // accumulator chains would leave the multiply-add units waiting on each
+                    // other's latency.
+                    let step = if m <= PAIRED_ROWS { 2 } else { 1 };
+                    for (i, y) in out.chunks_mut(step * m * PANEL).enumerate() {
+                        let p = t * per_task + i * step;
+                        let panels = y.len() / (m * PANEL);
+                        let w = &packed[p * k * PANEL..(p + panels) * k * PANEL];
+                        // SAFETY: AVX2 and FMA were detected above; `w` is `panels` whole
+                        // panels (`k·16` each), `y` their outputs (`m·16` each) and `xt` is
+                        // `k·m` long.
+                        unsafe {
+                            match (panels, m) {
+                                (2, 1) => pair::<1, T>(&xt, w, y, k),
+                                (2, 2) => pair::<2, T>(&xt, w, y, k),
+                                (2, 3) => pair::<3, T>(&xt, w, y, k),
+                                _ => panel_rows(&xt, w, y, m, k),
+                            }
+                        }
                     }
                 });
             let mut y = vec![0f32; m * n];
@@ -280,6 +295,46 @@ unsafe fn tile<const R: usize, T: PanelElem>(
     for (i, a) in acc.iter().enumerate() {
         _mm256_storeu_ps(y.as_mut_ptr().add(i * PANEL), a[0]);
         _mm256_storeu_ps(y.as_mut_ptr().add(i * PANEL + 8), a[1]);
+    }
+}
+
+/// [`tile`] for all `R` rows (`m == R`) of two adjacent panels at once (`w`: `2·k·16`, `y`:
+/// their outputs, `2·R·16`): the same fused sums in the same order, twice the independent
+/// accumulator chains.
+///
+/// # Safety
+/// As [`tile`], with `m == R` and `w`, `y` two panels' worth.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn pair<const R: usize, T: PanelElem>(xt: &[f32], w: &[T], y: &mut [f32], k: usize) {
+    use std::arch::x86_64::*;
+    debug_assert!(w.len() == 2 * k * PANEL && y.len() == 2 * R * PANEL && xt.len() >= k * R);
+    let (mut acc_a, mut acc_b) = ([[_mm256_setzero_ps(); 2]; R], [[_mm256_setzero_ps(); 2]; R]);
+    let mut xp = xt.as_ptr();
+    let mut wa = w.as_ptr();
+    let mut wb = wa.add(k * PANEL);
+    for _ in 0..k {
+        _mm_prefetch::<_MM_HINT_T0>(wa.wrapping_add(PREFETCH).cast());
+        _mm_prefetch::<_MM_HINT_T0>(wb.wrapping_add(PREFETCH).cast());
+        let (a0, a1) = T::load16(wa);
+        let (b0, b1) = T::load16(wb);
+        for (i, (a, b)) in acc_a.iter_mut().zip(acc_b.iter_mut()).enumerate() {
+            let xb = _mm256_broadcast_ss(&*xp.add(i));
+            a[0] = _mm256_fmadd_ps(xb, a0, a[0]);
+            a[1] = _mm256_fmadd_ps(xb, a1, a[1]);
+            b[0] = _mm256_fmadd_ps(xb, b0, b[0]);
+            b[1] = _mm256_fmadd_ps(xb, b1, b[1]);
+        }
+        xp = xp.add(R);
+        wa = wa.add(PANEL);
+        wb = wb.add(PANEL);
+    }
+    for (p, panel) in [acc_a, acc_b].iter().enumerate() {
+        for (i, a) in panel.iter().enumerate() {
+            let at = (p * R + i) * PANEL;
+            _mm256_storeu_ps(y.as_mut_ptr().add(at), a[0]);
+            _mm256_storeu_ps(y.as_mut_ptr().add(at + 8), a[1]);
+        }
     }
 }
 

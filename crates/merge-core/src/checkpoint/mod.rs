@@ -54,6 +54,8 @@ trait Shard: Send + Sync {
     fn mapped(&self, _name: &str) -> Option<MappedTensor<'_>> {
         None
     }
+    /// Maps every page of the file now (a hint: no error where the kernel cannot).
+    fn populate(&self) {}
 }
 
 fn open_shard(path: &Path) -> Result<Box<dyn Shard>> {
@@ -82,7 +84,7 @@ pub struct Checkpoint {
     entries: BTreeMap<String, (usize, TensorInfo)>,
     tied: bool,
     /// Range reads come from the mapped pages, not `pread` ([`Checkpoint::read_mapped`]).
-    mapped_reads: bool,
+    mapped_reads: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Checkpoint {
@@ -199,18 +201,26 @@ impl Checkpoint {
             shards,
             entries,
             tied,
-            mapped_reads: false,
+            mapped_reads: Default::default(),
         })
     }
 
-    /// Range reads ([`Checkpoint::mapped`]) from the file's mapped pages instead of `pread`.
-    /// For a process that reads the same tensors over and over (a search session's merges):
-    /// after the first read the pages stay mapped, so a read is a conversion, not a copy out
-    /// of the page cache by the kernel. The mapped pages count in the resident set (they are
-    /// the page cache's, reclaimable); a one-off merge keeps `pread`, which maps nothing.
-    pub fn read_mapped(mut self) -> Self {
-        self.mapped_reads = true;
-        self
+    /// Whether range reads ([`Checkpoint::mapped`]) come from the file's mapped pages instead
+    /// of `pread`. For a process that reads the same tensors over and over (a search's
+    /// merges): after the first read the pages stay mapped, so a read is a conversion, not a
+    /// copy out of the page cache by the kernel. The mapped pages count in the resident set
+    /// (they are the page cache's, reclaimable); a one-off merge keeps `pread` (the default),
+    /// which maps nothing.
+    /// Turning it on maps the files' pages at once (one call each, not a fault per page in the
+    /// next merge).
+    pub fn read_mapped(&self, on: bool) {
+        self.mapped_reads
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+        if on {
+            for shard in &self.shards {
+                shard.populate();
+            }
+        }
     }
 
     /// The parsed `config.json`, if the model has one.
@@ -285,7 +295,7 @@ impl Checkpoint {
             return None;
         }
         let mut m = self.shards[*shard].mapped(stored)?;
-        m.from_map = self.mapped_reads;
+        m.from_map = self.mapped_reads.load(std::sync::atomic::Ordering::Relaxed);
         Some(m)
     }
 

@@ -99,6 +99,12 @@ impl super::Shard for SafetensorsFile {
         })
     }
 
+    fn populate(&self) {
+        // A hint: kernels before 5.14 refuse it, and the pages then fault in as they are read.
+        #[cfg(target_os = "linux")]
+        let _ = self.mmap.advise(memmap2::Advice::PopulateRead);
+    }
+
     fn load(&self, name: &str) -> Result<Tensor> {
         let (info, start, end) = self.locate(name)?;
         let tensor = Tensor::from_raw_buffer(

@@ -118,7 +118,6 @@ fn open_with(
     cache: &mut HashMap<ModelRef, Opened>,
     r: &ModelRef,
     base: bool,
-    session: bool,
 ) -> Result<Opened> {
     if let Some(o) = cache.get(r) {
         return Ok(o.clone());
@@ -135,10 +134,6 @@ fn open_with(
             ))
         }
         (true, false) => Opened::Adapter(Arc::new(Adapter::open(&files)?)),
-        // A session reads its inputs again at every merge: from their mapped pages.
-        (false, _) if session => {
-            Opened::Checkpoint(Arc::new(Checkpoint::open(&files)?.read_mapped()))
-        }
         (false, _) => Opened::Checkpoint(Arc::new(Checkpoint::open(&files)?)),
     };
     cache.insert(r.clone(), opened.clone());
@@ -150,9 +145,8 @@ impl Inputs {
     /// files), adapters with their bases.
     pub fn open(cfg: &MergeConfig, resolver: &Resolver) -> Result<Self> {
         let mut cache = HashMap::new();
-        let mut inputs = Self::assemble(cfg, &mut |r, base| {
-            open_with(resolver, &mut cache, r, base, false)
-        })?;
+        let mut inputs =
+            Self::assemble(cfg, &mut |r, base| open_with(resolver, &mut cache, r, base))?;
         inputs.base_dir = resolver.base_dir().map(PathBuf::from);
         Ok(inputs)
     }
@@ -285,7 +279,7 @@ impl MergeSession {
     pub fn open(cfg: &MergeConfig, resolver: &Resolver) -> Result<Self> {
         let mut opened = HashMap::new();
         Inputs::assemble(cfg, &mut |r, base| {
-            open_with(resolver, &mut opened, r, base, true)
+            open_with(resolver, &mut opened, r, base)
         })?;
         Ok(MergeSession {
             opened,
@@ -295,6 +289,17 @@ impl MergeSession {
             progress: false,
             memo: Default::default(),
         })
+    }
+
+    /// Whether the merges read the opened checkpoints from their mapped pages instead of
+    /// `pread` copies ([`Checkpoint::read_mapped`]): worth it for a session that merges many
+    /// times (a search), at the price of the inputs' pages counting in the resident set.
+    pub fn read_mapped(&self, on: bool) {
+        for opened in self.opened.values() {
+            if let Opened::Checkpoint(c) = opened {
+                c.read_mapped(on);
+            }
+        }
     }
 
     /// The dtype a merge of `cfg` stores its tensors as — what each value of an in-memory merge
