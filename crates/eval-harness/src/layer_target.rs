@@ -5,7 +5,12 @@
 //! nothing per weight, and the first small forward after a merge does not repack the panels.
 //! The model's linear layers make them ([`crate::LanguageModel::layer_targets`]).
 
-use crate::models::panels::PanelsPtr;
+/// Where a merge writes a layer's panel copy ([`crate::models::panels::Panels`]), in its form.
+#[derive(Clone, Copy)]
+pub(crate) enum PanelsPtr {
+    F32(*mut f32),
+    Bf16(*mut u16),
+}
 
 /// One weight's place in a [`crate::models::linear::Lin`] (see the module docs). Made by
 /// [`crate::models::linear::Lin::layer_targets`], whose safety contract it lives under: it

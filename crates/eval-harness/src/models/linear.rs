@@ -409,16 +409,27 @@ fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<Option<R>>
 mod tests {
     use super::*;
 
-    use crate::models::panels::PanelsPtr;
+    use crate::layer_target::PanelsPtr;
 
     /// Three stacked parts ([`PARTS`]) whose rows straddle panel boundaries (33 output columns:
-    /// the last panel partial), each written once through `target(offset, rows)`, partly by
-    /// column runs crossing panels and partly by row pieces; `value(part, r, c)` is the
-    /// weight's value.
+    /// the last panel partial), each written once through a target into `wt` and `panels`,
+    /// partly by column runs crossing panels and partly by row pieces; `value(part, r, c)` is
+    /// the weight's value.
     fn fill(
-        target: impl Fn(usize, usize) -> LayerTarget,
+        wt: Option<*mut f32>,
+        panels: Option<PanelsPtr>,
         value: impl Fn(usize, usize, usize) -> f32,
     ) {
+        let out: usize = PARTS.iter().sum();
+        let target = |offset, rows| LayerTarget {
+            wt,
+            panels,
+            panel: PANEL,
+            out,
+            inp: INP,
+            offset,
+            rows,
+        };
         let inp = INP;
         let mut offset = 0;
         for (part, &rows) in PARTS.iter().enumerate() {
@@ -472,16 +483,7 @@ mod tests {
         let mut wt = vec![f32::NAN; INP * out];
         let mut panels = vec![0f32; out.div_ceil(PANEL) * INP * PANEL];
         let (w, p) = (wt.as_mut_ptr(), panels.as_mut_ptr());
-        let target = |offset, rows| LayerTarget {
-            wt: Some(w),
-            panels: Some(PanelsPtr::F32(p)),
-            panel: PANEL,
-            out,
-            inp: INP,
-            offset,
-            rows,
-        };
-        fill(target, value);
+        fill(Some(w), Some(PanelsPtr::F32(p)), value);
         let want = expected_wt(value);
         assert_eq!(wt, want);
         let Panels::F32(packed) = Panels::pack(&want, INP, out) else {
@@ -501,17 +503,7 @@ mod tests {
         };
         let want = expected_wt(value);
         let mut panels = Panels::pack(&vec![0f32; INP * out], INP, out);
-        let p = panels.ptr();
-        let target = |offset, rows| LayerTarget {
-            wt: None,
-            panels: Some(p),
-            panel: PANEL,
-            out,
-            inp: INP,
-            offset,
-            rows,
-        };
-        fill(target, value);
+        fill(None, Some(panels.ptr()), value);
         let (Panels::Bf16(got), Panels::Bf16(packed)) = (&panels, Panels::pack(&want, INP, out))
         else {
             panic!("bf16 values: bf16 panels");

@@ -12,6 +12,8 @@
 
 use rayon::prelude::*;
 
+use crate::layer_target::PanelsPtr;
+
 /// Rows up to which [`Panels::matmul`] is used instead of candle's gemm.
 pub const SMALL_ROWS: usize = 32;
 
@@ -31,13 +33,6 @@ pub enum Panels {
     F32(Vec<f32>),
     /// The upper 16 bits of each weight, whose lower 16 are all zero.
     Bf16(Vec<u16>),
-}
-
-/// Where a merge writes a layer's panels ([`crate::layer_target::LayerTarget`]).
-#[derive(Clone, Copy)]
-pub(crate) enum PanelsPtr {
-    F32(*mut f32),
-    Bf16(*mut u16),
 }
 
 impl Panels {
