@@ -315,24 +315,30 @@ impl Scorer<'_> {
             .spawn()
             .map_err(fail("run"))?;
         let start = Instant::now();
+        let budget = self.args.budget;
+        let over_budget = |what: &str| Failure {
+            stage: "budget",
+            reason: format!(
+                "over budget: {what} after {:.1} s (--budget {:.1} s); log: {}",
+                start.elapsed().as_secs_f64(),
+                budget.as_secs_f64(),
+                log_path.display()
+            ),
+        };
         let status = loop {
             if let Some(s) = child.try_wait().map_err(fail("run"))? {
+                // It may have finished past the budget, between two looks.
+                if start.elapsed() > budget {
+                    return Err(over_budget("finished"));
+                }
                 break s;
             }
-            if start.elapsed() > self.args.budget {
+            if start.elapsed() > budget {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(Failure {
-                    stage: "budget",
-                    reason: format!(
-                        "over budget: stopped after {:.0} s (--budget {:.0} s); log: {}",
-                        start.elapsed().as_secs_f64(),
-                        self.args.budget.as_secs_f64(),
-                        log_path.display()
-                    ),
-                });
+                return Err(over_budget("stopped"));
             }
-            std::thread::sleep(Duration::from_millis(100));
+            std::thread::sleep(Duration::from_millis(100).min(budget));
         };
         let work = entry.dist_dir().join("work");
         for stage in ["merge", "predict"] {
