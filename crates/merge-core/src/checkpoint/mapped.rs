@@ -103,15 +103,7 @@ impl MappedTensor<'_> {
             halves.resize(out.len(), 0);
             let result = read(bytemuck::cast_slice_mut(&mut halves));
             if result.is_ok() {
-                if self.dtype == DType::BF16 {
-                    for (o, h) in out.iter_mut().zip(&halves) {
-                        *o = convert::bf16_to_f32(*h);
-                    }
-                } else {
-                    for (o, h) in out.iter_mut().zip(&halves) {
-                        *o = half::f16::from_bits(*h).to_f32();
-                    }
-                }
+                widen_halves(&halves, self.dtype, out);
             }
             HALVES.with(|b| b.set(halves));
             return result;
@@ -119,11 +111,7 @@ impl MappedTensor<'_> {
         // f64 (rare): through a byte buffer.
         let mut bytes = vec![0u8; b - a];
         read(&mut bytes)?;
-        for (o, c) in out.iter_mut().zip(bytes.chunks_exact(8)) {
-            let mut v = [0u8; 8];
-            v.copy_from_slice(c);
-            *o = f64::from_le_bytes(v) as f32;
-        }
+        widen_f64(&bytes, out);
         Ok(())
     }
 }
@@ -139,40 +127,40 @@ fn convert_bytes(bytes: &[u8], dtype: DType, out: &mut [f32]) {
                 }
             }
         },
-        DType::BF16 | DType::F16 => {
-            let widen = |h: u16| {
-                if dtype == DType::BF16 {
-                    convert::bf16_to_f32(h)
-                } else {
-                    half::f16::from_bits(h).to_f32()
-                }
-            };
-            match bytemuck::try_cast_slice::<u8, u16>(bytes) {
-                // Aligned (safetensors data is): the conversion loop vectorises.
-                Ok(v) if dtype == DType::BF16 => {
-                    for (o, &h) in out.iter_mut().zip(v) {
-                        *o = convert::bf16_to_f32(h);
-                    }
-                }
-                Ok(v) => {
-                    for (o, &h) in out.iter_mut().zip(v) {
-                        *o = widen(h);
-                    }
-                }
-                Err(_) => {
-                    for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                        *o = widen(u16::from_le_bytes([c[0], c[1]]));
-                    }
-                }
+        // Aligned (safetensors data is) the halves are read in place.
+        DType::BF16 | DType::F16 => match bytemuck::try_cast_slice::<u8, u16>(bytes) {
+            Ok(halves) => widen_halves(halves, dtype, out),
+            Err(_) => {
+                let halves: Vec<u16> = bytes
+                    .chunks_exact(2)
+                    .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                    .collect();
+                widen_halves(&halves, dtype, out)
             }
+        },
+        _ => widen_f64(bytes, out),
+    }
+}
+
+/// bf16 or f16 (`dtype`) bit patterns as f32 into `out` (a loop that vectorises).
+fn widen_halves(halves: &[u16], dtype: DType, out: &mut [f32]) {
+    if dtype == DType::BF16 {
+        for (o, &h) in out.iter_mut().zip(halves) {
+            *o = convert::bf16_to_f32(h);
         }
-        _ => {
-            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(8)) {
-                let mut v = [0u8; 8];
-                v.copy_from_slice(c);
-                *o = f64::from_le_bytes(v) as f32;
-            }
+    } else {
+        for (o, &h) in out.iter_mut().zip(halves) {
+            *o = half::f16::from_bits(h).to_f32();
         }
+    }
+}
+
+/// Little-endian f64 `bytes` as f32 into `out`.
+fn widen_f64(bytes: &[u8], out: &mut [f32]) {
+    for (o, c) in out.iter_mut().zip(bytes.chunks_exact(8)) {
+        let mut v = [0u8; 8];
+        v.copy_from_slice(c);
+        *o = f64::from_le_bytes(v) as f32;
     }
 }
 

@@ -211,6 +211,7 @@ impl Checkpoint {
     /// copy out of the page cache by the kernel. The mapped pages count in the resident set
     /// (they are the page cache's, reclaimable); a one-off merge keeps `pread` (the default),
     /// which maps nothing.
+    ///
     /// Turning it on maps the files' pages at once (one call each, not a fault per page in the
     /// next merge).
     pub fn read_mapped(&self, on: bool) {
