@@ -5,6 +5,8 @@
 //! nothing per weight, and the first small forward after a merge does not repack the panels.
 //! The model's linear layers make them ([`crate::LanguageModel::layer_targets`]).
 
+use merge_core::engine::ColumnTarget;
+
 /// Where a merge writes a layer's panel copy ([`crate::models::panels::Panels`]), in its form.
 #[derive(Clone, Copy)]
 pub(crate) enum PanelsPtr {
@@ -42,10 +44,12 @@ impl LayerTarget {
     pub fn shape(&self) -> (usize, usize) {
         (self.rows, self.inp)
     }
+}
 
-    /// Rows `r0 .. r0 + values.len()` of column `c` of the weight (HF layout `[rows, cols]`).
-    /// Calls writing concurrently must cover distinct elements.
-    pub fn put_column(&self, c: usize, r0: usize, values: &[f32]) {
+/// A merge's column target: the weight's values (HF layout `[rows, cols]`) go straight into
+/// the layer. Calls writing concurrently must cover distinct elements.
+impl ColumnTarget for LayerTarget {
+    fn put_column(&self, c: usize, r0: usize, values: &[f32]) {
         assert!(
             c < self.inp && r0 + values.len() <= self.rows,
             "column {c}, rows {r0}..{} of a [{}, {}] weight",
@@ -79,9 +83,7 @@ impl LayerTarget {
         }
     }
 
-    /// Columns `c0 .. c0 + values.len()` of row `r` of the weight. Calls writing concurrently
-    /// must cover distinct elements.
-    pub fn put_row(&self, r: usize, c0: usize, values: &[f32]) {
+    fn put_row(&self, r: usize, c0: usize, values: &[f32]) {
         assert!(
             r < self.rows && c0 + values.len() <= self.inp,
             "row {r}, columns {c0}..{} of a [{}, {}] weight",

@@ -46,7 +46,6 @@ use merge_core::source::Resolver;
 use merge_core::MergeConfig;
 
 use crate::error::{Error, Result};
-use crate::layer_target::LayerTarget;
 use crate::lm::LanguageModel;
 use crate::models::linear::to_layer_form;
 
@@ -113,15 +112,15 @@ impl MergedModel {
         let threads = self.pool.current_num_threads();
         let (tx, rx) = mpsc::sync_channel::<Handed>(threads * QUEUED_PER_THREAD);
         let layer_form = self.model.layer_form_weights().into_iter().collect();
+        let bf16 = self.session.stored_dtype(cfg)? == Some(DType::BF16);
         // SAFETY: the targets live in `sink`, which the merging thread owns and drops before
         // the scope below ends; until then this thread replaces (`set_weight`) only tensors
         // handed over the channel, which never have a target (`Queue::put` writes those
         // through it), and does not run the model.
-        let bf16 = self.session.stored_dtype(cfg)? == Some(DType::BF16);
         let targets = unsafe { self.model.layer_targets(bf16) };
         let targets = targets
             .into_iter()
-            .map(|(name, t)| (name, Arc::new(InPlace(t)) as Arc<dyn ColumnTarget>))
+            .map(|(name, t)| (name, Arc::new(t) as Arc<dyn ColumnTarget>))
             .collect();
         let sink = Queue {
             tx,
@@ -203,19 +202,6 @@ impl Queue {
             tensor: name.to_string(),
             source: "the model stopped taking weights".into(),
         })
-    }
-}
-
-/// A model's [`LayerTarget`] as the merge engine's column target.
-struct InPlace(LayerTarget);
-
-impl ColumnTarget for InPlace {
-    fn put_column(&self, c: usize, r0: usize, values: &[f32]) {
-        self.0.put_column(c, r0, values)
-    }
-
-    fn put_row(&self, r: usize, c0: usize, values: &[f32]) {
-        self.0.put_row(r, c0, values)
     }
 }
 

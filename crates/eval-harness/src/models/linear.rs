@@ -11,7 +11,6 @@
 //! are made — the form the small inputs of a search trial read — and `Wᵀ` is restored from them
 //! when an input of more rows first needs it.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::{CpuStorage, DType, Device, Storage, Tensor, WithDType};
@@ -47,9 +46,8 @@ pub struct Lin {
     /// weights are not f32 on the CPU. Made on first use, dropped when a weight is replaced.
     panels: OnceLock<Option<Panels>>,
     /// `wt` is behind the panels: an in-place merge wrote only those; restored from them
-    /// (under `restoring`) before `wt` is next read.
-    wt_stale: AtomicBool,
-    restoring: Mutex<()>,
+    /// (under this lock) before `wt` is next read.
+    wt_stale: Mutex<bool>,
     observer: Option<Arc<dyn InputObserver>>,
 }
 
@@ -110,8 +108,7 @@ impl Lin {
             dtype,
             device: device.clone(),
             panels: OnceLock::new(),
-            wt_stale: AtomicBool::new(false),
-            restoring: Mutex::new(()),
+            wt_stale: Mutex::new(false),
             observer: None,
         })
     }
@@ -157,7 +154,7 @@ impl Lin {
             Some(_) => {
                 // Every weight of the layer is written (a merge writes each tensor once), so
                 // the panels end up whole and `wt` behind them.
-                self.wt_stale.store(true, Ordering::Release);
+                *self.wt_stale.get_mut().unwrap_or_else(|e| e.into_inner()) = true;
                 None
             }
             None => match storage_ptr(&self.wt) {
@@ -187,11 +184,8 @@ impl Lin {
 
     /// Brings `wt` up to date with the panels when an in-place merge wrote only those.
     fn restore_wt(&self) {
-        if !self.wt_stale.load(Ordering::Acquire) {
-            return;
-        }
-        let _one = self.restoring.lock().unwrap_or_else(|e| e.into_inner());
-        if !self.wt_stale.load(Ordering::Acquire) {
+        let mut stale = self.wt_stale.lock().unwrap_or_else(|e| e.into_inner());
+        if !*stale {
             return;
         }
         let (Some(Some(panels)), Some(wt)) = (self.panels.get(), storage_ptr(&self.wt)) else {
@@ -199,10 +193,10 @@ impl Lin {
         };
         // SAFETY: `wt` is this layer's own contiguous `inp·out` buffer; no target is alive
         // (the contract of `layer_targets`) and no other reader runs while it is stale (they
-        // all come through here, serialised by `restoring`).
+        // all come through here, serialised by the lock).
         let wt = unsafe { std::slice::from_raw_parts_mut(wt, self.inp * self.out) };
         panels.unpack(wt, self.inp, self.out);
-        self.wt_stale.store(false, Ordering::Release);
+        *stale = false;
     }
 
     /// Installs (or with `None` removes) an observer of this layer's inputs.
@@ -408,6 +402,8 @@ fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<Option<R>>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use merge_core::engine::ColumnTarget;
 
     use crate::layer_target::PanelsPtr;
 
