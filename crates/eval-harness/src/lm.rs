@@ -84,7 +84,8 @@ pub trait LanguageModel: Send + Sync {
     }
 
     /// In-place targets for (some of) the weights [`LanguageModel::layer_form_weights`]
-    /// names, by checkpoint name: a merge writes their values straight into the model's own
+    /// names, and for 2-D weights the model keeps as stored in f32 (an untied embedding), by
+    /// checkpoint name: a merge writes their values straight into the model's own
     /// buffers ([`LayerTarget`]). `bf16_values`: every value the merge will write is a bf16
     /// value (it stores bf16), which lets layers keep a bf16 copy. None by default.
     ///

@@ -9,8 +9,9 @@
 //! The weights the model keeps in another form (linear layers: f32, transposed) are written by
 //! the merge threads. Where the model offers in-place targets ([`LanguageModel::layer_targets`]:
 //! f32 on the CPU) a streamed merge scatters each finished chunk, rounded, straight into the
-//! layer's own `Wᵀ` and panel copy ([`merge_core::engine::ColumnTarget`]), so a trial allocates
-//! and copies nothing per weight and the next forward repacks nothing; elsewhere chunks are
+//! layer's own `Wᵀ` or panel copy, or an untied embedding's rows
+//! ([`merge_core::engine::ColumnTarget`]), so a trial allocates and copies nothing per weight
+//! and the next forward repacks nothing; elsewhere chunks are
 //! assembled into the layer form ([`merge_core::engine::SinkForm::TransposedF32`]) or a tensor
 //! merged whole is converted as it is finished ([`crate::models::linear::to_layer_form`]), and
 //! the one thread that writes the model only swaps them in.

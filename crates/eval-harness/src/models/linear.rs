@@ -18,7 +18,7 @@ use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
 use super::panels::{Panels, PANEL, SMALL_ROWS};
-use super::weights::{fetch, full_name, prepare};
+use super::weights::{fetch, full_name, prepare, storage_ptr};
 use crate::error::Result;
 use crate::layer_target::LayerTarget;
 
@@ -169,6 +169,7 @@ impl Lin {
                 format!("{name}.weight"),
                 LayerTarget {
                     wt,
+                    stored: None,
                     panels,
                     panel: PANEL,
                     out: self.out,
@@ -362,30 +363,6 @@ fn transpose_to_f32<T: WithDType>(src: &[T], rows: usize, cols: usize) -> Vec<f3
     dst
 }
 
-/// A pointer to the elements of `t` (a contiguous f32 CPU tensor of `inp·out` elements, else
-/// `None`), taken under its storage's write lock so that writing through it later — while
-/// nothing else uses the tensor — is a write the storage allows.
-fn storage_ptr(t: &Tensor) -> Option<*mut f32> {
-    struct Ptr(std::cell::Cell<Option<*mut f32>>);
-    impl candle_core::InplaceOp1 for Ptr {
-        fn name(&self) -> &'static str {
-            "storage-pointer"
-        }
-        fn cpu_fwd(&self, s: &mut CpuStorage, l: &candle_core::Layout) -> candle_core::Result<()> {
-            if let (CpuStorage::F32(v), Some((start, end))) = (s, l.contiguous_offsets()) {
-                self.0.set(Some(v[start..end].as_mut_ptr()));
-            }
-            Ok(())
-        }
-    }
-    let p = Ptr(std::cell::Cell::new(None));
-    if t.dtype() != DType::F32 || !t.device().is_cpu() || !t.is_contiguous() {
-        return None;
-    }
-    t.inplace_op1(&p).ok()?;
-    p.0.get()
-}
-
 /// `f` on the elements of `t` where it is a contiguous f32 tensor on the CPU (borrowed, not
 /// copied); `None` otherwise.
 fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<Option<R>> {
@@ -419,6 +396,7 @@ mod tests {
         let out: usize = PARTS.iter().sum();
         let target = |offset, rows| LayerTarget {
             wt,
+            stored: None,
             panels,
             panel: PANEL,
             out,
@@ -508,5 +486,69 @@ mod tests {
         let mut back = vec![f32::NAN; INP * out];
         panels.unpack(&mut back, INP, out);
         assert_eq!(back, want);
+    }
+
+    /// Whole rows (`put_rows`, blocks of 1 to 11 rows) into panels alone, f32 and bf16: the
+    /// panels equal packing `Wᵀ`. 19 inputs: eight-input register transposes and a tail;
+    /// parts straddling panels: lane groups of eight and ragged ones.
+    #[test]
+    fn whole_rows_fill_panels_alone() {
+        const INPUTS: usize = 19;
+        let out: usize = PARTS.iter().sum();
+        for bf16 in [false, true] {
+            let value = |part: usize, r: usize, c: usize| {
+                let i = ((part * 32 + r) * INPUTS + c) as u32;
+                if bf16 {
+                    f32::from_bits(0x3f80_0000 + (i << 16))
+                } else {
+                    i as f32 + 0.25
+                }
+            };
+            let mut wt = vec![0f32; INPUTS * out];
+            let mut offset = 0;
+            for (part, &rows) in PARTS.iter().enumerate() {
+                for r in 0..rows {
+                    for c in 0..INPUTS {
+                        wt[c * out + offset + r] = value(part, r, c);
+                    }
+                }
+                offset += rows;
+            }
+            let mut panels = Panels::pack(&vec![0f32; INPUTS * out], INPUTS, out);
+            if !bf16 {
+                panels = Panels::F32(vec![0f32; out.div_ceil(PANEL) * INPUTS * PANEL]);
+            }
+            let ptr = panels.ptr();
+            let mut offset = 0;
+            for (part, &rows) in PARTS.iter().enumerate() {
+                let t = LayerTarget {
+                    wt: None,
+                    stored: None,
+                    panels: Some(ptr),
+                    panel: PANEL,
+                    out,
+                    inp: INPUTS,
+                    offset,
+                    rows,
+                };
+                let (mut r0, mut n) = (0, 1);
+                while r0 < rows {
+                    let n_here = n.min(rows - r0);
+                    let block: Vec<f32> = (r0..r0 + n_here)
+                        .flat_map(|r| (0..INPUTS).map(move |c| value(part, r, c)))
+                        .collect();
+                    t.put_rows(r0, INPUTS, &block);
+                    r0 += n_here;
+                    n = if n <= 3 { 11 } else { n - 3 };
+                }
+                offset += rows;
+            }
+            let packed = Panels::pack(&wt, INPUTS, out);
+            match (&panels, &packed) {
+                (Panels::F32(got), Panels::F32(want)) => assert_eq!(got, want),
+                (Panels::Bf16(got), Panels::Bf16(want)) => assert_eq!(got, want),
+                _ => panic!("bf16 {bf16}: the panels' forms differ"),
+            }
+        }
     }
 }

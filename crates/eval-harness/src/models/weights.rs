@@ -10,11 +10,12 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Shape, Tensor};
+use candle_core::{CpuStorage, DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
 use crate::error::{Error, Result};
+use crate::layer_target::LayerTarget;
 
 /// Any checkpoint merge-core reads (safetensors single/sharded, PyTorch `.bin`), optionally
 /// with a PEFT LoRA adapter folded in: W + scale·B·A for adapted modules, full replacements
@@ -166,6 +167,24 @@ impl Weight {
         &self.tensor
     }
 
+    /// The in-place target of a 2-D weight kept in f32 on the CPU (an embedding), row-major
+    /// as stored; `None` for any other.
+    ///
+    /// # Safety
+    /// As [`crate::LanguageModel::layer_targets`]: the target writes into this weight's
+    /// tensor, which nothing may use (or replace) while it is alive and which must be written
+    /// whole through it.
+    pub unsafe fn layer_target(&mut self) -> Option<(String, LayerTarget)> {
+        let &[rows, cols] = self.shape.as_slice() else {
+            return None;
+        };
+        if self.fold_one || rows == 0 || cols == 0 {
+            return None;
+        }
+        let at = storage_ptr(&self.tensor)?;
+        Some((self.name.clone(), LayerTarget::row_major(at, rows, cols)))
+    }
+
     /// Replaces the tensor when `name` is this weight's; `Ok(false)` otherwise.
     pub fn set(&mut self, name: &str, t: &Tensor) -> Result<bool> {
         if name != self.name {
@@ -181,4 +200,27 @@ impl Weight {
         )?;
         Ok(true)
     }
+}
+
+/// A pointer to the elements of `t` (a contiguous f32 CPU tensor, else `None`), taken under its storage's write lock so that writing through it later — while
+/// nothing else uses the tensor — is a write the storage allows.
+pub(crate) fn storage_ptr(t: &Tensor) -> Option<*mut f32> {
+    struct Ptr(std::cell::Cell<Option<*mut f32>>);
+    impl candle_core::InplaceOp1 for Ptr {
+        fn name(&self) -> &'static str {
+            "storage-pointer"
+        }
+        fn cpu_fwd(&self, s: &mut CpuStorage, l: &candle_core::Layout) -> candle_core::Result<()> {
+            if let (CpuStorage::F32(v), Some((start, end))) = (s, l.contiguous_offsets()) {
+                self.0.set(Some(v[start..end].as_mut_ptr()));
+            }
+            Ok(())
+        }
+    }
+    let p = Ptr(std::cell::Cell::new(None));
+    if t.dtype() != DType::F32 || !t.device().is_cpu() || !t.is_contiguous() {
+        return None;
+    }
+    t.inplace_op1(&p).ok()?;
+    p.0.get()
 }

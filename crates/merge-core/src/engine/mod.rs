@@ -49,7 +49,7 @@ pub use execute::keep_freed_memory;
 pub use inputs::{InputModel, Inputs, MergeSession};
 pub use output::{SinkForm, TensorSink};
 pub use plan::{plan, MergePlan, PlannedTensor};
-pub use transposed::ColumnTarget;
+pub use transposed::{put_rows_by_columns, ColumnTarget};
 
 use crate::adapter::{write_adapter, Adapter, AdapterMerge, MergedAdapter};
 use crate::checkpoint::{CheckpointWriter, OutputTensor, DEFAULT_SHARD_SIZE};

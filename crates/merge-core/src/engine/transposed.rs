@@ -12,6 +12,11 @@ use candle_core::DType;
 
 use crate::checkpoint::f32_to_bf16;
 
+thread_local! {
+    /// Per-thread buffer of a chunk's whole rows, rounded to the stored dtype.
+    static ROUNDED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Rows and columns of a tile transposed in registers/L1 before it is written out: each
 /// column of the tile becomes one contiguous run of the destination.
 const TILE_ROWS: usize = 32;
@@ -30,6 +35,40 @@ pub trait ColumnTarget: Send + Sync {
     fn put_row(&self, r: usize, c0: usize, values: &[f32]) {
         for (j, v) in values.iter().enumerate() {
             self.put_column(c0 + j, r, std::slice::from_ref(v));
+        }
+    }
+
+    /// Whole rows `r0 ..`, row-major with `cols` values each (`rows.len()` is a multiple of
+    /// `cols`): the bulk of a streamed chunk. By default transposed a tile at a time into
+    /// [`ColumnTarget::put_column`] ([`put_rows_by_columns`]); a target with a layout of its
+    /// own overrides it to write that layout straight from the rows.
+    fn put_rows(&self, r0: usize, cols: usize, rows: &[f32]) {
+        put_rows_by_columns(self, r0, cols, rows);
+    }
+}
+
+/// [`ColumnTarget::put_rows`] through [`ColumnTarget::put_column`]: the rows transposed a
+/// tile at a time, each tile column written as one run.
+pub fn put_rows_by_columns<T: ColumnTarget + ?Sized>(
+    target: &T,
+    r0: usize,
+    cols: usize,
+    rows: &[f32],
+) {
+    debug_assert!(cols > 0 && rows.len().is_multiple_of(cols));
+    let mut tile = [[0f32; TILE_ROWS]; TILE_COLS];
+    for (b, block) in rows.chunks(TILE_ROWS * cols).enumerate() {
+        let (r, nr) = (r0 + b * TILE_ROWS, block.len() / cols);
+        for cb in (0..cols).step_by(TILE_COLS) {
+            let nc = TILE_COLS.min(cols - cb);
+            for i in 0..nr {
+                for (j, &v) in block[i * cols + cb..i * cols + cb + nc].iter().enumerate() {
+                    tile[j][i] = v;
+                }
+            }
+            for (j, col) in tile.iter().enumerate().take(nc) {
+                target.put_column(cb + j, r, &col[..nr]);
+            }
         }
     }
 }
@@ -172,22 +211,19 @@ impl TransposedF32 {
             let (r, c0) = (at / cols, at % cols);
             let src = &data[at - first..];
             if c0 == 0 && end - at >= cols {
-                // Whole rows: transposed a tile at a time, each tile column written as one run.
-                let nr = ((end - at) / cols).min(TILE_ROWS);
-                let mut tile = [[0f32; TILE_ROWS]; TILE_COLS];
-                for cb in (0..cols).step_by(TILE_COLS) {
-                    let nc = TILE_COLS.min(cols - cb);
-                    for i in 0..nr {
-                        let row = &src[i * cols + cb..i * cols + cb + nc];
-                        for (j, &v) in row.iter().enumerate() {
-                            tile[j][i] = stored(v);
-                        }
-                    }
-                    for (j, col) in tile.iter().enumerate().take(nc) {
-                        target.put_column(cb + j, r, &col[..nr]);
-                    }
+                // Every whole row of the range at once, rounded into this thread's scratch
+                // (f32 values are stored as they are).
+                let n = (end - at) / cols * cols;
+                if self.dtype == DType::F32 {
+                    target.put_rows(r, cols, &src[..n]);
+                } else {
+                    ROUNDED.with_borrow_mut(|scratch| {
+                        scratch.clear();
+                        scratch.extend(src[..n].iter().map(|&v| stored(v)));
+                        target.put_rows(r, cols, scratch);
+                    });
                 }
-                at += nr * cols;
+                at += n;
             } else {
                 // Part of one row, a piece at a time.
                 let c1 = cols.min(c0 + (end - at));

@@ -356,10 +356,17 @@ impl LanguageModel for Decoder {
         let head = (!tied).then_some(&mut self.lm_head);
         let layers = self.layers.iter_mut().flat_map(Block::lins_mut);
         // SAFETY: the caller keeps the contract for the whole model, so for each layer.
-        layers
+        let mut targets: Vec<_> = layers
             .chain(head)
             .flat_map(|l| unsafe { l.layer_targets(bf16_values) })
-            .collect()
+            .collect();
+        // The embedding as stored, unless the head reads it too (a tied head's Wᵀ and panels
+        // are made from it when it is set).
+        if !tied {
+            // SAFETY: as above.
+            targets.extend(unsafe { self.embed.layer_target() });
+        }
+        targets
     }
 
     fn set_weight(&mut self, name: &str, tensor: &Tensor) -> Result<bool> {
