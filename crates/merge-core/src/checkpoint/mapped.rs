@@ -300,7 +300,9 @@ mod tests {
     /// vector blocks) widens to the bits the scalar conversions give.
     #[test]
     fn widening_every_half_matches_the_scalar_conversion() {
-        let all: Vec<u16> = (0..=u16::MAX).chain([0x7fc1, 0xffff, 0x3f80, 0x8001, 0x7f81]).collect();
+        let all: Vec<u16> = (0..=u16::MAX)
+            .chain([0x7fc1, 0xffff, 0x3f80, 0x8001, 0x7f81])
+            .collect();
         for dtype in [DType::BF16, DType::F16] {
             let mut out = vec![f32::NAN; all.len()];
             widen_halves(&all, dtype, &mut out);

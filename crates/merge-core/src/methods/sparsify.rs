@@ -194,12 +194,39 @@ fn keep_where(d: &mut [f32], mut keep: impl FnMut(u32) -> bool) {
     }
 }
 
-impl Mask {
-    /// Apply to chunk `index` (whose first element is `first`) of a task vector.
-    pub(super) fn apply(&self, d: &mut [f32], index: usize, first: usize) {
+/// What a mask keeps of one chunk when that is decided by the magnitude key alone
+/// ([`Mask::kept`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Kept {
+    /// Every element.
+    All,
+    /// No element.
+    Nothing,
+    /// The elements whose key ([`mag_key`]) is at least `lo` and, when `hi` is set, below it.
+    Keys { lo: u32, hi: Option<u32> },
+}
+
+impl Kept {
+    /// Zero the elements of `d` this does not keep.
+    pub(super) fn apply(self, d: &mut [f32]) {
         match self {
-            Mask::All => {}
-            Mask::Nothing => d.fill(0.0),
+            Kept::All => {}
+            Kept::Nothing => d.fill(0.0),
+            Kept::Keys { lo, hi: None } => keep_where(d, |k| k >= lo),
+            Kept::Keys { lo, hi: Some(hi) } => keep_where(d, |k| (k >= lo) & (k < hi)),
+        }
+    }
+}
+
+impl Mask {
+    /// What this mask keeps of chunk `index` where the magnitude key alone decides it: always
+    /// for `All` and `Nothing`; for ranks, in every chunk but the one where the count of keys
+    /// equal to a bound runs out. `None`: decided element by element ([`Mask::apply`]).
+    pub(super) fn kept(&self, index: usize) -> Option<Kept> {
+        match self {
+            Mask::All => Some(Kept::All),
+            Mask::Nothing => Some(Kept::Nothing),
+            Mask::Random { .. } => None,
             Mask::Ranks { from, to } => {
                 let (c, end) = (index, index + 1);
                 // Within a chunk the keys equal to a bound are all in the range, all out, or
@@ -210,19 +237,24 @@ impl Mask {
                     .as_ref()
                     .is_none_or(|r| r.starts[end] <= r.ties_below + 1);
                 let upper_none = to.as_ref().is_some_and(|r| r.starts[c] > r.ties_below);
-                if (lower_all || lower_none) && (upper_all || upper_none) {
-                    let lo = from.as_ref().map_or(0, |r| r.key + u32::from(lower_none));
-                    match to {
-                        None => keep_where(d, |k| k >= lo),
-                        Some(r) => {
-                            let hi = r.key + u32::from(upper_all);
-                            keep_where(d, |k| (k >= lo) & (k < hi));
-                        }
-                    }
-                    return;
-                }
-                let mut seen_from = from.as_ref().map_or(0, |r| r.starts[c]);
-                let mut seen_to = to.as_ref().map_or(0, |r| r.starts[c]);
+                ((lower_all || lower_none) && (upper_all || upper_none)).then(|| Kept::Keys {
+                    lo: from.as_ref().map_or(0, |r| r.key + u32::from(lower_none)),
+                    hi: to.as_ref().map(|r| r.key + u32::from(upper_all)),
+                })
+            }
+        }
+    }
+
+    /// Apply to chunk `index` (whose first element is `first`) of a task vector.
+    pub(super) fn apply(&self, d: &mut [f32], index: usize, first: usize) {
+        if let Some(kept) = self.kept(index) {
+            return kept.apply(d);
+        }
+        match self {
+            Mask::All | Mask::Nothing => unreachable!("always decided by the key"),
+            Mask::Ranks { from, to } => {
+                let mut seen_from = from.as_ref().map_or(0, |r| r.starts[index]);
+                let mut seen_to = to.as_ref().map_or(0, |r| r.starts[index]);
                 keep_where(d, |k| {
                     let after_from = from.as_ref().is_none_or(|r| {
                         let tie = k == r.key;

@@ -50,7 +50,7 @@
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
-use super::sparsify::{self, select_ranks, Mask};
+use super::sparsify::{self, select_ranks, Kept, Mask};
 use super::{
     stream_chunks, ChunkSink, MergeMethod, ParamSpec, Params, Source, StreamInputs, TensorInputs,
     VecSink, STREAM_CHUNK,
@@ -220,16 +220,32 @@ impl TaskArithmeticFamily {
                 }
                 return Ok(());
             }
+            // Where every mask keeps this chunk by key alone, most of it in one pass over the
+            // inputs (`done` elements); the rest as below.
+            let kept: Option<Vec<Kept>> = masks.iter().map(|m| m.kept(c.index)).collect();
+            let done = kept.as_ref().map_or(0, |kept| {
+                let models: Vec<&[f32]> = c.models.iter().map(|m| &**m).collect();
+                combine.fused(b, &models, kept, &weights, out)
+            });
+            let (b, out) = (&b[done..], &mut out[done..]);
             // Task vectors in place of the models' chunks, sparsified.
-            for (m, mask) in c.models.iter_mut().zip(masks) {
+            for (i, (m, mask)) in c.models.iter_mut().zip(masks).enumerate() {
+                let m = &mut m[done..];
                 m.iter_mut().zip(b).for_each(|(m, b)| *m -= b);
-                mask.apply(m, c.index, c.first);
+                match &kept {
+                    Some(kept) => kept[i].apply(m),
+                    None => mask.apply(m, c.index, c.first),
+                }
             }
             // Combine a block at a time, expert by expert (vectorisable loops).
-            let mut scratch = Scratch::new(COMBINE_BLOCK);
+            let mut scratch = Scratch::new(COMBINE_BLOCK.min(out.len()));
             for (bi, o) in out.chunks_mut(COMBINE_BLOCK).enumerate() {
                 let span = bi * COMBINE_BLOCK..bi * COMBINE_BLOCK + o.len();
-                let deltas: Vec<&[f32]> = c.models.iter().map(|d| &d[span.clone()]).collect();
+                let deltas: Vec<&[f32]> = c
+                    .models
+                    .iter()
+                    .map(|d| &d[done + span.start..done + span.end])
+                    .collect();
                 combine.block(&b[span], &deltas, &weights, o, &mut scratch);
             }
             Ok(())
@@ -343,6 +359,153 @@ impl Combine {
         for (((o, b), mx), dv) in out.iter_mut().zip(base).zip(mixed.iter()).zip(div.iter()) {
             *o = self.finish(*b, *mx, if *dv == 0.0 { 1.0 } else { *dv });
         }
+    }
+}
+
+/// Most experts [`Combine::fused`] takes.
+const FUSED_MODELS: usize = 8;
+
+impl Combine {
+    /// The merged values of a leading part of a chunk straight from the inputs: per element
+    /// each task vector `models[i] − base`, kept as `kept[i]` says, then [`Combine::block`]'s
+    /// arithmetic in its order — all in registers (AVX2, eight elements at a time), so the
+    /// chunk is read once instead of being rewritten as task vectors, masked and combined
+    /// pass by pass. Returns how many leading elements of `out` it wrote (0 without AVX2 or
+    /// with more than [`FUSED_MODELS`] experts): the same bits the passes give.
+    fn fused(
+        &self,
+        base: &[f32],
+        models: &[&[f32]],
+        kept: &[Kept],
+        weights: &[f32],
+        out: &mut [f32],
+    ) -> usize {
+        #[cfg(target_arch = "x86_64")]
+        if (1..=FUSED_MODELS).contains(&models.len()) && std::arch::is_x86_feature_detected!("avx2")
+        {
+            let n = out.len();
+            assert!(base.len() >= n && models.iter().all(|m| m.len() >= n));
+            assert!(kept.len() == models.len() && weights.len() == models.len());
+            // SAFETY: AVX2 detected; every slice holds at least `out.len()` elements.
+            return unsafe { self.fused_avx2(base, models, kept, weights, out) };
+        }
+        let _ = (base, models, kept, weights, out);
+        0
+    }
+
+    /// [`Combine::fused`] over the first multiple of eight elements.
+    ///
+    /// # Safety
+    /// AVX2 is available; `models`, `kept` and `weights` have the same length, at most
+    /// [`FUSED_MODELS`]; `base` and every model hold at least `out.len()` elements.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn fused_avx2(
+        &self,
+        base: &[f32],
+        models: &[&[f32]],
+        kept: &[Kept],
+        weights: &[f32],
+        out: &mut [f32],
+    ) -> usize {
+        use std::arch::x86_64::*;
+        let k = models.len();
+        let whole = out.len() - out.len() % 8;
+        // Per expert: zeroed whole, kept whole, or kept where lo ≤ key (< hi). Keys are
+        // magnitudes' bits, at most 0x7fff_ffff, so the bounds compare as i32.
+        let mut none = [false; FUSED_MODELS];
+        let mut all = [false; FUSED_MODELS];
+        let mut lo = [_mm256_setzero_si256(); FUSED_MODELS];
+        let mut hi = [None; FUSED_MODELS];
+        for (i, &kept) in kept.iter().enumerate() {
+            match kept {
+                Kept::All => all[i] = true,
+                Kept::Nothing => none[i] = true,
+                Kept::Keys { lo: l, .. } if l > 0x7fff_ffff => none[i] = true,
+                Kept::Keys { lo: l, hi: h } => {
+                    lo[i] = _mm256_set1_epi32(l as i32);
+                    hi[i] = h
+                        .filter(|&h| h <= 0x7fff_ffff)
+                        .map(|h| _mm256_set1_epi32(h as i32));
+                }
+            }
+        }
+        let w: [__m256; FUSED_MODELS] =
+            std::array::from_fn(|i| _mm256_set1_ps(weights.get(i).copied().unwrap_or(0.0)));
+        let zero = _mm256_setzero_ps();
+        let one = _mm256_set1_ps(1.0);
+        let magnitude = _mm256_set1_epi32(0x7fff_ffff);
+        let ones = _mm256_set1_epi32(-1);
+        let linear_div = _mm256_set1_ps(self.linear_div);
+        let lambda = _mm256_set1_ps(self.lambda);
+        let mut d = [zero; FUSED_MODELS];
+        for j in (0..whole).step_by(8) {
+            // SAFETY: j + 8 <= whole <= every slice's length (caller's contract).
+            let b = unsafe { _mm256_loadu_ps(base.as_ptr().add(j)) };
+            let mut total = zero;
+            for i in 0..k {
+                let delta = if none[i] {
+                    zero
+                } else {
+                    // SAFETY: as above.
+                    let x = _mm256_sub_ps(unsafe { _mm256_loadu_ps(models[i].as_ptr().add(j)) }, b);
+                    if all[i] {
+                        x
+                    } else {
+                        let key = _mm256_and_si256(_mm256_castps_si256(x), magnitude);
+                        let mut keep = _mm256_xor_si256(_mm256_cmpgt_epi32(lo[i], key), ones);
+                        if let Some(hi) = hi[i] {
+                            keep = _mm256_and_si256(keep, _mm256_cmpgt_epi32(hi, key));
+                        }
+                        _mm256_and_ps(x, _mm256_castsi256_ps(keep))
+                    }
+                };
+                d[i] = delta;
+                let v = _mm256_mul_ps(delta, w[i]);
+                total = if i == 0 { v } else { _mm256_add_ps(total, v) };
+            }
+            let merged = if self.consensus {
+                let up = _mm256_cmp_ps::<_CMP_GE_OQ>(total, zero);
+                let (mut mixed, mut div) = (zero, zero);
+                for i in 0..k {
+                    let v = _mm256_mul_ps(d[i], w[i]);
+                    let agree = _mm256_or_ps(
+                        _mm256_and_ps(up, _mm256_cmp_ps::<_CMP_GT_OQ>(v, zero)),
+                        _mm256_andnot_ps(up, _mm256_cmp_ps::<_CMP_LT_OQ>(v, zero)),
+                    );
+                    mixed = _mm256_add_ps(mixed, _mm256_and_ps(v, agree));
+                    div = _mm256_add_ps(div, _mm256_and_ps(w[i], agree));
+                }
+                let div = _mm256_blendv_ps(div, one, _mm256_cmp_ps::<_CMP_EQ_OQ>(div, zero));
+                self.finish_avx2(b, mixed, div, lambda)
+            } else {
+                self.finish_avx2(b, total, linear_div, lambda)
+            };
+            // SAFETY: as above.
+            unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(j), merged) };
+        }
+        whole
+    }
+
+    /// [`Combine::finish`] on eight elements.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn finish_avx2(
+        &self,
+        base: std::arch::x86_64::__m256,
+        mixed: std::arch::x86_64::__m256,
+        divisor: std::arch::x86_64::__m256,
+        lambda: std::arch::x86_64::__m256,
+    ) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        let mut m = mixed;
+        if self.normalize {
+            m = _mm256_div_ps(m, divisor);
+        }
+        if self.lambda != 1.0 {
+            m = _mm256_mul_ps(m, lambda);
+        }
+        _mm256_add_ps(base, m)
     }
 }
 
@@ -478,5 +641,119 @@ impl MergeMethod for TaskArithmeticFamily {
             Ok(deltas.pop().expect("one buffer"))
         })?;
         tensor_like(out, base)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The passes [`Combine::fused`] stands for: task vectors, masked by `kept`, combined.
+    fn by_passes(
+        combine: &Combine,
+        base: &[f32],
+        models: &[Vec<f32>],
+        kept: &[Kept],
+        weights: &[f32],
+    ) -> Vec<f32> {
+        let deltas: Vec<Vec<f32>> = models
+            .iter()
+            .zip(kept)
+            .map(|(m, k)| {
+                let mut d: Vec<f32> = m.iter().zip(base).map(|(m, b)| m - b).collect();
+                k.apply(&mut d);
+                d
+            })
+            .collect();
+        let deltas: Vec<&[f32]> = deltas.iter().map(|d| &d[..]).collect();
+        let mut out = vec![0.0; base.len()];
+        combine.block(
+            base,
+            &deltas,
+            weights,
+            &mut out,
+            &mut Scratch::new(base.len()),
+        );
+        out
+    }
+
+    /// One pass in registers gives the bits of the passes it replaces: one to three experts,
+    /// every kind of `Kept` (bounds at, between and beyond the keys present), consensus or a
+    /// plain sum, normalised or not, λ ≠ 1, negative weights, and inputs with equal values,
+    /// ±0 and a NaN.
+    #[test]
+    fn fused_pass_equals_the_passes() {
+        let n = 203; // 25 blocks of eight and a tail the passes do
+        let value = |seed: u32, i: usize| {
+            let x = ((i as u32).wrapping_mul(2_654_435_761) ^ seed.wrapping_mul(40_503)) % 2001;
+            (x as f32 - 1000.0) / 256.0
+        };
+        let mut base: Vec<f32> = (0..n).map(|i| value(1, i)).collect();
+        base[7] = -0.0;
+        let mut models: Vec<Vec<f32>> = (2..5)
+            .map(|s| (0..n).map(|i| value(s, i)).collect())
+            .collect();
+        models[0][7] = 0.0;
+        models[1][9] = base[9];
+        models[2][11] = f32::NAN;
+        // Opposite task vectors: with equal weights the elected sign's total is exactly +0.
+        models[1][13] = 2.0 * base[13] - models[0][13];
+        let key = |x: f32| sparsify::mag_key(x);
+        let mid = key(1.5);
+        let kepts = [
+            Kept::All,
+            Kept::Nothing,
+            Kept::Keys { lo: mid, hi: None },
+            Kept::Keys {
+                lo: key(0.25),
+                hi: Some(mid),
+            },
+            Kept::Keys {
+                lo: 0,
+                hi: Some(u32::MAX),
+            },
+            Kept::Keys {
+                lo: 0x8000_0000,
+                hi: None,
+            },
+        ];
+        for k in 1..=3 {
+            for (consensus, normalize, lambda) in [
+                (true, true, 1.0),
+                (true, false, 0.7),
+                (false, true, 1.0),
+                (false, false, 1.3),
+            ] {
+                for weights in [[0.6, -0.35, 0.9], [0.5; 3]] {
+                    let weights: Vec<f32> = weights[..k].to_vec();
+                    let combine = Combine {
+                        consensus,
+                        normalize,
+                        linear_div: weights.iter().sum(),
+                        lambda,
+                    };
+                    for a in 0..kepts.len() {
+                        let kept: Vec<Kept> =
+                            (0..k).map(|i| kepts[(a + 2 * i) % kepts.len()]).collect();
+                        let want = by_passes(&combine, &base, &models[..k], &kept, &weights);
+                        let refs: Vec<&[f32]> = models[..k].iter().map(|m| &m[..]).collect();
+                        let mut got = vec![f32::INFINITY; n];
+                        let done = combine.fused(&base, &refs, &kept, &weights, &mut got);
+                        #[cfg(target_arch = "x86_64")]
+                        if std::arch::is_x86_feature_detected!("avx2") {
+                            assert_eq!(done, n - n % 8);
+                        }
+                        for i in 0..done {
+                            assert_eq!(
+                                got[i].to_bits(),
+                                want[i].to_bits(),
+                                "k {k}, consensus {consensus}, normalize {normalize}, λ {lambda}, \
+                             kept {kept:?}, element {i}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 }
