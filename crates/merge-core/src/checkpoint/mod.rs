@@ -20,7 +20,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::error::{Error, Result};
 use crate::source::{ModelFiles, ModelRef};
 
-pub use convert::{encodable, f32_to_bf16, tensor_bytes, with_encoded};
+pub use convert::{encodable, f32_to_bf16, round_through_bf16, tensor_bytes, with_encoded};
 pub use mapped::MappedTensor;
 pub use writer::{CheckpointWriter, OutputTensor, DEFAULT_SHARD_SIZE};
 

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use candle_core::DType;
 
-use crate::checkpoint::f32_to_bf16;
+use crate::checkpoint::{f32_to_bf16, round_through_bf16};
 
 thread_local! {
     /// Per-thread buffer of a chunk's whole rows, rounded to the stored dtype.
@@ -216,6 +216,12 @@ impl TransposedF32 {
                 let n = (end - at) / cols * cols;
                 if self.dtype == DType::F32 {
                     target.put_rows(r, cols, &src[..n]);
+                } else if self.dtype == DType::BF16 {
+                    ROUNDED.with_borrow_mut(|scratch| {
+                        scratch.resize(n, 0.0);
+                        round_through_bf16(&src[..n], scratch);
+                        target.put_rows(r, cols, scratch);
+                    });
                 } else {
                     ROUNDED.with_borrow_mut(|scratch| {
                         scratch.clear();
