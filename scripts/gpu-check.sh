@@ -20,7 +20,9 @@
 # 4. evaluates the linear merge on 100 validation-schema rows (50 multiple choice, 50
 #    generation) in bf16 and in f32 on the GPU (rows/s, peak GPU memory);
 # 5. with DATA_DIR, evaluates the competition's validation files and predicts its test file;
-# 6. projects the full validation (700 rows) + test (807 rows) run for a 7B model in bf16.
+# 6. projects the full validation (700 rows) + test (807 rows) run for a 7B model in bf16;
+# 7. times 3 search trials (TIES, merged and evaluated in memory on the device) against the
+#    same trial as `merge` then `eval` on the device.
 # Every step runs even when an earlier one failed (a merge failure falls back to the CPU merge
 # for the later steps); the exit status is non-zero when any step failed.
 #
@@ -287,6 +289,110 @@ else:
     total = secs / rows * 1507 * scale
     print(f"about {total / 60:.1f} min for 1507 rows ({scale:.1f}x the parameters of this model, from the synthetic rows); budget 60 min")
 PY
+fi
+
+# Search trials in memory on the device against the same trial through the disk (as
+# scripts/bench-search does on the CPU): 3 TIES trials over 12 multiple-choice and 4
+# generation rows of the synthetic files, evaluated in bf16.
+echo "== [${SECONDS}s] search trials on $device"
+ws="$work/search-ws"
+rm -rf "$ws"
+mkdir -p "$ws/submissions/trials" "$ws/data"
+echo '[workspace]' >"$ws/Cargo.toml"
+for m in base expert_a expert_b; do ln -sfn "$work/$m" "$ws/$m"; done
+python3 - "$work/rows.csv" "$ws/data" <<'PY'
+import csv, sys
+rows = list(csv.DictReader(open(sys.argv[1], newline="")))
+for name, kind, n in (("mc", "multiple_choice", 12), ("gen", "generation", 4)):
+    with open(f"{sys.argv[2]}/{name}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+        w.writeheader()
+        w.writerows([r for r in rows if r["eval_type"] == kind][:n])
+PY
+cat >"$ws/submissions/trials/entry.toml" <<EOF
+[merge]
+method = "ties"
+base_model = "../../base"
+dtype = "bfloat16"
+[merge.parameters]
+density = 0.5
+[[merge.models]]
+model = "../../expert_a"
+parameters = { weight = 0.6 }
+[[merge.models]]
+model = "../../expert_b"
+parameters = { weight = 0.4 }
+
+[eval]
+datasets = ["../../data/mc.csv", "../../data/gen.csv"]
+max_gen_len = 16
+dtype = "bfloat16"
+device = "$device"
+
+[predict]
+test_file = "../../data/mc.csv"
+
+[search]
+optimizer = "random"
+seed = 1
+trials = 3
+[[search.space]]
+parameter = "weight"
+model = "*"
+range = [0.2, 1.0]
+[[search.space]]
+parameter = "density"
+range = [0.2, 0.9]
+[search.rows]
+held_out = 0.25
+first_look = 100000
+EOF
+t0=$(now)
+searched=false
+# In the workspace (entries name their models by relative path); the binary by absolute path.
+llm_path="$(realpath "$llm")"
+pushd "$ws" >/dev/null || exit 1
+with_peak_mem timeout "$((2 * step_limit))" "$llm_path" search --entry submissions/trials \
+  >"$work/search.log" 2>&1 && searched=true
+popd >/dev/null || exit 1
+if $searched; then
+  printf 'search: 3 trials in %s s  peak GPU memory %s\n' "$(secs "$t0" "$(now)")" "$peak"
+  # The disk trial: the best recipe merged to disk on the device, then evaluated by a new
+  # process on the same 9 + 3 tuning rows.
+  best="$ws/search/trials/best"
+  awk '/^\[eval\]/ {exit} {print}' "$best/entry.toml" >"$best/merge.toml"
+  mkdir -p "$work/search-disk"
+  for f in mc gen; do
+    python3 -c 'import csv,sys; r=list(csv.DictReader(open(sys.argv[1]))); w=csv.DictWriter(open(sys.argv[2],"w",newline=""),fieldnames=list(r[0].keys())); w.writeheader(); w.writerows(r[:len(r)-round(len(r)*0.25)])' "$ws/data/$f.csv" "$work/search-disk/$f.csv"
+  done
+  t0=$(now)
+  if timeout "$step_limit" "$llm" merge "$best/merge.toml" --out "$work/search-disk/merged" --force --device "$device" >"$work/search-disk/merge.log" 2>&1; then
+    t1=$(now)
+    if timeout "$step_limit" "$llm" eval --model "$work/search-disk/merged" --data "$work/search-disk/mc.csv" "$work/search-disk/gen.csv" --out "$work/search-disk/eval" --dtype bf16 --device "$device" --max-gen-len 16 >"$work/search-disk/eval.log" 2>&1; then
+      python3 - "$ws/search/trials/trials.csv" "$(secs "$t0" "$t1")" "$(secs "$t1" "$(now)")" <<'PY'
+import csv, sys
+rows = list(csv.DictReader(open(sys.argv[1])))
+merge_w, eval_w = float(sys.argv[2]), float(sys.argv[3])
+for r in rows:
+    print(f"trial {r['trial']}: merge {float(r['merge_seconds']):.2f} s, evaluation {float(r['eval_seconds']):.2f} s")
+m = sum(float(r["merge_seconds"]) for r in rows) / len(rows)
+e = sum(float(r["eval_seconds"]) for r in rows) / len(rows)
+print(f"in memory, mean: merge {m:.2f} s + evaluation {e:.2f} s = {m + e:.2f} s; "
+      f"disk: merge {merge_w:.1f} s + eval {eval_w:.1f} s = {merge_w + eval_w:.1f} s; "
+      f"{(merge_w + eval_w) / (m + e):.1f}x")
+PY
+    else
+      tail -5 "$work/search-disk/eval.log" >&2
+      fail "search: disk eval on $device"
+    fi
+  else
+    tail -5 "$work/search-disk/merge.log" >&2
+    fail "search: disk merge on $device"
+  fi
+  rm -rf "$work/search-disk/merged"
+else
+  tail -5 "$work/search.log" >&2
+  fail "search on $device"
 fi
 
 if ((${#failed[@]})); then
