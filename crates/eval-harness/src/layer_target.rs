@@ -210,21 +210,33 @@ unsafe fn put_lanes(
     let mut low = 0;
     for c in 0..inputs {
         for jj in j..lanes {
-            let v = rows[jj * inputs + c];
-            let at = first + c * panel + jj;
             // SAFETY: within the panels (caller's contract).
-            unsafe {
-                match panels {
-                    PanelsPtr::F32(p) => *p.add(at) = v,
-                    PanelsPtr::Bf16(p) => {
-                        low |= v.to_bits() & 0xffff;
-                        *p.add(at) = (v.to_bits() >> 16) as u16;
-                    }
-                }
-            }
+            low |= unsafe { store(panels, first + c * panel + jj, rows[jj * inputs + c]) };
         }
     }
     assert_bf16(low);
+}
+
+/// `v` into the panels' element `at`, in their form; returns the low 16 bits a bf16 panel
+/// dropped (0 for a bf16 value), for [`assert_bf16`].
+///
+/// # Safety
+/// `at` is within the panels, and nothing else writes it meanwhile.
+#[inline(always)]
+unsafe fn store(panels: PanelsPtr, at: usize, v: f32) -> u32 {
+    // SAFETY: the caller's.
+    unsafe {
+        match panels {
+            PanelsPtr::F32(p) => {
+                *p.add(at) = v;
+                0
+            }
+            PanelsPtr::Bf16(p) => {
+                *p.add(at) = (v.to_bits() >> 16) as u16;
+                v.to_bits() & 0xffff
+            }
+        }
+    }
 }
 
 fn assert_bf16(low_bits: u32) {
@@ -309,13 +321,14 @@ unsafe fn put_eight_lanes_avx2(
     unsafe { _mm256_storeu_si256(lows.as_mut_ptr().cast(), low) };
     assert_bf16(lows.iter().fold(0, |a, b| a | b));
     // The inputs past the last multiple of eight, one by one.
+    let mut tail = 0;
     for c in whole..inputs {
         for j in 0..8 {
-            let v = rows[j * inputs + c];
             // SAFETY: as above.
-            unsafe { put_run(panels, first + c * panel + j, std::slice::from_ref(&v)) };
+            tail |= unsafe { store(panels, first + c * panel + j, rows[j * inputs + c]) };
         }
     }
+    assert_bf16(tail);
 }
 
 /// `values` into the panels at element `at` onwards.
@@ -327,12 +340,11 @@ unsafe fn put_run(panels: PanelsPtr, at: usize, values: &[f32]) {
         PanelsPtr::F32(p) => {
             std::ptr::copy_nonoverlapping(values.as_ptr(), p.add(at), values.len());
         }
-        PanelsPtr::Bf16(p) => {
+        PanelsPtr::Bf16(_) => {
             let mut low = 0;
-            for (j, v) in values.iter().enumerate() {
-                let bits = v.to_bits();
-                low |= bits & 0xffff;
-                *p.add(at + j) = (bits >> 16) as u16;
+            for (j, &v) in values.iter().enumerate() {
+                // SAFETY: the caller's.
+                low |= unsafe { store(panels, at + j, v) };
             }
             assert_bf16(low);
         }
