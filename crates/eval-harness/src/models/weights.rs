@@ -202,8 +202,9 @@ impl Weight {
     }
 }
 
-/// A pointer to the elements of `t` (a contiguous f32 CPU tensor, else `None`), taken under its storage's write lock so that writing through it later — while
-/// nothing else uses the tensor — is a write the storage allows.
+/// A pointer to the elements of `t` (a contiguous f32 CPU tensor, else `None`), taken under
+/// its storage's write lock so that writing through it later — while nothing else uses the
+/// tensor — is a write the storage allows.
 pub(crate) fn storage_ptr(t: &Tensor) -> Option<*mut f32> {
     struct Ptr(std::cell::Cell<Option<*mut f32>>);
     impl candle_core::InplaceOp1 for Ptr {

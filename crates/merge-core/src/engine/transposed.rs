@@ -216,16 +216,18 @@ impl TransposedF32 {
                 let n = (end - at) / cols * cols;
                 if self.dtype == DType::F32 {
                     target.put_rows(r, cols, &src[..n]);
-                } else if self.dtype == DType::BF16 {
-                    ROUNDED.with_borrow_mut(|scratch| {
-                        scratch.resize(n, 0.0);
-                        round_through_bf16(&src[..n], scratch);
-                        target.put_rows(r, cols, scratch);
-                    });
                 } else {
                     ROUNDED.with_borrow_mut(|scratch| {
-                        scratch.clear();
-                        scratch.extend(src[..n].iter().map(|&v| stored(v)));
+                        scratch.resize(n, 0.0);
+                        if self.dtype == DType::BF16 {
+                            // `stored`'s rounding, eight values at a time.
+                            round_through_bf16(&src[..n], scratch);
+                        } else {
+                            scratch
+                                .iter_mut()
+                                .zip(src)
+                                .for_each(|(o, &v)| *o = stored(v));
+                        }
                         target.put_rows(r, cols, scratch);
                     });
                 }
